@@ -1,0 +1,121 @@
+"""``revlens`` command line: train and evaluate toy models, and reproduce the notebook suite.
+
+    revlens train --objective mdm --positional rotary --seed 0 --out runs/mdm0
+    revlens evaluate runs/mdm0
+    revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from revlens.config import ATTENTION_DIRS, POSITIONALS, EncoderConfig
+from revlens.experiments import BASE_MODEL
+from revlens.objectives import OBJECTIVES
+
+DEFAULT_ATTENTION = {"mdm": "bidirectional", "bert": "bidirectional", "arm": "causal"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train one toy model and write a checkpoint + metrics.json")
+    tr.add_argument("--objective", choices=OBJECTIVES, default="mdm")
+    tr.add_argument("--attention", choices=ATTENTION_DIRS, default=None,
+                    help="attention direction (default: causal for arm, bidirectional otherwise)")
+    tr.add_argument("--positional", choices=POSITIONALS, default=BASE_MODEL["positional"])
+    tr.add_argument("--heads", type=_positive_int, default=BASE_MODEL["n_heads"])
+    tr.add_argument("--d-model", type=_positive_int, default=BASE_MODEL["d_model"])
+    tr.add_argument("--layers", type=_positive_int, default=BASE_MODEL["n_layers"])
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=_positive_int, default=2000)
+    tr.add_argument("--batch-size", type=_positive_int, default=256)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--n-facts", type=int, default=200, help="world size (number of facts)")
+    tr.add_argument("--n-control", type=int, default=40, help="facts also trained in reverse")
+    tr.add_argument("--world-seed", type=int, default=0)
+    tr.add_argument("--world", type=Path, default=None, help="load the world from this JSON file instead")
+    tr.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
+    tr.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="recompute the metrics of a checkpoint folder")
+    ev.add_argument("checkpoint", type=Path)
+
+    rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
+    rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
+    rp.add_argument("--out", type=Path, default=Path("reports"))
+    return parser
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}, indent=1))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from revlens.checkpoint import save_run
+    from revlens.training import TrainConfig, train
+    from revlens.world import ReversalWorld
+
+    world = ReversalWorld.load(args.world) if args.world else ReversalWorld.generate(args.n_facts, args.n_control, args.world_seed)
+    if args.d_model % args.heads:
+        raise ValueError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
+    cfg = EncoderConfig(
+        d_vocab=world.d_vocab,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        d_head=args.d_model // args.heads,
+        n_layers=args.layers,
+        attention_dir=args.attention or DEFAULT_ATTENTION[args.objective],
+        positional=args.positional,
+    )
+    train_cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    (run,) = train(cfg, world, train_cfg, seeds=(args.seed,), progress=not args.no_progress)
+    save_run(run, world, args.out)
+    _print_metrics(run.metrics)
+    print(f"checkpoint written to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from revlens.checkpoint import load_run
+    from revlens.evaluation import evaluate
+
+    run, world = load_run(args.checkpoint)
+    _print_metrics(evaluate(run.model, world, run.train_cfg.objective))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from revlens.reports import notebook_paths, run_suite
+
+    summary = run_suite(notebook_paths(args.notebooks), args.out)
+    print(f"done: {summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "reproduce": cmd_reproduce}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"revlens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

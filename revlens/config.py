@@ -1,0 +1,89 @@
+"""Model configuration for the hooked toy encoder.
+
+One dataclass describes every architecture the notebooks compare, so an ablation is a changed
+field rather than a copied class. The field names ``n_layers``, ``n_heads``,
+``n_key_value_heads`` and ``device`` are the ones ``transformer_lens.patching`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+AttentionDir = Literal["bidirectional", "causal"]
+Positional = Literal["rotary", "absolute", "alibi", "none"]
+
+ATTENTION_DIRS: tuple[str, ...] = ("bidirectional", "causal")
+POSITIONALS: tuple[str, ...] = ("rotary", "absolute", "alibi", "none")
+UNTIEABLE_PROJECTIONS: tuple[str, ...] = ("q", "k", "v")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the option, the bad value and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape and ablation switches of a :class:`revlens.model.HookedEncoder`.
+
+    ``untied_positions`` names the projections (subset of ``q``, ``k``, ``v``) that get a separate
+    weight matrix per position instead of one shared matrix; empty means the standard Transformer.
+    ``tie_embeddings`` makes the unembedding the transpose of the embedding (one tensor).
+    """
+
+    d_vocab: int
+    n_ctx: int = 3
+    d_model: int = 64
+    n_heads: int = 4
+    d_head: int = 16
+    n_layers: int = 1
+    attention_dir: AttentionDir = "bidirectional"
+    positional: Positional = "rotary"
+    rotary_base: float = 10000.0
+    attn_only: bool = True
+    d_mlp: int = 256
+    residual: bool = True
+    tie_embeddings: bool = False
+    untied_positions: tuple[str, ...] = ()
+    device: str = "cpu"
+    n_key_value_heads: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        check_choice("attention_dir", self.attention_dir, ATTENTION_DIRS)
+        check_choice("positional", self.positional, POSITIONALS)
+        for name in ("d_vocab", "n_ctx", "d_model", "n_heads", "d_head", "n_layers", "d_mlp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.positional == "rotary" and self.d_head % 2:
+            raise ValueError(f"rotary positions need an even d_head, got {self.d_head}")
+        if self.rotary_base <= 1:
+            raise ValueError(f"rotary_base must be > 1, got {self.rotary_base}")
+        untied = tuple(sorted(set(self.untied_positions)))
+        for proj in untied:
+            check_choice("untied projection", proj, UNTIEABLE_PROJECTIONS)
+        object.__setattr__(self, "untied_positions", untied)
+        if self.n_key_value_heads not in (None, self.n_heads):
+            raise ValueError("grouped-query attention is not supported by the toy encoder")
+
+    def replace(self, **changes: Any) -> "EncoderConfig":
+        """A copy with some fields changed (and re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["untied_positions"] = list(self.untied_positions)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig fields: {', '.join(unknown)}")
+        data = dict(data)
+        data["untied_positions"] = tuple(data.get("untied_positions", ()))
+        return cls(**data)

@@ -1,0 +1,138 @@
+"""Named experimental settings, seeded multi-seed training with an on-disk cache, result tables.
+
+A :class:`Setting` is an objective plus changes to the base architecture, so "ARM" and "MDM"
+differ exactly in what their definitions say. ``train_setting`` trains all seeds of a setting in
+one batched run and caches the checkpoints under a key that hashes the model config, the training
+config, the world and the source of the modules that determine training -- so notebooks can share
+trained models, and a code change never serves stale weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from revlens import checkpoint, config, model, objectives, positions, training, world as world_mod
+from revlens.config import EncoderConfig
+from revlens.objectives import Objective
+from revlens.training import TrainConfig, TrainRun
+from revlens.world import EVAL_SETS, ReversalWorld
+
+BASE_MODEL: dict[str, Any] = {"d_model": 64, "n_heads": 4, "d_head": 16, "n_layers": 1, "positional": "rotary"}
+"""The one-layer, four-head, attention-only RoPE encoder every toy notebook starts from."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An objective and the architecture changes that define one arm of an experiment."""
+
+    name: str
+    objective: Objective
+    model: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def model_cfg(self, world: ReversalWorld) -> EncoderConfig:
+        return EncoderConfig(d_vocab=world.d_vocab, n_ctx=3, **{**BASE_MODEL, **self.model})
+
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting("MDM", "mdm", {"attention_dir": "bidirectional"}, "masked diffusion, bidirectional, RoPE"),
+        Setting("ARM", "arm", {"attention_dir": "causal"}, "next-token, causal, RoPE"),
+        Setting("MDM-causal", "mdm", {"attention_dir": "causal"}, "masked diffusion objective, causal mask"),
+        Setting(
+            "MDM-absolute",
+            "mdm",
+            {"attention_dir": "bidirectional", "positional": "absolute"},
+            "masked diffusion, learned absolute positions",
+        ),
+    ]
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("REVLENS_CACHE", Path.home() / ".cache" / "revlens"))
+
+
+def _code_fingerprint() -> str:
+    sources = [config, model, objectives, positions, training, world_mod]
+    digest = hashlib.sha256()
+    for module in sources:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(model_cfg: EncoderConfig, world: ReversalWorld, train_cfg: TrainConfig, seeds: Sequence[int]) -> str:
+    payload = {
+        "model": model_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "world": world.to_dict(),
+        "seeds": list(seeds),
+        "code": _code_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def train_setting(
+    setting: Setting,
+    world: ReversalWorld,
+    seeds: Sequence[int],
+    train_cfg: TrainConfig | None = None,
+    *,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    callbacks: Sequence[training.Callback] = (),
+    progress: bool = True,
+) -> list[TrainRun]:
+    """All seeds of ``setting``, trained together (or loaded from the cache when identical).
+
+    Runs with callbacks are never served from the cache: the callbacks must see the training.
+    """
+    train_cfg = dataclasses.replace(train_cfg or TrainConfig(), objective=setting.objective)
+    model_cfg = setting.model_cfg(world)
+    folder = (cache_dir or default_cache_dir()) / "runs" / cache_key(model_cfg, world, train_cfg, seeds)
+    cacheable = use_cache and not callbacks
+    if cacheable and all((folder / f"seed{s}" / checkpoint.WEIGHTS).is_file() for s in seeds):
+        return [checkpoint.load_run(folder / f"seed{s}")[0] for s in seeds]
+    runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress)
+    if cacheable:
+        for run in runs:
+            checkpoint.save_run(run, world, folder / f"seed{run.seed}")
+    return runs
+
+
+def metrics_table(runs_by_setting: Mapping[str, Sequence[TrainRun]]) -> pd.DataFrame:
+    """One row per (setting, seed) with the final accuracies and chance."""
+    rows = []
+    for name, runs in runs_by_setting.items():
+        for run in runs:
+            m = run.metrics
+            rows.append({"setting": name, "seed": run.seed, **{s: m[f"{s}_acc"] for s in EVAL_SETS}, "chance": m["chance"]})
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame, columns: Sequence[str] = EVAL_SETS) -> pd.DataFrame:
+    """Mean, min and max over seeds of each column, per setting (NaN where undefined)."""
+    grouped = table.groupby("setting", sort=False)[list(columns)]
+    out = pd.concat({"mean": grouped.mean(), "min": grouped.min(), "max": grouped.max()}, axis=1)
+    return out.swaplevel(axis=1).reindex(columns=list(columns), level=0)
+
+
+def history_frame(runs_by_setting: Mapping[str, Sequence[TrainRun]]) -> pd.DataFrame:
+    """Long-format training curves: setting, seed, step, loss and every logged metric."""
+    rows = [
+        {"setting": name, "seed": run.seed, **row}
+        for name, runs in runs_by_setting.items()
+        for run in runs
+        for row in run.history
+    ]
+    return pd.DataFrame(rows)

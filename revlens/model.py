@@ -1,0 +1,165 @@
+"""A small hooked Transformer encoder (or decoder, with a causal mask) for the toy experiments.
+
+Built on TransformerLens's ``HookedRootModule`` / ``HookPoint`` so that ``run_with_cache``,
+``run_with_hooks`` and ``transformer_lens.patching`` work unchanged. Hook names follow
+TransformerLens::
+
+Only hooks that fire exist (no ``hook_rot_q`` without RoPE, no ``hook_mlp_out`` without an MLP).
+
+    hook_embed, hook_pos_embed (absolute positions only)
+    blocks.{l}.hook_resid_pre
+    blocks.{l}.attn.hook_q / hook_k / hook_v     [batch, pos, head, d_head], before RoPE
+    blocks.{l}.attn.hook_rot_q / hook_rot_k     after RoPE (rotary positions only)
+    blocks.{l}.attn.hook_attn_scores            [batch, head, query, key], PRE-softmax,
+                                                 after ALiBi and the causal mask (-inf)
+    blocks.{l}.attn.hook_pattern                [batch, head, query, key], softmax of the scores
+    blocks.{l}.attn.hook_z                      [batch, pos, head, d_head]
+    blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid
+    blocks.{l}.mlp.hook_pre / hook_post, blocks.{l}.hook_mlp_out (with an MLP)
+    blocks.{l}.hook_resid_post
+
+Weights use TransformerLens's layout: ``W_Q`` is ``[head, d_model, d_head]`` (with a leading
+``pos`` axis when that projection is untied per position), ``W_O`` is ``[head, d_head, d_model]``,
+``W_E`` is ``[d_vocab, d_model]``, ``W_U`` is ``[d_model, d_vocab]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from revlens.config import EncoderConfig
+from revlens.hooks import StrictHookedRootModule
+from revlens.positions import alibi_bias, apply_rope, rope_cos_sin
+
+
+def _normal(*shape: int, std: float) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * std)
+
+
+class Attention(nn.Module):
+    """Multi-head attention returning its pre-softmax scores through ``hook_attn_scores``."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        for proj in ("q", "k", "v"):
+            shape = (cfg.n_heads, cfg.d_model, cfg.d_head)
+            if proj in cfg.untied_positions:
+                shape = (cfg.n_ctx, *shape)
+            setattr(self, f"W_{proj.upper()}", _normal(*shape, std=cfg.d_model**-0.5))
+        self.W_O = _normal(cfg.n_heads, cfg.d_head, cfg.d_model, std=(cfg.n_heads * cfg.d_head) ** -0.5)
+        if cfg.positional == "rotary":
+            cos, sin = rope_cos_sin(cfg.n_ctx, cfg.d_head, cfg.rotary_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.positional == "alibi":
+            self.register_buffer("alibi", alibi_bias(cfg.n_ctx, cfg.n_heads), persistent=False)
+        causal = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", causal, persistent=False)
+        rotary_hooks = ("rot_q", "rot_k") if cfg.positional == "rotary" else ()
+        for name in ("q", "k", "v", *rotary_hooks, "attn_scores", "pattern", "z"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def _project(self, x: Float[Tensor, "batch pos d_model"], weight: Tensor) -> Tensor:
+        if weight.ndim == 4:  # untied: one matrix per position
+            return torch.einsum("bpm,phmd->bphd", x, weight[: x.shape[1]])
+        return torch.einsum("bpm,hmd->bphd", x, weight)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        cfg, n = self.cfg, x.shape[1]
+        q = self.hook_q(self._project(x, self.W_Q))
+        k = self.hook_k(self._project(x, self.W_K))
+        v = self.hook_v(self._project(x, self.W_V))
+        if cfg.positional == "rotary":
+            q = self.hook_rot_q(apply_rope(q, self.rope_cos, self.rope_sin))
+            k = self.hook_rot_k(apply_rope(k, self.rope_cos, self.rope_sin))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.d_head)
+        if cfg.positional == "alibi":
+            scores = scores + self.alibi[:, :n, :n]
+        if cfg.attention_dir == "causal":
+            scores = scores.masked_fill(~self.causal_mask[:n, :n], float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
+        return torch.einsum("bqhd,hdm->bqm", z, self.W_O)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.W_in = _normal(cfg.d_model, cfg.d_mlp, std=cfg.d_model**-0.5)
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = _normal(cfg.d_mlp, cfg.d_model, std=cfg.d_mlp**-0.5)
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        post = self.hook_post(F.gelu(self.hook_pre(x @ self.W_in + self.b_in)))
+        return post @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn = Attention(cfg)
+        self.mlp = None if cfg.attn_only else MLP(cfg)
+        mlp_hooks = () if cfg.attn_only else ("mlp_out",)
+        for name in ("resid_pre", "attn_out", "resid_mid", *mlp_hooks, "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        keep = 1.0 if self.cfg.residual else 0.0
+        resid = self.hook_resid_pre(resid)
+        resid = self.hook_resid_mid(keep * resid + self.hook_attn_out(self.attn(resid)))
+        if self.mlp is not None:
+            resid = keep * resid + self.hook_mlp_out(self.mlp(resid))
+        return self.hook_resid_post(resid)
+
+
+class HookedEncoder(StrictHookedRootModule):
+    """Token + (optional) position embedding, ``n_layers`` blocks, unembedding; returns logits."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = _normal(cfg.d_vocab, cfg.d_model, std=cfg.d_model**-0.5)
+        if cfg.positional == "absolute":
+            self.W_pos = _normal(cfg.n_ctx, cfg.d_model, std=cfg.d_model**-0.5)
+        if not cfg.tie_embeddings:
+            self.W_U_untied = _normal(cfg.d_model, cfg.d_vocab, std=cfg.d_model**-0.5)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.hook_embed = HookPoint()
+        if cfg.positional == "absolute":
+            self.hook_pos_embed = HookPoint()
+        self.setup()
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding; the transpose of ``W_E`` itself (same storage) when tied."""
+        return self.W_E.T if self.cfg.tie_embeddings else self.W_U_untied
+
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], check_tokens: bool = True
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits at every position. ``check_tokens=False`` skips the data-dependent id check
+        (needed under ``vmap``; the training loop checks its sentences once instead)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
+        if check_tokens and tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got {tokens.min()}..{tokens.max()}")
+        resid = self.hook_embed(F.embedding(tokens, self.W_E))
+        if self.cfg.positional == "absolute":
+            resid = resid + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])
+        for block in self.blocks:
+            resid = block(resid)
+        return resid @ self.W_U

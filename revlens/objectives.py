@@ -1,0 +1,99 @@
+"""Training objectives (masked diffusion and next-token) and how each one reads out predictions.
+
+Every objective turns a batch of clean sentences into ``(inputs, targets, weights)`` and the loss is
+always ``sum(weights * CE(logits, targets)) / batch``, so one training loop (and one ``vmap``) serves
+all of them:
+
+* ``mdm`` (LLaDA / SMDM): draw t ~ U(0, 1] per sentence, mask each token with probability t, and
+  weight the cross-entropy at masked positions by 1 / (t * seq_len). This is LLaDA's pre-training
+  loss; its expectation over t upper-bounds the negative log-likelihood.
+* ``bert``: mask each token with a fixed probability (15%) and weight masked positions by
+  1 / (rate * seq_len) -- BERT-style masked language modelling, for the ablations.
+* ``arm``: next-token prediction; position i predicts token i + 1, weights 1 / (seq_len - 1).
+
+The readout says where a model trained with an objective keeps its answer for a masked slot:
+``same_position`` (LLaDA, our MDMs) or ``shifted`` (position i - 1 predicts token i: ARMs, Dream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from revlens.config import check_choice
+
+Objective = Literal["mdm", "bert", "arm"]
+Readout = Literal["same_position", "shifted"]
+OBJECTIVES: tuple[str, ...] = ("mdm", "bert", "arm")
+READOUTS: dict[str, Readout] = {"mdm": "same_position", "bert": "same_position", "arm": "shifted"}
+BERT_MASK_RATE = 0.15
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """Model inputs with per-position targets and loss weights (zero where there is no loss)."""
+
+    inputs: Int[Tensor, "batch seq"]
+    targets: Int[Tensor, "batch seq"]
+    weights: Float[Tensor, "batch seq"]
+
+
+def weighted_token_loss(
+    logits: Float[Tensor, "batch seq vocab"],
+    targets: Int[Tensor, "batch seq"],
+    weights: Float[Tensor, "batch seq"],
+) -> Float[Tensor, ""]:
+    """sum_{b,i} w[b,i] * CE(logits[b,i], targets[b,i]) / batch."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (weights.flatten() * ce).sum() / targets.shape[0]
+
+
+def masked_batch(
+    tokens: Int[Tensor, "batch seq"],
+    mask: Bool[Tensor, "batch seq"],
+    rate: Float[Tensor, " batch"],
+    mask_id: int,
+) -> LossBatch:
+    """Replace masked tokens by ``mask_id``; weight each masked position by 1 / (rate * seq_len)."""
+    seq_len = tokens.shape[1]
+    inputs = tokens.masked_fill(mask, mask_id)
+    weights = mask.float() / (rate[:, None] * seq_len)
+    return LossBatch(inputs, tokens, weights)
+
+
+def sample_mdm_mask(
+    tokens: Int[Tensor, "batch seq"], generator: torch.Generator
+) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+    """t ~ U(0, 1] per sentence, then an independent Bernoulli(t) mask per token."""
+    t = 1.0 - torch.rand(tokens.shape[0], generator=generator)  # (0, 1]
+    mask = torch.rand(tokens.shape, generator=generator) < t[:, None]
+    return mask, t
+
+
+def next_token_batch(tokens: Int[Tensor, "batch seq"]) -> LossBatch:
+    """Inputs are the sentence; position i is scored on token i + 1."""
+    seq_len = tokens.shape[1]
+    targets = torch.roll(tokens, -1, dims=1)
+    weights = torch.full(tokens.shape, 1.0 / (seq_len - 1))
+    weights[:, -1] = 0.0
+    return LossBatch(tokens, targets, weights)
+
+
+def make_loss_batch(
+    objective: Objective, tokens: Int[Tensor, "batch seq"], mask_id: int, generator: torch.Generator
+) -> LossBatch:
+    """The training batch an objective builds from clean sentences."""
+    check_choice("objective", objective, OBJECTIVES)
+    if objective == "arm":
+        return next_token_batch(tokens)
+    if objective == "mdm":
+        mask, t = sample_mdm_mask(tokens, generator)
+        return masked_batch(tokens, mask, t, mask_id)
+    rate = torch.full((tokens.shape[0],), BERT_MASK_RATE)
+    mask = torch.rand(tokens.shape, generator=generator) < BERT_MASK_RATE
+    return masked_batch(tokens, mask, rate, mask_id)

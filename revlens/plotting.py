@@ -1,0 +1,66 @@
+"""Figures shared by the notebooks (matplotlib only, Agg-safe)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from revlens.world import EVAL_SETS
+
+SET_LABELS = {
+    "forward": "forward\nA r [M] → B",
+    "inplace": "in-place\n[M] r B → A",
+    "reverse": "reverse\nB r [M] → A",
+    "control_reverse": "control reverse\n(trained both ways)",
+}
+
+
+def accuracy_bars(table: pd.DataFrame, chance: float, sets: Sequence[str] = EVAL_SETS) -> Figure:
+    """Grouped bars of mean accuracy per setting and eval set, one dot per seed, chance as a line.
+
+    Undefined cells (NaN, e.g. in-place for a left-to-right model) are drawn as "n/a".
+    """
+    settings = list(dict.fromkeys(table["setting"]))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(settings)
+    x = np.arange(len(sets))
+    for i, name in enumerate(settings):
+        rows = table[table["setting"] == name]
+        offset = x - 0.4 + (i + 0.5) * width
+        means = [rows[s].mean() for s in sets]
+        ax.bar(offset, np.nan_to_num(means), width, label=name, alpha=0.8)
+        for j, s in enumerate(sets):
+            if np.isnan(means[j]):
+                ax.text(offset[j], 0.02, "n/a", ha="center", fontsize=7, rotation=90)
+            else:
+                ax.scatter(np.full(len(rows), offset[j]), rows[s], s=8, color="k", zorder=3)
+    ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3f}")
+    ax.set_xticks(x, [SET_LABELS.get(s, s) for s in sets])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: pd.DataFrame, metrics: Sequence[str], chance: float | None = None) -> Figure:
+    """One panel per metric: mean over seeds per setting (line) and each seed (thin line)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for k, (name, rows) in enumerate(history.groupby("setting", sort=False)):
+            color = f"C{k}"
+            for _, seed_rows in rows.groupby("seed"):
+                ax.plot(seed_rows["step"], seed_rows[metric], color=color, lw=0.5, alpha=0.4)
+            mean = rows.groupby("step")[metric].mean()
+            ax.plot(mean.index, mean.values, color=color, lw=2, label=name)
+        if chance is not None and metric.endswith("_acc"):
+            ax.axhline(chance, color="grey", ls="--", lw=1)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

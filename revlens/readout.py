@@ -1,0 +1,62 @@
+"""Reading a model's prediction for the masked slots of a prompt.
+
+A masked diffusion LM like LLaDA predicts a masked token at its own position; a model trained with
+shifted logits (an ARM, or Dream) predicts token i at position i - 1. Getting this wrong silently
+reads the prediction for a neighbouring token, so every readout in revlens goes through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from revlens.config import check_choice
+from revlens.objectives import Readout
+
+READOUT_CHOICES: tuple[str, ...] = ("same_position", "shifted")
+
+
+def mask_positions(
+    tokens: Int[Tensor, "batch seq"], mask_id: int, *, readout: Readout, causal: bool
+) -> Int[Tensor, "batch n_masks"]:
+    """Positions of the mask tokens, row by row, after checking the prompt is answerable.
+
+    Raises ValueError for a row without a mask, rows with different numbers of masks, a mask at
+    position 0 under the shifted readout (nothing precedes it), or -- for a causal model -- a mask
+    that is not the last token (a left-to-right model cannot condition on what follows it).
+    """
+    check_choice("readout", readout, READOUT_CHOICES)
+    is_mask = tokens == mask_id
+    counts = is_mask.sum(dim=1)
+    if (counts == 0).any():
+        row = int((counts == 0).nonzero()[0])
+        raise ValueError(f"prompt {row} has no mask token (id {mask_id}); put the mask where the answer goes")
+    if (counts != counts[0]).any():
+        raise ValueError(f"every prompt in a batch needs the same number of masks, got {sorted(set(counts.tolist()))}")
+    positions = is_mask.nonzero()[:, 1].reshape(tokens.shape[0], -1)
+    if readout == "shifted" and (positions == 0).any():
+        raise ValueError("a mask at position 0 cannot be read with the shifted readout: no position precedes it")
+    if causal and (positions != tokens.shape[1] - 1).any():
+        raise ValueError(
+            "a causal (left-to-right) model can only answer a mask in the last position; "
+            "found a mask with tokens after it"
+        )
+    return positions
+
+
+def logits_at_masks(
+    model: Callable[[Tensor], Tensor],
+    tokens: Int[Tensor, "batch seq"],
+    mask_id: int,
+    *,
+    readout: Readout,
+    causal: bool = False,
+) -> Float[Tensor, "batch n_masks vocab"]:
+    """The model's logits for each masked slot, taken from the right position for ``readout``."""
+    positions = mask_positions(tokens, mask_id, readout=readout, causal=causal)
+    logits = model(tokens)
+    source = positions - 1 if readout == "shifted" else positions
+    return torch.gather(logits, 1, source[..., None].expand(-1, -1, logits.shape[-1]))

@@ -1,0 +1,152 @@
+"""One training loop for every objective, training several seeds of one architecture at once.
+
+The K model instances (one per seed) share shapes, so their parameters are stacked along a new
+leading axis and one ``torch.func.vmap`` over ``grad`` computes all K gradients in a single call;
+AdamW is element-wise, so stepping the stacked tensors equals stepping each model alone. Each
+instance draws its own batches and masks from its own seeded generator, so instance k of a K-seed
+run sees exactly the data of a 1-seed run with the same seed.
+
+Every ``log_every`` steps the loop evaluates each instance and calls the callbacks, whose returned
+dictionaries are merged into that instance's history row -- the hook later notebooks use to record
+gradient alignment or route weights without copying this loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+from tqdm.auto import tqdm
+
+from revlens.config import EncoderConfig, check_choice
+from revlens.evaluation import evaluate
+from revlens.model import HookedEncoder
+from revlens.objectives import OBJECTIVES, Objective, make_loss_batch, weighted_token_loss
+from revlens.world import ReversalWorld
+
+Callback = Callable[[int, HookedEncoder], dict[str, float]]
+"""Called as ``callback(step, model)`` (model in eval mode, current weights); returns values to log."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; ``objective`` picks the loss (see :mod:`revlens.objectives`)."""
+
+    objective: Objective = "mdm"
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        check_choice("objective", self.objective, OBJECTIVES)
+        for name in ("steps", "batch_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainRun:
+    """A trained model with its seed, its settings and its logged history."""
+
+    model: HookedEncoder
+    seed: int
+    train_cfg: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last evaluation (taken at the final step)."""
+        return {k: v for k, v in self.history[-1].items() if k not in ("step", "loss")}
+
+
+def init_model(cfg: EncoderConfig, seed: int) -> HookedEncoder:
+    """A freshly initialised model whose weights depend only on ``cfg`` and ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HookedEncoder(cfg)
+
+
+def train(
+    model_cfg: EncoderConfig,
+    world: ReversalWorld,
+    train_cfg: TrainConfig,
+    seeds: Sequence[int] = (0,),
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+) -> list[TrainRun]:
+    """Train one model per seed on ``world``'s training sentences; returns them in seed order."""
+    if model_cfg.d_vocab != world.d_vocab:
+        raise ValueError(f"model d_vocab={model_cfg.d_vocab} does not match the world's {world.d_vocab}")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"seeds must be distinct and non-empty, got {list(seeds)}")
+    sentences = world.training_sentences()
+    if sentences.max() >= model_cfg.d_vocab:
+        raise ValueError("training sentences contain token ids outside the model's vocabulary")
+    if sentences.shape[1] > model_cfg.n_ctx:
+        raise ValueError(f"sentences of length {sentences.shape[1]} exceed n_ctx={model_cfg.n_ctx}")
+
+    runs = [TrainRun(init_model(model_cfg, s), s, train_cfg) for s in seeds]
+    template = runs[0].model
+    params = {
+        name: torch.stack([dict(r.model.named_parameters())[name].detach() for r in runs]).requires_grad_()
+        for name, _ in template.named_parameters()
+    }
+    optimiser = torch.optim.AdamW(params.values(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def loss_fn(p: dict[str, torch.Tensor], inputs, targets, weights) -> torch.Tensor:
+        logits = functional_call(template, p, (inputs,), {"check_tokens": False})
+        return weighted_token_loss(logits, targets, weights)
+
+    grad_fn = vmap(grad_and_value(loss_fn))
+
+    def log(step: int, losses: torch.Tensor) -> None:
+        with torch.no_grad():
+            for i, run in enumerate(runs):
+                for name, p in run.model.named_parameters():
+                    p.copy_(params[name][i])
+        for i, run in enumerate(runs):
+            run.model.eval()
+            row = {"step": step, "loss": float(losses[i]), **evaluate(run.model, world, train_cfg.objective)}
+            for callback in callbacks:
+                row.update(callback(step, run.model))
+            run.history.append(row)
+
+    log(0, torch.full((len(runs),), float("nan")))
+    bar = tqdm(range(1, train_cfg.steps + 1), disable=not progress, desc=f"{train_cfg.objective} x{len(seeds)}")
+    for step in bar:
+        batches = [
+            make_loss_batch(
+                train_cfg.objective,
+                sentences[torch.randint(len(sentences), (train_cfg.batch_size,), generator=g)],
+                world.mask_id,
+                g,
+            )
+            for g in generators
+        ]
+        grads, losses = grad_fn(
+            params,
+            torch.stack([b.inputs for b in batches]),
+            torch.stack([b.targets for b in batches]),
+            torch.stack([b.weights for b in batches]),
+        )
+        for name, p in params.items():
+            p.grad = grads[name]
+        optimiser.step()
+        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            log(step, losses.detach())
+            bar.set_postfix(loss=f"{losses.mean():.3f}")
+    for run in runs:
+        run.model.eval()
+    return runs

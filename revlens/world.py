@@ -1,0 +1,165 @@
+"""The toy reversal world: single-token facts "A r B" and the named evaluation sets.
+
+Vocabulary: ``[M]`` (mask, id 0), ``r`` (relation, id 1), then the A alphabet, then the disjoint
+B alphabet. Each fact pairs A_i with B_{pi(i)} for a seeded random permutation pi. Facts are
+split into
+
+* forward-only facts, trained only as "A r B";
+* control facts, trained both as "A r B" and "B r A".
+
+Evaluation sets (``prompt -> answer``, the answer sits at the mask):
+
+=================  ==================  ===========================================================
+name               prompt -> answer    meaning
+=================  ==================  ===========================================================
+forward            A r [M] -> B        the trained direction
+inplace            [M] r B -> A        what masked training sees: A *before* B
+reverse            B r [M] -> A        never trained: A *after* B (the reversal curse query)
+control_reverse    B r [M] -> A        control facts, whose reverse sentence *is* trained
+=================  ==================  ===========================================================
+
+Chance level is 1 / n_facts: a guess that at least knows which alphabet the answer comes from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+MASK, RELATION = "[M]", "r"
+EVAL_SETS: tuple[str, ...] = ("forward", "inplace", "reverse", "control_reverse")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Prompts with one mask each, the mask's position and the expected token there."""
+
+    name: str
+    prompts: Int[Tensor, "n seq"]
+    mask_pos: int
+    answers: Int[Tensor, " n"]
+
+
+@dataclass(frozen=True)
+class ReversalWorld:
+    """A seeded set of facts (A_i, B_i) with a forward-only / control split."""
+
+    n_facts: int
+    n_control: int
+    seed: int
+    a_ids: tuple[int, ...]  # A entity of each fact
+    b_ids: tuple[int, ...]  # B entity of each fact (same order)
+
+    @classmethod
+    def generate(cls, n_facts: int = 200, n_control: int = 40, seed: int = 0) -> "ReversalWorld":
+        """Draw a world; the first ``n_facts - n_control`` facts are forward-only."""
+        if not isinstance(n_facts, int) or n_facts < 2:
+            raise ValueError(f"a world needs at least 2 facts, got n_facts={n_facts!r}")
+        if not isinstance(n_control, int) or not 1 <= n_control <= n_facts - 1:
+            raise ValueError(
+                f"n_control={n_control!r} leaves no room for both splits: it must lie in "
+                f"[1, n_facts - 1] = [1, {n_facts - 1}]"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        first_a, first_b = 2, 2 + n_facts
+        a_ids = tuple(first_a + i for i in torch.randperm(n_facts, generator=gen).tolist())
+        b_ids = tuple(first_b + i for i in torch.randperm(n_facts, generator=gen).tolist())
+        return cls(n_facts, n_control, seed, a_ids, b_ids)
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    @property
+    def vocab(self) -> list[str]:
+        n = self.n_facts
+        return [MASK, RELATION] + [f"A{i}" for i in range(n)] + [f"B{i}" for i in range(n)]
+
+    @property
+    def d_vocab(self) -> int:
+        return 2 + 2 * self.n_facts
+
+    @property
+    def mask_id(self) -> int:
+        return 0
+
+    @property
+    def relation_id(self) -> int:
+        return 1
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_facts
+
+    def decode(self, tokens: Int[Tensor, "... seq"]) -> list[str]:
+        """Token ids to space-joined strings, one per row."""
+        vocab = self.vocab
+        rows = tokens.reshape(-1, tokens.shape[-1]).tolist()
+        return [" ".join(vocab[t] for t in row) for row in rows]
+
+    # ---- facts and sentences ----------------------------------------------------------------
+    def _facts(self, split: str) -> tuple[Tensor, Tensor]:
+        cut = self.n_facts - self.n_control
+        sl = {"forward_only": slice(0, cut), "control": slice(cut, None), "all": slice(None)}[split]
+        return torch.tensor(self.a_ids[sl]), torch.tensor(self.b_ids[sl])
+
+    @staticmethod
+    def _sentences(first: Tensor, second: Tensor, relation: int) -> Tensor:
+        return torch.stack([first, torch.full_like(first, relation), second], dim=1)
+
+    def training_sentences(self) -> Int[Tensor, "n_sentences 3"]:
+        """"A r B" for every fact, plus "B r A" for the control facts only."""
+        a, b = self._facts("all")
+        ca, cb = self._facts("control")
+        r = self.relation_id
+        return torch.cat([self._sentences(a, b, r), self._sentences(cb, ca, r)])
+
+    def eval_set(self, name: str) -> EvalSet:
+        """One of :data:`EVAL_SETS` (see the module docstring)."""
+        if name not in EVAL_SETS:
+            raise ValueError(f"unknown evaluation set {name!r}; expected one of {', '.join(EVAL_SETS)}")
+        split = "control" if name.startswith("control") else "forward_only"
+        a, b = self._facts(split)
+        r, m = self.relation_id, self.mask_id
+        mask = torch.full_like(a, m)
+        if name == "forward":
+            return EvalSet(name, self._sentences(a, mask, r), 2, b)
+        if name == "inplace":
+            return EvalSet(name, self._sentences(mask, b, r), 0, a)
+        return EvalSet(name, self._sentences(b, mask, r), 2, a)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        vocab = self.vocab
+        return {
+            "n_facts": self.n_facts,
+            "n_control": self.n_control,
+            "seed": self.seed,
+            "vocab": vocab,
+            "facts": [[vocab[a], vocab[b]] for a, b in zip(self.a_ids, self.b_ids)],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReversalWorld":
+        world = cls(data["n_facts"], data["n_control"], data["seed"], (), ())
+        index = {tok: i for i, tok in enumerate(world.vocab)}
+        if data.get("vocab", world.vocab) != world.vocab:
+            raise ValueError("world file's vocabulary does not match its n_facts")
+        try:
+            a_ids = tuple(index[a] for a, _ in data["facts"])
+            b_ids = tuple(index[b] for _, b in data["facts"])
+        except KeyError as err:
+            raise ValueError(f"world file names an entity outside its vocabulary: {err}") from None
+        if len(a_ids) != world.n_facts:
+            raise ValueError(f"world file lists {len(a_ids)} facts but says n_facts={world.n_facts}")
+        return cls(world.n_facts, world.n_control, world.seed, a_ids, b_ids)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReversalWorld":
+        return cls.from_dict(json.loads(Path(path).read_text()))
