@@ -20,9 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from revlens import checkpoint, config, model, objectives, positions, training, world as world_mod
+from revlens import checkpoint, config, model, objectives, positions, routes, theory, training, world as world_mod
 from revlens.config import EncoderConfig
 from revlens.objectives import Objective
+from revlens.routes import RouteLogger
 from revlens.training import TrainConfig, TrainRun
 from revlens.world import EVAL_SETS, ReversalWorld
 
@@ -49,6 +50,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("MDM", "mdm", {"attention_dir": "bidirectional"}, "masked diffusion, bidirectional, RoPE"),
         Setting("ARM", "arm", {"attention_dir": "causal"}, "next-token, causal, RoPE"),
         Setting("MDM-causal", "mdm", {"attention_dir": "causal"}, "masked diffusion objective, causal mask"),
+        Setting("MDM-alibi", "mdm", {"attention_dir": "bidirectional", "positional": "alibi"}, "masked diffusion, ALiBi"),
+        Setting("MDM-nopos", "mdm", {"attention_dir": "bidirectional", "positional": "none"}, "masked diffusion, no positions"),
         Setting(
             "MDM-absolute",
             "mdm",
@@ -64,15 +67,22 @@ def default_cache_dir() -> Path:
 
 
 def _code_fingerprint() -> str:
-    sources = [config, model, objectives, positions, training, world_mod]
+    sources = [config, model, objectives, positions, routes, theory, training, world_mod]
     digest = hashlib.sha256()
     for module in sources:
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def cache_key(model_cfg: EncoderConfig, world: ReversalWorld, train_cfg: TrainConfig, seeds: Sequence[int]) -> str:
+def cache_key(
+    model_cfg: EncoderConfig,
+    world: ReversalWorld,
+    train_cfg: TrainConfig,
+    seeds: Sequence[int],
+    callback_ids: Sequence[str | None] = (),
+) -> str:
     payload = {
+        "callbacks": list(callback_ids),
         "model": model_cfg.to_dict(),
         "train": train_cfg.to_dict(),
         "world": world.to_dict(),
@@ -91,16 +101,26 @@ def train_setting(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     callbacks: Sequence[training.Callback] = (),
+    log_routes: bool = True,
     progress: bool = True,
 ) -> list[TrainRun]:
     """All seeds of ``setting``, trained together (or loaded from the cache when identical).
 
-    Runs with callbacks are never served from the cache: the callbacks must see the training.
+    With ``log_routes`` (the default) every history row also holds the forward/reverse route
+    statistics of :class:`revlens.routes.RouteLogger`, so every notebook sees the same runs.
+
+    Callbacks that carry a ``cache_id`` (e.g. :class:`revlens.routes.RouteLogger`) are part of
+    the cache key, and their logged values are cached with the history; a run with any callback
+    lacking one is never cached, since its values could not be told apart.
     """
     train_cfg = dataclasses.replace(train_cfg or TrainConfig(), objective=setting.objective)
     model_cfg = setting.model_cfg(world)
-    folder = (cache_dir or default_cache_dir()) / "runs" / cache_key(model_cfg, world, train_cfg, seeds)
-    cacheable = use_cache and not callbacks
+    if log_routes:
+        callbacks = [RouteLogger(world, setting.objective), *callbacks]
+    callback_ids = [getattr(cb, "cache_id", None) for cb in callbacks]
+    key = cache_key(model_cfg, world, train_cfg, seeds, callback_ids)
+    folder = (cache_dir or default_cache_dir()) / "runs" / key
+    cacheable = use_cache and None not in callback_ids
     if cacheable and all((folder / f"seed{s}" / checkpoint.WEIGHTS).is_file() for s in seeds):
         return [checkpoint.load_run(folder / f"seed{s}")[0] for s in seeds]
     runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress)

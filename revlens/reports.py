@@ -76,7 +76,7 @@ def run_suite(
     """Execute each notebook in a fresh kernel (in order), saving outputs into ``out``."""
     import nbformat
     from nbclient import NotebookClient
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     out = Path(out).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from revlens.config import EncoderConfig, check_choice
 from revlens.evaluation import evaluate
@@ -124,7 +124,9 @@ def train(
             run.history.append(row)
 
     log(0, torch.full((len(runs),), float("nan")))
-    bar = tqdm(range(1, train_cfg.steps + 1), disable=not progress, desc=f"{train_cfg.objective} x{len(seeds)}")
+    bar = tqdm(
+        range(1, train_cfg.steps + 1), disable=not progress, desc=f"{train_cfg.objective} x{len(seeds)}", mininterval=2.0
+    )
     for step in bar:
         batches = [
             make_loss_batch(

@@ -1,0 +1,225 @@
+"""Training dynamics: forward/reverse losses, gradient alignment by parameter block, first-order
+prediction of the reverse-loss change, and the storage path's evidence for B -> A.
+
+Losses (SCIENCE point 3). For a masked model, L_fwd = -log p(A | "[M] r B") -- the term training
+actually optimises -- and L_rev = -log p(A | "B r [M]"). For a left-to-right model the trained term
+is L_fwd = -log p(B | "A r") and the reverse query L_rev = -log p(A | "B r").
+
+One SGD step of size eta on L_fwd changes L_rev by -eta <grad L_rev, grad L_fwd> + O(eta^2): a
+positive inner product means training the forward direction also trains the reverse one. We split
+it over parameter blocks: **storage** (embedding, W_V, W_O, unembedding, absolute positions: the
+path that carries "B -> A" whatever the position) and **route** (W_Q, W_K: where the mask looks).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from revlens.model import HookedEncoder
+from revlens.objectives import READOUTS, Objective
+from revlens.world import EvalSet, ReversalWorld
+
+STORAGE, ROUTE, OTHER = "storage", "route", "other"
+BLOCKS: tuple[str, ...] = (STORAGE, ROUTE, OTHER)
+_STORAGE_NAMES = ("W_E", "W_pos", "W_V", "W_O", "W_U_untied")
+_ROUTE_NAMES = ("W_Q", "W_K")
+
+Params = dict[str, Tensor]
+
+
+def parameter_blocks(model: HookedEncoder) -> dict[str, str]:
+    """Map every parameter name to ``storage``, ``route`` or ``other`` (MLP weights)."""
+    out = {}
+    for name, _ in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        out[name] = STORAGE if leaf in _STORAGE_NAMES else ROUTE if leaf in _ROUTE_NAMES else OTHER
+    return out
+
+
+@dataclass(frozen=True)
+class LossQuery:
+    """Prompts whose answer sits at a fixed slot, read at ``read_pos`` (readout applied)."""
+
+    prompts: Int[Tensor, "n seq"]
+    answers: Int[Tensor, " n"]
+    read_pos: int
+
+    @classmethod
+    def from_eval_set(cls, es: EvalSet, objective: Objective) -> "LossQuery":
+        shifted = READOUTS[objective] == "shifted"
+        if shifted and es.mask_pos == 0:
+            raise ValueError(f"eval set {es.name!r} cannot be read by a left-to-right model (mask at position 0)")
+        return cls(es.prompts, es.answers, es.mask_pos - 1 if shifted else es.mask_pos)
+
+
+def toy_loss_queries(world: ReversalWorld, objective: Objective) -> tuple[LossQuery, LossQuery]:
+    """(forward, reverse) loss queries on the forward-only facts, as in the module docstring."""
+    trained = "forward" if READOUTS[objective] == "shifted" else "inplace"
+    return (
+        LossQuery.from_eval_set(world.eval_set(trained), objective),
+        LossQuery.from_eval_set(world.eval_set("reverse"), objective),
+    )
+
+
+def _nll(model: HookedEncoder, params: Params, prompts: Tensor, answers: Tensor, read_pos: int) -> Tensor:
+    logits = functional_call(model, params, (prompts,), {"check_tokens": False})[:, read_pos]
+    return -logits.log_softmax(-1).gather(-1, answers[..., None])[..., 0]
+
+
+def params_of(model: HookedEncoder) -> Params:
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def per_fact_losses(model: HookedEncoder, query: LossQuery, params: Params | None = None) -> Float[Tensor, " n"]:
+    """-log p(answer) for each prompt."""
+    with torch.no_grad():
+        return _nll(model, params or params_of(model), query.prompts, query.answers, query.read_pos)
+
+
+def mean_loss_grad(model: HookedEncoder, query: LossQuery, params: Params | None = None) -> Params:
+    """Gradient of the fact-averaged loss with respect to every parameter."""
+    return grad(lambda p: _nll(model, p, query.prompts, query.answers, query.read_pos).mean())(
+        params or params_of(model)
+    )
+
+
+def per_fact_grads(model: HookedEncoder, query: LossQuery, params: Params | None = None) -> Params:
+    """Per-fact gradients, each tensor ``[n_facts, *param_shape]``, via ``vmap`` over ``grad``."""
+
+    def single(p: Params, prompt: Tensor, answer: Tensor) -> Tensor:
+        return _nll(model, p, prompt[None], answer[None], query.read_pos)[0]
+
+    return vmap(grad(single), in_dims=(None, 0, 0))(params or params_of(model), query.prompts, query.answers)
+
+
+def per_fact_grads_loop(model: HookedEncoder, query: LossQuery) -> Params:
+    """The same as :func:`per_fact_grads` with one backward pass per fact (the baseline in bench/)."""
+    names = [n for n, _ in model.named_parameters()]
+    rows = []
+    for i in range(len(query.answers)):
+        model.zero_grad()
+        logits = model(query.prompts[i : i + 1])[:, query.read_pos]
+        (-logits.log_softmax(-1)[0, query.answers[i]]).backward()
+        rows.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    return {n: torch.stack([r[n] for r in rows]) for n in names}
+
+
+def block_products(
+    model: HookedEncoder, g_fwd: Params, g_rev: Params, batch_dims: int = 0
+) -> dict[str, dict[str, Tensor]]:
+    """Inner product, norms and cosine of two gradients, per block and for ``all`` parameters.
+
+    ``batch_dims`` leading axes (e.g. facts) are kept.
+    """
+    blocks = parameter_blocks(model)
+    out: dict[str, dict[str, Tensor]] = {}
+    for block in (*BLOCKS, "all"):
+        names = [n for n, b in blocks.items() if block in (b, "all")]
+        if not names:
+            continue
+
+        def total(f) -> Tensor:
+            return sum(f(g_fwd[n], g_rev[n]).flatten(batch_dims).sum(-1) for n in names)
+
+        dot = total(lambda a, b: a * b)
+        nf, nr = total(lambda a, b: a * a).sqrt(), total(lambda a, b: b * b).sqrt()
+        out[block] = {"dot": dot, "norm_fwd": nf, "norm_rev": nr, "cos": dot / (nf * nr)}
+    return out
+
+
+def gradient_alignment(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) -> dict[str, dict[str, float]]:
+    """Block products of the gradients of the fact-averaged L_fwd and L_rev."""
+    products = block_products(model, mean_loss_grad(model, fwd), mean_loss_grad(model, rev))
+    return {b: {k: float(v) for k, v in d.items()} for b, d in products.items()}
+
+
+def per_fact_alignment(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) -> dict[str, Float[Tensor, " n"]]:
+    """Per-fact cosine between grad L_fwd(i) and grad L_rev(i), per block."""
+    products = block_products(model, per_fact_grads(model, fwd), per_fact_grads(model, rev), batch_dims=1)
+    return {b: d["cos"] for b, d in products.items()}
+
+
+@dataclass(frozen=True)
+class FirstOrderCheck:
+    eta: float
+    predicted: float  # -eta <grad L_rev, grad L_fwd>
+    actual: float  # L_rev(theta - eta grad L_fwd) - L_rev(theta)
+
+
+def first_order_check(model: HookedEncoder, fwd: LossQuery, rev: LossQuery, etas: Sequence[float]) -> list[FirstOrderCheck]:
+    """Predicted vs actual change of the mean reverse loss after one SGD step on the forward loss.
+
+    Computed on a float64 copy of the model: for small eta the actual change is far below float32
+    resolution of the loss, and rounding would swamp the second-order term being measured.
+    """
+    model = copy.deepcopy(model).double()
+    params = params_of(model)
+    g_fwd, g_rev = mean_loss_grad(model, fwd, params), mean_loss_grad(model, rev, params)
+    dot = sum((g_fwd[n] * g_rev[n]).sum() for n in params)
+    before = per_fact_losses(model, rev, params).mean()
+    checks = []
+    for eta in etas:
+        stepped = {n: params[n] - eta * g_fwd[n] for n in params}
+        after = per_fact_losses(model, rev, stepped).mean()
+        checks.append(FirstOrderCheck(eta, float(-eta * dot), float(after - before)))
+    return checks
+
+
+def storage_logits(model: HookedEncoder, sources: Tensor, targets: Tensor) -> Float[Tensor, "head n_source n_target"]:
+    """Logit of each target read from each source token through one head's value path alone:
+    ``e_source W_V[h] W_O[h] W_U[:, target]`` (attention weight 1 on the source, no residual)."""
+    attn = model.blocks[0].attn
+    if attn.W_V.ndim != 3:
+        raise ValueError("storage_logits needs a position-shared W_V (untied per-position W_V has no single path)")
+    ov = torch.einsum("hmd,hdn->hmn", attn.W_V, attn.W_O)
+    with torch.no_grad():
+        return torch.einsum("sm,hmn,nt->hst", model.W_E[sources], ov, model.W_U[:, targets])
+
+
+def storage_evidence(model: HookedEncoder, sources: Tensor, targets: Tensor) -> dict[str, float]:
+    """Storage logit of each fact's own pair (source_i -> target_i) against unrelated pairs
+    (source_i -> target_j, j != i), summed over heads: mean of each and the gap in units of the
+    unrelated pairs' standard deviation."""
+    logits = storage_logits(model, sources, targets).sum(0)
+    own = logits.diagonal()
+    off = logits[~torch.eye(len(sources), dtype=torch.bool)]
+    return {"own": float(own.mean()), "unrelated": float(off.mean()), "gap_sd": float((own.mean() - off.mean()) / off.std())}
+
+
+class AlignmentLogger:
+    """Training callback: block cosines of the averaged gradients, per-fact cosine summary,
+    first-order check at a few step sizes, and the storage gap for B -> A."""
+
+    def __init__(self, world: ReversalWorld, objective: Objective, etas: Sequence[float] = (1e-3, 1e-2, 1e-1)):
+        self.fwd, self.rev = toy_loss_queries(world, objective)
+        self.etas = tuple(etas)
+        cut = world.n_facts - world.n_control
+        self.b_ids, self.a_ids = torch.tensor(world.b_ids[:cut]), torch.tensor(world.a_ids[:cut])
+        self.cache_id = f"AlignmentLogger/{objective}/{self.etas}"
+
+    def __call__(self, step: int, model: HookedEncoder) -> dict[str, float]:
+        row: dict[str, float] = {
+            "L_fwd": float(per_fact_losses(model, self.fwd).mean()),
+            "L_rev": float(per_fact_losses(model, self.rev).mean()),
+        }
+        for block, d in gradient_alignment(model, self.fwd, self.rev).items():
+            row[f"cos_{block}"] = d["cos"]
+            row[f"dot_{block}"] = d["dot"]
+        per_fact = per_fact_alignment(model, self.fwd, self.rev)
+        for block, cos in per_fact.items():
+            row[f"fact_cos_{block}_mean"] = float(cos.nanmean())
+        row["fact_cos_all_frac_pos"] = float((per_fact["all"] > 0).float().mean())
+        for check in first_order_check(model, self.fwd, self.rev, self.etas):
+            row[f"fo_pred_{check.eta:g}"] = check.predicted
+            row[f"fo_actual_{check.eta:g}"] = check.actual
+        evidence = storage_evidence(model, self.b_ids, self.a_ids)
+        row["storage_BA_gap_sd"] = evidence["gap_sd"]
+        return row

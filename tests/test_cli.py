@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from revlens.cli import main
+from revlens.reports import record, save_figure, summary_markdown
+
+
+def test_train_then_evaluate_round_trip(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--objective", "arm", "--steps", "150", "--n-facts", "20", "--n-control", "4",
+               "--d-model", "32", "--heads", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"forward_acc", "inplace_acc", "reverse_acc", "control_reverse_acc", "chance"} <= set(metrics)
+    assert metrics["inplace_acc"] is None  # undefined for a left-to-right model, written as null
+    assert metrics["chance"] == pytest.approx(1 / 20)
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated == pytest.approx(metrics)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["attention_dir"] == "causal" and config["seed"] == 0
+
+
+def test_bad_input_gives_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--n-facts", "5", "--n-control", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "leaves no room for both splits" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "not a revlens checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--positional", "sinusoidal", "--out", str(tmp_path / "y")])
+    assert "invalid choice: 'sinusoidal'" in capsys.readouterr().err
+
+
+def test_reports_write_only_when_a_report_folder_is_set(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    monkeypatch.delenv("REVLENS_REPORT_DIR", raising=False)
+    assert save_figure(fig, "f") is None and record("nb", {"a": 1}) is None
+    monkeypatch.setenv("REVLENS_REPORT_DIR", str(tmp_path))
+    assert save_figure(fig, "f").is_file()
+    record("nb", {"a": 1})
+    record("nb", {"b": 2.5})
+    assert json.loads((tmp_path / "results" / "nb.json").read_text()) == {"a": 1, "b": 2.5}
+    text = summary_markdown(tmp_path)
+    assert "**b**: 2.5" in text and "figures/f.png" in text
+    plt.close(fig)
