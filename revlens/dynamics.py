@@ -173,6 +173,40 @@ def first_order_check(model: HookedEncoder, fwd: LossQuery, rev: LossQuery, etas
     return checks
 
 
+@dataclass(frozen=True)
+class StorageFactorisation:
+    """Per-fact <grad_WU L_fwd, grad_WU L_rev> from autograd and its two factors."""
+
+    autograd: Float[Tensor, " n"]
+    error_dot: Float[Tensor, " n"]  # <p_fwd - e_target_fwd, p_rev - e_target_rev>
+    resid_dot: Float[Tensor, " n"]  # <a_fwd, a_rev>, a = residual stream feeding the unembedding
+
+    @property
+    def factorised(self) -> Float[Tensor, " n"]:
+        return self.error_dot * self.resid_dot
+
+
+def storage_factorisation(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) -> StorageFactorisation:
+    """Check <grad_WU L_fwd, grad_WU L_rev> = <p_fwd - e, p_rev - e> * <a_fwd, a_rev> fact by fact.
+
+    grad_WU L = a (p - e_target)^T is rank one, so the Frobenius product of two such gradients
+    factorises. Needs an untied unembedding (with tying, W_U's gradient also flows via W_E).
+    """
+    if model.cfg.tie_embeddings or model.cfg.n_layers != 1:
+        raise ValueError("the storage factorisation is derived for a one-layer model with an untied unembedding")
+    g_f, g_r = per_fact_grads(model, fwd), per_fact_grads(model, rev)
+    autograd = (g_f["W_U_untied"] * g_r["W_U_untied"]).flatten(1).sum(-1)
+    parts = []
+    with torch.no_grad():
+        for q in (fwd, rev):
+            logits, cache = model.run_with_cache(q.prompts, names_filter=["blocks.0.hook_resid_post"])
+            resid = cache["blocks.0.hook_resid_post"][:, q.read_pos]
+            probs = logits[:, q.read_pos].softmax(-1)
+            parts.append((resid, probs - torch.nn.functional.one_hot(q.answers, probs.shape[-1])))
+    (a_f, e_f), (a_r, e_r) = parts
+    return StorageFactorisation(autograd, (e_f * e_r).sum(-1), (a_f * a_r).sum(-1))
+
+
 def storage_logits(model: HookedEncoder, sources: Tensor, targets: Tensor) -> Float[Tensor, "head n_source n_target"]:
     """Logit of each target read from each source token through one head's value path alone:
     ``e_source W_V[h] W_O[h] W_U[:, target]`` (attention weight 1 on the source, no residual)."""

@@ -20,9 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from revlens import checkpoint, config, model, objectives, positions, routes, theory, training, world as world_mod
+from revlens import checkpoint, config, dynamics, model, objectives, positions, routes, theory, training, world as world_mod
 from revlens.config import EncoderConfig
 from revlens.objectives import Objective
+from revlens.dynamics import AlignmentLogger
 from revlens.routes import RouteLogger
 from revlens.training import TrainConfig, TrainRun
 from revlens.world import EVAL_SETS, ReversalWorld
@@ -67,7 +68,7 @@ def default_cache_dir() -> Path:
 
 
 def _code_fingerprint() -> str:
-    sources = [config, model, objectives, positions, routes, theory, training, world_mod]
+    sources = [config, dynamics, model, objectives, positions, routes, theory, training, world_mod]
     digest = hashlib.sha256()
     for module in sources:
         digest.update(Path(module.__file__).read_bytes())
@@ -92,6 +93,11 @@ def cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def standard_loggers(world: ReversalWorld, objective: Objective) -> list[training.Callback]:
+    """Routes (:class:`RouteLogger`) and gradient alignment (:class:`AlignmentLogger`) every log step."""
+    return [RouteLogger(world, objective), AlignmentLogger(world, objective)]
+
+
 def train_setting(
     setting: Setting,
     world: ReversalWorld,
@@ -101,13 +107,14 @@ def train_setting(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     callbacks: Sequence[training.Callback] = (),
-    log_routes: bool = True,
+    instrument: bool = True,
     progress: bool = True,
 ) -> list[TrainRun]:
     """All seeds of ``setting``, trained together (or loaded from the cache when identical).
 
-    With ``log_routes`` (the default) every history row also holds the forward/reverse route
-    statistics of :class:`revlens.routes.RouteLogger`, so every notebook sees the same runs.
+    With ``instrument`` (the default) every history row also holds the route statistics and the
+    gradient-alignment measurements of :func:`standard_loggers`, so every notebook analyses the
+    same runs.
 
     Callbacks that carry a ``cache_id`` (e.g. :class:`revlens.routes.RouteLogger`) are part of
     the cache key, and their logged values are cached with the history; a run with any callback
@@ -115,8 +122,8 @@ def train_setting(
     """
     train_cfg = dataclasses.replace(train_cfg or TrainConfig(), objective=setting.objective)
     model_cfg = setting.model_cfg(world)
-    if log_routes:
-        callbacks = [RouteLogger(world, setting.objective), *callbacks]
+    if instrument:
+        callbacks = [*standard_loggers(world, setting.objective), *callbacks]
     callback_ids = [getattr(cb, "cache_id", None) for cb in callbacks]
     key = cache_key(model_cfg, world, train_cfg, seeds, callback_ids)
     folder = (cache_dir or default_cache_dir()) / "runs" / key

@@ -13,6 +13,7 @@ from revlens.dynamics import (
     per_fact_grads_loop,
     per_fact_losses,
     storage_evidence,
+    storage_factorisation,
     toy_loss_queries,
 )
 from revlens.training import init_model
@@ -37,25 +38,15 @@ def test_blocks_partition_the_parameters(kw):
     torch.testing.assert_close(parts, prods["all"]["dot"])
 
 
-def test_storage_factorisation_matches_autograd(trained_mdm, small_world):
-    model = trained_mdm.model
-    fwd, rev = toy_loss_queries(small_world, "mdm")
-    g_fwd, g_rev = mean_loss_grad(model, fwd), mean_loss_grad(model, rev)
-    # per fact: <grad_WU L_f, grad_WU L_r> = <a_f, a_r> <p_f - e_A, p_r - e_A>, a = residual at the mask
-    gf, gr = per_fact_grads(model, fwd), per_fact_grads(model, rev)
-    autograd_dot = (gf["W_U_untied"] * gr["W_U_untied"]).flatten(1).sum(-1)
-
-    def resid_and_error(query):
-        logits, cache = model.run_with_cache(query.prompts, names_filter=["blocks.0.hook_resid_post"])
-        a = cache["blocks.0.hook_resid_post"][:, query.read_pos]
-        p = logits[:, query.read_pos].softmax(-1)
-        return a, p - torch.nn.functional.one_hot(query.answers, p.shape[-1])
-
-    a_f, err_f = resid_and_error(fwd)
-    a_r, err_r = resid_and_error(rev)
-    factorised = (a_f * a_r).sum(-1) * (err_f * err_r).sum(-1)
-    torch.testing.assert_close(autograd_dot, factorised, rtol=1e-4, atol=1e-6)
-    assert g_fwd.keys() == g_rev.keys()
+@pytest.mark.parametrize("objective", ["mdm", "arm"])
+def test_storage_factorisation_matches_autograd(objective, trained_mdm, trained_arm, small_world, small_cfg):
+    for model in (trained_mdm.model if objective == "mdm" else trained_arm.model, init_model(small_cfg, 1).eval()):
+        f = storage_factorisation(model, *toy_loss_queries(small_world, objective))
+        torch.testing.assert_close(f.autograd, f.factorised, rtol=1e-4, atol=1e-7)
+        assert f.autograd.abs().max() > 0
+    tied = init_model(small_cfg.replace(tie_embeddings=True), 0)
+    with pytest.raises(ValueError, match="untied unembedding"):
+        storage_factorisation(tied, *toy_loss_queries(small_world, "mdm"))
 
 
 def test_per_fact_gradients_match_a_loop_of_backward_passes(trained_arm, small_world):

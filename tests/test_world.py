@@ -61,3 +61,10 @@ def test_unknown_eval_set_and_corrupt_world_file(tmp_path):
     with pytest.raises(ValueError, match="outside its vocabulary"):
         ReversalWorld.from_dict(data)
     assert torch.equal(world.training_sentences(), ReversalWorld.from_dict(world.to_dict()).training_sentences())
+
+
+def test_shipped_world_file_is_the_notebooks_world():
+    from pathlib import Path
+
+    shipped = ReversalWorld.load(Path(__file__).parents[1] / "data" / "toy_world.json")
+    assert shipped == ReversalWorld.generate(n_facts=200, n_control=40, seed=0)
