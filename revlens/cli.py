@@ -2,6 +2,7 @@
 
     revlens train --objective mdm --positional rotary --seed 0 --out runs/mdm0
     revlens evaluate runs/mdm0
+    revlens sweep data/ablations_sweep.json --out data/ablations.jsonl
     revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/
 """
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="recompute the metrics of a checkpoint folder")
     ev.add_argument("checkpoint", type=Path)
 
+    sw = sub.add_parser("sweep", help="run a grid of settings x seeds into one tidy JSON-lines table (resumable)")
+    sw.add_argument("config", type=Path, help="sweep file, e.g. data/ablations_sweep.json")
+    sw.add_argument("--out", type=Path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
+
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
     rp.add_argument("--out", type=Path, default=Path("reports"))
@@ -98,6 +103,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from revlens.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec.load(args.config)
+    out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl")
+    print(f"table written to {out}")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from revlens.reports import notebook_paths, run_suite
 
@@ -109,7 +123,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "reproduce": cmd_reproduce}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "reproduce": cmd_reproduce}[
+        args.command
+    ]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:

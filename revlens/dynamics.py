@@ -209,7 +209,8 @@ def storage_factorisation(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) 
 
 def storage_logits(model: HookedEncoder, sources: Tensor, targets: Tensor) -> Float[Tensor, "head n_source n_target"]:
     """Logit of each target read from each source token through one head's value path alone:
-    ``e_source W_V[h] W_O[h] W_U[:, target]`` (attention weight 1 on the source, no residual)."""
+    ``e_source W_V[h] W_O[h] W_U[:, target]`` (attention weight 1 on the source, no residual).
+    For deeper models this is the direct path through the first layer only."""
     attn = model.blocks[0].attn
     if attn.W_V.ndim != 3:
         raise ValueError("storage_logits needs a position-shared W_V (untied per-position W_V has no single path)")
@@ -254,6 +255,8 @@ class AlignmentLogger:
         for check in first_order_check(model, self.fwd, self.rev, self.etas):
             row[f"fo_pred_{check.eta:g}"] = check.predicted
             row[f"fo_actual_{check.eta:g}"] = check.actual
-        evidence = storage_evidence(model, self.b_ids, self.a_ids)
-        row["storage_BA_gap_sd"] = evidence["gap_sd"]
+        shared_values = model.blocks[0].attn.W_V.ndim == 3  # untied per-position W_V has no single path
+        row["storage_BA_gap_sd"] = (
+            storage_evidence(model, self.b_ids, self.a_ids)["gap_sd"] if shared_values else float("nan")
+        )
         return row

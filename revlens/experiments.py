@@ -154,6 +154,33 @@ def summarise(table: pd.DataFrame, columns: Sequence[str] = EVAL_SETS) -> pd.Dat
     return out.swaplevel(axis=1).reindex(columns=list(columns), level=0)
 
 
+# two-sided 95% Student-t quantiles by degrees of freedom (1..30); 1.96 beyond
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def mean_ci(values: pd.Series) -> tuple[float, float]:
+    """Mean and half-width of its 95% Student-t confidence interval (NaNs dropped)."""
+    v = values.dropna()
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan")
+    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
+    return float(v.mean()), float(t * v.std(ddof=1) / len(v) ** 0.5)
+
+
+def ci_table(table: pd.DataFrame, columns: Sequence[str], by: str = "setting") -> pd.DataFrame:
+    """"mean ± half-width" strings per group (rounded to 2 decimals), rows in first-seen order."""
+    out = {}
+    for name, rows in table.groupby(by, sort=False):
+        cells = {}
+        for c in columns:
+            mean, half = mean_ci(rows[c])
+            cells[c] = "n/a" if pd.isna(mean) else f"{mean:.2f} ± {half:.2f}"
+        out[name] = cells
+    return pd.DataFrame(out).T
+
+
 def history_frame(runs_by_setting: Mapping[str, Sequence[TrainRun]]) -> pd.DataFrame:
     """Long-format training curves: setting, seed, step, loss and every logged metric."""
     rows = [

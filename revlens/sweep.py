@@ -1,0 +1,106 @@
+"""Grid sweeps over named settings: one batched multi-seed run per setting, one tidy table.
+
+A sweep file (JSON) names the world, the training settings, the seeds and the settings::
+
+    {"name": "ablations",
+     "world": {"n_facts": 200, "n_control": 40, "seed": 0},
+     "train": {"steps": 2000, "batch_size": 256, "lr": 0.003, "log_every": 2000},
+     "seeds": [0, 1, 2, 3, 4],
+     "settings": [{"name": "MDM", "objective": "mdm", "group": "baseline",
+                   "model": {"attention_dir": "bidirectional"}}, ...]}
+
+``run_sweep`` writes one JSON line per (setting, seed) -- the setting, its group and overrides, the
+seed and every metric -- appending as each setting finishes, so an interrupted sweep resumes where
+it stopped (a setting whose rows are all present is not re-run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from revlens.experiments import Setting, train_setting
+from revlens.training import TrainConfig, TrainRun
+from revlens.world import EVAL_SETS, ReversalWorld
+
+SNAPSHOT_KEYS = ("route_score_corr", "route_weight_rev", "cos_all", "cos_storage", "cos_route", "fact_cos_all_mean")
+"""Logged quantities recorded both at initialisation (``*_init``) and at the end (``*_final``)."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    world: ReversalWorld
+    train: TrainConfig
+    seeds: tuple[int, ...]
+    settings: tuple[tuple[Setting, str], ...]  # (setting, group)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepSpec":
+        missing = {"name", "seeds", "settings"} - set(data)
+        if missing:
+            raise ValueError(f"sweep file lacks {', '.join(sorted(missing))}")
+        settings = []
+        for entry in data["settings"]:
+            unknown = set(entry) - {"name", "objective", "model", "group", "description"}
+            if unknown:
+                raise ValueError(f"setting {entry.get('name')!r} has unknown keys {sorted(unknown)}")
+            setting = Setting(entry["name"], entry["objective"], dict(entry.get("model", {})), entry.get("description", ""))
+            settings.append((setting, entry.get("group", "")))
+        names = [s.name for s, _ in settings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"setting names must be unique, got duplicates in {names}")
+        return cls(
+            data["name"],
+            ReversalWorld.generate(**data.get("world", {})),
+            TrainConfig(**data.get("train", {})),
+            tuple(data["seeds"]),
+            tuple(settings),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SweepSpec":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def run_rows(setting: Setting, group: str, runs: list[TrainRun]) -> Iterator[dict[str, Any]]:
+    """Tidy rows (one per seed) from a setting's trained runs."""
+    for run in runs:
+        first, last = run.history[0], run.history[-1]
+        row: dict[str, Any] = {
+            "setting": setting.name,
+            "group": group,
+            "objective": setting.objective,
+            "model": json.dumps(dict(setting.model), sort_keys=True),
+            "seed": run.seed,
+        }
+        row.update({s: last[f"{s}_acc"] for s in EVAL_SETS})
+        row["chance"] = last["chance"]
+        for key in SNAPSHOT_KEYS:
+            row[f"{key}_init"], row[f"{key}_final"] = first.get(key, math.nan), last.get(key, math.nan)
+        yield {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True) -> Path:
+    """Run every setting not yet complete in ``out`` (a .jsonl file) and append its rows."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["setting"], r["seed"]) for r in read_rows(out)}
+    todo = [(s, g) for s, g in spec.settings if not all((s.name, seed) in done for seed in spec.seeds)]
+    for setting, group in tqdm(todo, desc=f"sweep {spec.name}", unit="setting", disable=not progress):
+        runs = train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)
+        with out.open("a") as f:
+            for row in run_rows(setting, group, runs):
+                if (row["setting"], row["seed"]) not in done:
+                    f.write(json.dumps(row) + "\n")
+    return out
