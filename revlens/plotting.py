@@ -42,7 +42,7 @@ def accuracy_bars(table: pd.DataFrame, chance: float, sets: Sequence[str] = EVAL
     ax.set_xticks(x, [SET_LABELS.get(s, s) for s in sets])
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    ax.legend(fontsize=8, ncol=len(settings) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     fig.tight_layout()
     return fig
 
