@@ -24,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from revlens.model import HookedEncoder
 from revlens.objectives import READOUTS, Objective
+from revlens.readout import read_position, readable
 from revlens.world import EvalSet, ReversalWorld
 
 STORAGE, ROUTE, OTHER = "storage", "route", "other"
@@ -53,10 +54,10 @@ class LossQuery:
 
     @classmethod
     def from_eval_set(cls, es: EvalSet, objective: Objective) -> "LossQuery":
-        shifted = READOUTS[objective] == "shifted"
-        if shifted and es.mask_pos == 0:
+        readout = READOUTS[objective]
+        if not readable(es.mask_pos, readout):
             raise ValueError(f"eval set {es.name!r} cannot be read by a left-to-right model (mask at position 0)")
-        return cls(es.prompts, es.answers, es.mask_pos - 1 if shifted else es.mask_pos)
+        return cls(es.prompts, es.answers, read_position(es.mask_pos, readout))
 
 
 def toy_loss_queries(world: ReversalWorld, objective: Objective) -> tuple[LossQuery, LossQuery]:

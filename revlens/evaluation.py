@@ -14,13 +14,8 @@ import torch
 
 from revlens.model import HookedEncoder
 from revlens.objectives import READOUTS, Objective
-from revlens.readout import logits_at_masks
+from revlens.readout import logits_at_masks, readable
 from revlens.world import EVAL_SETS, ReversalWorld
-
-
-def answerable(objective: Objective, mask_pos: int) -> bool:
-    """Whether a model trained with ``objective`` can produce a prediction at ``mask_pos``."""
-    return not (READOUTS[objective] == "shifted" and mask_pos == 0)
 
 
 @torch.no_grad()
@@ -36,7 +31,7 @@ def evaluate(model: HookedEncoder, world: ReversalWorld, objective: Objective) -
     metrics: dict[str, float] = {}
     for name in EVAL_SETS:
         es = world.eval_set(name)
-        if not answerable(objective, es.mask_pos):
+        if not readable(es.mask_pos, readout):
             metrics[f"{name}_acc"] = metrics[f"{name}_logp"] = math.nan
             continue
         logits = logits_at_masks(model, es.prompts, world.mask_id, readout=readout, causal=causal)[:, 0]

@@ -17,6 +17,18 @@ from revlens.config import check_choice
 from revlens.objectives import Readout
 
 READOUT_CHOICES: tuple[str, ...] = ("same_position", "shifted")
+_READ_OFFSET = {"same_position": 0, "shifted": 1}
+
+
+def read_position(mask_pos: int | Tensor, readout: Readout) -> int | Tensor:
+    """Position whose logits predict the token at ``mask_pos`` (an int or a tensor of positions):
+    the mask's own position, or the one before it under the shifted readout."""
+    return mask_pos - _READ_OFFSET[readout]
+
+
+def readable(mask_pos: int, readout: Readout) -> bool:
+    """Whether a mask at ``mask_pos`` has a readout position (shifted: nothing precedes position 0)."""
+    return read_position(mask_pos, readout) >= 0
 
 
 def mask_positions(
@@ -37,7 +49,7 @@ def mask_positions(
     if (counts != counts[0]).any():
         raise ValueError(f"every prompt in a batch needs the same number of masks, got {sorted(set(counts.tolist()))}")
     positions = is_mask.nonzero()[:, 1].reshape(tokens.shape[0], -1)
-    if readout == "shifted" and (positions == 0).any():
+    if (read_position(positions, readout) < 0).any():
         raise ValueError("a mask at position 0 cannot be read with the shifted readout: no position precedes it")
     if causal and (positions != tokens.shape[1] - 1).any():
         raise ValueError(
@@ -58,5 +70,5 @@ def logits_at_masks(
     """The model's logits for each masked slot, taken from the right position for ``readout``."""
     positions = mask_positions(tokens, mask_id, readout=readout, causal=causal)
     logits = model(tokens)
-    source = positions - 1 if readout == "shifted" else positions
+    source = read_position(positions, readout)
     return torch.gather(logits, 1, source[..., None].expand(-1, -1, logits.shape[-1]))
