@@ -246,10 +246,14 @@ class AlignmentLogger:
             "L_fwd": float(per_fact_losses(model, self.fwd).mean()),
             "L_rev": float(per_fact_losses(model, self.rev).mean()),
         }
-        for block, d in gradient_alignment(model, self.fwd, self.rev).items():
-            row[f"cos_{block}"] = d["cos"]
-            row[f"dot_{block}"] = d["dot"]
-        per_fact = per_fact_alignment(model, self.fwd, self.rev)
+        # per-fact gradients once; the averaged-loss gradients are their means
+        g_fwd, g_rev = per_fact_grads(model, self.fwd), per_fact_grads(model, self.rev)
+        mean_fwd = {n: g.mean(0) for n, g in g_fwd.items()}
+        mean_rev = {n: g.mean(0) for n, g in g_rev.items()}
+        for block, d in block_products(model, mean_fwd, mean_rev).items():
+            row[f"cos_{block}"] = float(d["cos"])
+            row[f"dot_{block}"] = float(d["dot"])
+        per_fact = {b: d["cos"] for b, d in block_products(model, g_fwd, g_rev, batch_dims=1).items()}
         for block, cos in per_fact.items():
             row[f"fact_cos_{block}_mean"] = float(cos.nanmean())
         row["fact_cos_all_frac_pos"] = float((per_fact["all"] > 0).float().mean())
