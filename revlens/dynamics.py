@@ -215,8 +215,8 @@ def storage_logits(model: HookedEncoder, sources: Tensor, targets: Tensor) -> Fl
     attn = model.blocks[0].attn
     if attn.W_V.ndim != 3:
         raise ValueError("storage_logits needs a position-shared W_V (untied per-position W_V has no single path)")
-    ov = torch.einsum("hmd,hdn->hmn", attn.W_V, attn.W_O)
     with torch.no_grad():
+        ov = torch.einsum("hmd,hdn->hmn", attn.W_V, attn.W_O)
         return torch.einsum("sm,hmn,nt->hst", model.W_E[sources], ov, model.W_U[:, targets])
 
 
