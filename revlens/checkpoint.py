@@ -65,9 +65,20 @@ def save_run(run: TrainRun, world: ReversalWorld, folder: str | Path) -> Path:
     return folder
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``; a missing, unexpected or mis-shaped tensor is an error naming it."""
-    expected = model.state_dict()
+def load_weights(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    not_stored: frozenset[str] = frozenset(),
+    assign: bool = False,
+) -> None:
+    """Copy ``state`` into ``model``; a missing, unexpected or mis-shaped tensor is an error naming it.
+
+    ``not_stored`` names model entries a checkpoint legitimately omits (a tied output head);
+    ``assign=True`` adopts the tensors themselves (for modules built on the meta device).
+    """
+    expected = {k: v for k, v in model.state_dict().items() if k not in not_stored}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -80,7 +91,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                 f"{source}: weight {name} has shape {tuple(tensor.shape)}, "
                 f"the config expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not not_stored, assign=assign)
 
 
 def load_run(folder: str | Path) -> tuple[TrainRun, ReversalWorld]:

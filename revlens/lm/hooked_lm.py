@@ -1,0 +1,224 @@
+"""One hooked interface over LLaDA, Dream and matched ARMs (Qwen2 / LLaMA), built on TransformerLens.
+
+Every family is wrapped by TransformerLens's own bridge adapter, so all of them expose the same
+hook names (``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_attn_scores`` (pre-softmax),
+``blocks.{l}.attn.hook_pattern``, ``blocks.{l}.attn.hook_z`` [batch, pos, head, d_head], ...) and
+the same ``run_with_cache`` / ``run_with_hooks``. What differs by family is kept here:
+
+* where the prediction for a masked slot is read (LLaDA: at the mask; Dream and ARMs: one
+  position earlier), see :mod:`revlens.readout`;
+* whether the model has a mask token at all (ARMs do not: they only complete text);
+* for Dream, attention is routed through :mod:`revlens.lm.hf_attention` so its scores and pattern
+  hooks are pre-softmax and editable, as for LLaDA.
+
+Loading reads ``config.json`` + safetensors (single or sharded) from a local folder, or downloads
+those files by hub name when a network is available. No third-party modeling code is downloaded
+or run; ``trust_remote_code`` is passed only to the tokenizer loader, and only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from revlens.checkpoint import load_weights
+from revlens.lm.families import (
+    Family,
+    build_module,
+    detect_family,
+    get_family,
+    rebuild_buffers,
+    tie_if_needed,
+)
+from revlens.lm.hf_attention import install_hooked_attention, make_bidirectional
+from revlens.readout import logits_at_masks, read_position
+
+HookFn = Callable[[Tensor, Any], Tensor | None]
+
+
+def read_safetensors_folder(folder: Path) -> dict[str, Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in folder.glob("*")) or ["nothing"]
+        raise FileNotFoundError(
+            f"{folder} has no model.safetensors or model.safetensors.index.json (found {', '.join(found[:8])}); "
+            "revlens loads safetensors only (no pickled .bin weights)"
+        )
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(load_file(folder / shard))
+    return state
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path} is not a model folder (config.json + safetensors)")
+    from huggingface_hub import snapshot_download
+
+    try:  # weights, configs and tokenizer files only: never modeling code
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # offline, unknown repo, ...
+        raise FileNotFoundError(
+            f"could not find {name_or_path!r} locally or download it ({type(err).__name__}); "
+            "pass a local folder with config.json and safetensors"
+        ) from err
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The folder's tokenizer; falls back to its tokenizer.json when the config points at remote code."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception:
+        if (folder / "tokenizer.json").exists():
+            return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+        raise
+
+
+class HookedLM:
+    """A TransformerLens bridge over one model, with the family's readout and mask conventions."""
+
+    def __init__(self, bridge: Any, family: Family, tokenizer: Any = None, mask_token_id: int | None = None,
+                 source: str = "module") -> None:
+        if family.masked and mask_token_id is None:
+            raise ValueError(f"a {family.name} model needs a mask_token_id (set it in config.json)")
+        self.bridge = bridge
+        self.family = family
+        self.tokenizer = tokenizer
+        self.mask_token_id = mask_token_id if family.masked else None
+        self.source = source
+        self.bridge.eval()
+        if tokenizer is not None and len(tokenizer) > self.cfg.d_vocab:
+            raise ValueError(f"mismatched tokenizer: it has {len(tokenizer)} tokens, the model's vocabulary {self.cfg.d_vocab}")
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: nn.Module, hf_config: Any, family: str | Family, *, tokenizer: Any = None,
+                    mask_token_id: int | None = None, source: str = "module") -> "HookedLM":
+        """Wrap an in-memory module of the family's layout (it is modified in place by the bridge)."""
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+        family = get_family(family) if isinstance(family, str) else family
+        if family.name == "dream" and not getattr(module, "_revlens_bidirectional", False):
+            make_bidirectional(module)
+            module._revlens_bidirectional = True
+        module.eval()
+        bridge = build_bridge_from_module(module, family.architecture, hf_config=hf_config)
+        if family.name == "dream":
+            install_hooked_attention(module, bridge)
+            bridge.cfg.attention_dir = "bidirectional"  # the adapter inherits Qwen2's "causal"
+        if mask_token_id is None:
+            mask_token_id = getattr(hf_config, "mask_token_id", None)
+        return cls(bridge, family, tokenizer, mask_token_id, source)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, family: str | None = None,
+                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> "HookedLM":
+        """Load config.json + safetensors (+ tokenizer) from a folder, or by hub name when online.
+
+        ``family`` overrides detection from config.json; ``dtype`` casts the stored weights
+        (default: keep them, e.g. bf16 for the released 7-8B models).
+        """
+        folder = _resolve(name_or_path)
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{folder} has no config.json")
+        raw = json.loads(config_path.read_text())
+        detected = detect_family(raw) if family is None else get_family(family)
+        module, hf_config = build_module(detected, raw)
+        state = read_safetensors_folder(folder)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: v.to(device) for k, v in state.items()}
+        not_stored = frozenset({"lm_head.weight"}) if getattr(hf_config, "tie_word_embeddings", False) and detected.name != "llada" else frozenset()
+        load_weights(module, state, f"weights in {folder}", not_stored=not_stored, assign=True)
+        rebuild_buffers(detected, module, device)
+        tie_if_needed(detected, module)
+        tokenizer = None
+        if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tokenizer = load_tokenizer(folder, trust_remote_code)
+        mask_id = raw.get("mask_token_id") if detected.masked else None
+        return cls.from_module(module, hf_config, detected, tokenizer=tokenizer, mask_token_id=mask_id, source=str(folder))
+
+    # ---- the TransformerLens surface ------------------------------------------------------------
+    @property
+    def cfg(self) -> Any:
+        return self.bridge.cfg
+
+    @property
+    def hook_names(self) -> list[str]:
+        return sorted(self.bridge.hook_dict)
+
+    def check_hook_names(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        unknown = [n for n in names if n not in self.bridge.hook_dict]
+        if unknown:
+            raise KeyError(f"unknown hook name(s) {unknown} for this {self.family.name} model; "
+                           f"e.g. {self.hook_names[:4]} (see .hook_names)")
+        return names
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}")
+        vocab = self.cfg.d_vocab
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}] "
+                             "- is the tokenizer the model's own?")
+        return tokens.to(self.cfg.device)
+
+    @torch.no_grad()
+    def __call__(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+        return self.bridge(self._check_tokens(tokens))
+
+    @torch.no_grad()
+    def run_with_cache(self, tokens: Int[Tensor, "batch seq"], names: Sequence[str]) -> tuple[Tensor, Any]:
+        """Logits and a cache of exactly the hooks ``names`` (never the full cache: an 8B model's would not fit)."""
+        return self.bridge.run_with_cache(self._check_tokens(tokens), names_filter=self.check_hook_names(names))
+
+    @torch.no_grad()
+    def run_with_hooks(self, tokens: Int[Tensor, "batch seq"], fwd_hooks: Sequence[tuple[str, HookFn]]) -> Tensor:
+        self.check_hook_names(name for name, _ in fwd_hooks)
+        return self.bridge.run_with_hooks(self._check_tokens(tokens), fwd_hooks=list(fwd_hooks))
+
+    # ---- masks and readout ----------------------------------------------------------------------
+    def read_position(self, answer_pos: int | Tensor) -> int | Tensor:
+        """Position whose logits predict the token at ``answer_pos`` for this family."""
+        return read_position(answer_pos, self.family.readout)
+
+    def mask_logits(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_masks vocab"]:
+        """Logits for every mask token of each prompt, read at the family's position."""
+        if not self.family.masked:
+            raise ValueError(f"{self.family.name} is a left-to-right model with no mask token; "
+                             "score completions instead (revlens.facts.answer_scores does both)")
+        return logits_at_masks(self, tokens, int(self.mask_token_id), readout=self.family.readout, causal=False)
+
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without a tokenizer; pass token ids")
+        return list(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"HookedLM({self.family.name}: {c.n_layers} layers, {c.n_heads} heads, d_model={c.d_model}, "
+                f"vocab={c.d_vocab}, mask_token_id={self.mask_token_id}, from {self.source})")
