@@ -9,6 +9,8 @@ names and ``cfg.n_layers`` works, not only the toy encoder.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,17 +70,41 @@ def read_routes(model, routes: RoutePrompts) -> RouteReadings:
     return RouteReadings(gather(SCORE_HOOK), gather(PATTERN_HOOK))
 
 
+def read_routes_ragged(
+    model, prompts: Sequence[Sequence[int]], query_pos: Sequence[int], key_pos: Sequence[int]
+) -> RouteReadings:
+    """:func:`read_routes` for prompts of different lengths: one forward pass per length, rows kept in order."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(p)].append(i)
+    scores: list[Tensor] = [torch.empty(0)] * len(prompts)
+    weights: list[Tensor] = [torch.empty(0)] * len(prompts)
+    for rows in by_len.values():
+        group = RoutePrompts(torch.tensor([list(prompts[i]) for i in rows]), torch.tensor([query_pos[i] for i in rows]),
+                             torch.tensor([key_pos[i] for i in rows]))
+        readings = read_routes(model, group)
+        for k, i in enumerate(rows):
+            scores[i], weights[i] = readings.scores[k].cpu(), readings.weights[k].cpu()
+    return RouteReadings(torch.stack(scores), torch.stack(weights))
+
+
+def correlate_routes(fwd: RouteReadings, rev: RouteReadings) -> RouteCorrelation:
+    """Per-(layer, head) Pearson correlation across facts (row i of each reading is fact i)."""
+    if fwd.scores.shape != rev.scores.shape:
+        raise ValueError("forward and reverse readings must list the same facts in the same order")
+    return RouteCorrelation(
+        pearson(fwd.scores.permute(1, 2, 0).float(), rev.scores.permute(1, 2, 0).float()),
+        pearson(fwd.weights.permute(1, 2, 0).float(), rev.weights.permute(1, 2, 0).float()),
+        fwd,
+        rev,
+    )
+
+
 def route_correlation(model, forward: RoutePrompts, reverse: RoutePrompts) -> RouteCorrelation:
     """Correlate, fact by fact, the forward and reverse routes (prompt i of each is fact i)."""
     if forward.prompts.shape[0] != reverse.prompts.shape[0]:
         raise ValueError("forward and reverse prompts must list the same facts in the same order")
-    fwd, rev = read_routes(model, forward), read_routes(model, reverse)
-    return RouteCorrelation(
-        pearson(fwd.scores.permute(1, 2, 0), rev.scores.permute(1, 2, 0)),
-        pearson(fwd.weights.permute(1, 2, 0), rev.weights.permute(1, 2, 0)),
-        fwd,
-        rev,
-    )
+    return correlate_routes(read_routes(model, forward), read_routes(model, reverse))
 
 
 def toy_routes(world: ReversalWorld, objective: Objective) -> tuple[RoutePrompts, RoutePrompts]:

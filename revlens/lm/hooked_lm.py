@@ -189,9 +189,11 @@ class HookedLM:
         return self.bridge(self._check_tokens(tokens))
 
     @torch.no_grad()
-    def run_with_cache(self, tokens: Int[Tensor, "batch seq"], names: Sequence[str]) -> tuple[Tensor, Any]:
-        """Logits and a cache of exactly the hooks ``names`` (never the full cache: an 8B model's would not fit)."""
-        return self.bridge.run_with_cache(self._check_tokens(tokens), names_filter=self.check_hook_names(names))
+    def run_with_cache(self, tokens: Int[Tensor, "batch seq"], names_filter: Sequence[str]) -> tuple[Tensor, Any]:
+        """Logits and a cache of exactly the hooks named (never the full cache: an 8B model's would not fit)."""
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        return self.bridge.run_with_cache(self._check_tokens(tokens), names_filter=self.check_hook_names(names_filter))
 
     @torch.no_grad()
     def run_with_hooks(self, tokens: Int[Tensor, "batch seq"], fwd_hooks: Sequence[tuple[str, HookFn]]) -> Tensor:

@@ -1,0 +1,204 @@
+"""Relational facts with both directions, prompts for masked and left-to-right models, and a scorer.
+
+A :class:`Relation` holds two sentence templates: ``forward`` names A before B and ends with B
+("{a} wrote {b} ."), ``reverse`` names B before A and ends with A ("{b} was written by {a} .").
+Queries put the answer in the template's *last* slot, so the same query serves an MDM (mask the
+slot, keep the text after it) and an ARM (complete the text before it):
+
+=========  ===================  ===========================================================
+direction  template, slot       meaning
+=========  ===================  ===========================================================
+forward    forward, B           the direction the fact is usually stated in
+reverse    reverse, A           the reversal-curse query: A must be recalled *after* B
+inplace    forward, A           masked models only: A recalled *before* B ("[M] wrote B")
+=========  ===================  ===========================================================
+
+Scoring rule (stated with every number): the model writes exactly as many tokens as the gold
+answer has (an MDM gets that many masks; an ARM decodes that many tokens greedily); the answer is
+correct when the decoded text, stripped and lower-cased, *starts with* the gold answer stripped
+and lower-cased (``startswith``); ``exact`` (same token ids) and ``substring`` are available.
+Log-probabilities are exact chain-rule values: teacher-forced left to right for ARMs, and for MDMs
+the probability of unmasking the gold tokens one at a time, left to right.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from revlens.config import check_choice
+
+Direction = Literal["forward", "reverse", "inplace"]
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "inplace")
+Rule = Literal["startswith", "exact", "substring"]
+RULES: tuple[str, ...] = ("startswith", "exact", "substring")
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    forward: str  # "{a} ... {b} ..." : A before B
+    reverse: str  # "{b} ... {a} ..." : B before A
+
+    def __post_init__(self) -> None:
+        for field, first, second in (("forward", "{a}", "{b}"), ("reverse", "{b}", "{a}")):
+            text = getattr(self, field)
+            if text.count(first) != 1 or text.count(second) != 1 or text.index(first) > text.index(second):
+                raise ValueError(f"relation {self.name!r}: the {field} template needs {first} once, before {second} once")
+
+
+@dataclass(frozen=True)
+class Fact:
+    relation: str
+    a: str
+    b: str
+    split: str = "forward_only"  # or "control": its reverse sentence is also trained (synthetic sets)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Text before the answer slot, the gold answer, text after it."""
+
+    fact: int
+    direction: str
+    prefix: str
+    answer: str
+    suffix: str
+
+
+@dataclass
+class FactSet:
+    relations: dict[str, Relation]
+    facts: list[Fact]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = sorted({f.relation for f in self.facts} - set(self.relations))
+        if unknown:
+            raise ValueError(f"facts use undefined relation(s): {', '.join(unknown)}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FactSet":
+        data = json.loads(Path(path).read_text())
+        relations = {r["name"]: Relation(**r) for r in data["relations"]}
+        return cls(relations, [Fact(**f) for f in data["facts"]], data.get("description", ""))
+
+    def save(self, path: str | Path) -> None:
+        data = {"description": self.description, "relations": [asdict(r) for r in self.relations.values()],
+                "facts": [asdict(f) for f in self.facts]}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    def subset(self, split: str | None = None, relation: str | None = None) -> list[int]:
+        return [i for i, f in enumerate(self.facts)
+                if (split is None or f.split == split) and (relation is None or f.relation == relation)]
+
+    def sentence(self, i: int, template: str) -> str:
+        fact = self.facts[i]
+        return getattr(self.relations[fact.relation], template).format(a=fact.a, b=fact.b)
+
+    def query(self, i: int, direction: Direction) -> Query:
+        check_choice("direction", direction, DIRECTIONS)
+        fact, relation = self.facts[i], self.relations[self.facts[i].relation]
+        template, slot, other = {
+            "forward": (relation.forward, "{b}", "{a}"),
+            "reverse": (relation.reverse, "{a}", "{b}"),
+            "inplace": (relation.forward, "{a}", "{b}"),
+        }[direction]
+        values = {"{a}": fact.a, "{b}": fact.b}
+        before, after = template.split(slot)
+        before, after = before.replace(other, values[other]), after.replace(other, values[other])
+        return Query(i, direction, before.rstrip(), values[slot], after)
+
+
+def is_correct(predicted: str, gold: str, rule: Rule = "startswith") -> bool:
+    """The stated string rule (``exact`` is decided on token ids by the caller)."""
+    check_choice("rule", rule, RULES)
+    p, g = predicted.strip().lower(), gold.strip().lower()
+    return p.startswith(g) if rule in ("startswith", "exact") else g in p
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    prompt: list[int]  # masked model: prefix + masks + suffix; ARM: prefix only
+    answer: list[int]
+    answer_start: int
+
+
+def encode_query(lm, query: Query) -> EncodedQuery:
+    prefix = lm.encode(query.prefix, special_tokens=True)
+    answer = lm.encode(" " + query.answer)
+    if not lm.family.masked:
+        if query.suffix.strip():
+            raise ValueError(f"{lm.family.name} is left-to-right: it cannot answer a slot with text after it "
+                             f"({query.direction!r} query); use forward or reverse")
+        return EncodedQuery(prefix, answer, len(prefix))
+    suffix = lm.encode(query.suffix) if query.suffix.strip() else []
+    return EncodedQuery(prefix + [int(lm.mask_token_id)] * len(answer) + suffix, answer, len(prefix))
+
+
+@torch.no_grad()
+def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """Greedy fill (most confident mask first) and left-to-right gold log-probability, one group."""
+    n = answers.shape[1]
+    slots = torch.arange(start, start + n)
+    gold_logp = torch.zeros(prompts.shape[0])
+    teacher = prompts.clone()
+    for j in range(n):  # unmask the gold answer left to right
+        logp = lm.mask_logits(teacher).log_softmax(-1)  # [batch, remaining masks, vocab]
+        gold_logp += logp[:, 0].gather(-1, answers[:, j, None]).squeeze(-1)
+        teacher[:, slots[j]] = answers[:, j]
+    filled = prompts.clone()
+    for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
+        masks = (filled == lm.mask_token_id)[:, slots]
+        conf, tok = lm.mask_logits(filled).softmax(-1).max(-1)  # [batch, masks still open]
+        pos = masks.nonzero()[:, 1].reshape(prompts.shape[0], -1)
+        best = conf.argmax(-1)
+        rows = torch.arange(prompts.shape[0])
+        filled[rows, slots[pos[rows, best]]] = tok[rows, best]
+    return filled[:, slots], gold_logp
+
+
+@torch.no_grad()
+def _score_causal(lm, prompts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
+    n, p = answers.shape[1], prompts.shape[1]
+    logits = lm(torch.cat([prompts, answers], dim=1)).log_softmax(-1)
+    read = torch.arange(p - 1, p - 1 + n)
+    gold_logp = logits[:, read].gather(-1, answers[..., None]).squeeze(-1).sum(-1)
+    tokens = prompts
+    for _ in range(n):
+        tokens = torch.cat([tokens, lm(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, p:], gold_logp
+
+
+def answer_scores(lm, queries: list[Query], rule: Rule = "startswith") -> list[dict]:
+    """One row per query: fact, direction, gold, predicted text, correct (under ``rule``), gold log-prob.
+
+    Queries are batched by prompt shape; masked models get as many masks as the gold answer has tokens.
+    """
+    check_choice("rule", rule, RULES)
+    encoded = [encode_query(lm, q) for q in queries]
+    groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+    for i, e in enumerate(encoded):
+        groups[(len(e.prompt), len(e.answer), e.answer_start)].append(i)
+    rows: list[dict] = [{} for _ in queries]
+    for (_, _, start), members in groups.items():
+        prompts = torch.tensor([encoded[i].prompt for i in members])
+        answers = torch.tensor([encoded[i].answer for i in members])
+        if lm.family.masked:
+            predicted, logp = _score_masked(lm, prompts, answers, start)
+        else:
+            predicted, logp = _score_causal(lm, prompts, answers)
+        for k, i in enumerate(members):
+            text = lm.decode(predicted[k].tolist())
+            same_ids = predicted[k].tolist() == encoded[i].answer
+            correct = same_ids if rule == "exact" else is_correct(text, queries[i].answer, rule)
+            rows[i] = {"fact": queries[i].fact, "direction": queries[i].direction, "gold": queries[i].answer,
+                       "predicted": text.strip(), "correct": bool(correct), "logp": float(logp[k]),
+                       "n_tokens": len(encoded[i].answer)}
+    return rows

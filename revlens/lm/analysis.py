@@ -1,0 +1,96 @@
+"""Model-agnostic reversal analyses on fact sets: routes, patching pairs and forward/reverse accuracy.
+
+Routes, as in the toy (:mod:`revlens.routes`): a masked model reads the mask -> B route in the
+trained-order prompt "[M] ... B" (the ``inplace`` query) and in the reverse prompt "B ... [M]";
+the query is the position that predicts the first answer token (the mask itself for LLaDA, one
+before it for Dream) and the key is B's last token. A left-to-right model has no prompt where it
+sees B while predicting A, so its counterpart, as in the toy, is the readout position attending to
+the subject: A in the forward completion prompt, B in the reverse one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from revlens.facts import FactSet, encode_query
+from revlens.routes import RouteCorrelation, correlate_routes, read_routes_ragged
+
+
+def _subject_span(lm, prefix: str, subject: str) -> int:
+    """Position of the subject's last token in ``prefix`` (the subject must be tokenised alike inside it)."""
+    ids = lm.encode(prefix, special_tokens=True)
+    for candidate in (" " + subject, subject):
+        sub = lm.encode(candidate)
+        for start in range(len(ids) - len(sub), -1, -1):
+            if ids[start : start + len(sub)] == sub:
+                return start + len(sub) - 1
+    raise ValueError(f"could not find {subject!r} as a token span of {prefix!r}")
+
+
+def fact_route_correlation(lm, facts: FactSet, indices: list[int]) -> RouteCorrelation:
+    """Per-(layer, head) correlation across facts of the forward-order and reverse-order routes."""
+    prompts: dict[str, list] = {"fwd": [], "rev": []}
+    queries: dict[str, list] = {"fwd": [], "rev": []}
+    keys: dict[str, list] = {"fwd": [], "rev": []}
+    for i in indices:
+        fact = facts.facts[i]
+        directions = ("inplace", "reverse") if lm.family.masked else ("forward", "reverse")
+        for side, direction in zip(("fwd", "rev"), directions):
+            q = facts.query(i, direction)
+            enc = encode_query(lm, q)
+            if lm.family.masked:  # mask -> B, B sits in the text around the mask
+                key_text = fact.b
+                context = q.prefix if direction == "reverse" else q.prefix + " " + q.answer + q.suffix
+                key = _subject_span(lm, context, key_text)
+                query = int(lm.read_position(enc.answer_start))
+            else:  # readout (last prompt token) -> subject
+                key = _subject_span(lm, q.prefix, fact.a if direction == "forward" else fact.b)
+                query = len(enc.prompt) - 1
+            prompts[side].append(enc.prompt)
+            queries[side].append(query)
+            keys[side].append(key)
+    fwd = read_routes_ragged(lm, prompts["fwd"], queries["fwd"], keys["fwd"])
+    rev = read_routes_ragged(lm, prompts["rev"], queries["rev"], keys["rev"])
+    return correlate_routes(fwd, rev)
+
+
+@dataclass(frozen=True)
+class PatchingPairs:
+    """Clean and corrupted prompts of one shape: the corrupted prompt asks about another fact's B."""
+
+    clean: Int[Tensor, "n seq"]
+    corrupted: Int[Tensor, "n seq"]
+    answer: Int[Tensor, " n"]  # first token of the clean answer
+    read_pos: int  # where that token is predicted
+    facts: list[int]
+
+
+def patching_pairs(lm, facts: FactSet, indices: list[int], direction: str = "reverse") -> PatchingPairs:
+    """The largest group of same-shape queries, each paired with the next fact's prompt (a cyclic shift)."""
+    groups: dict[tuple, list[tuple[int, list[int], list[int], int]]] = defaultdict(list)
+    for i in indices:
+        enc = encode_query(lm, facts.query(i, direction))
+        shape = (facts.facts[i].relation, len(enc.prompt), len(enc.answer), enc.answer_start)
+        groups[shape].append((i, enc.prompt, enc.answer, enc.answer_start))
+    members = max(groups.values(), key=len)
+    if len(members) < 2:
+        raise ValueError("need at least two queries of the same shape to build clean/corrupted pairs")
+    clean = torch.tensor([m[1] for m in members])
+    corrupted = torch.roll(clean, 1, dims=0)
+    answer = torch.tensor([m[2][0] for m in members])
+    return PatchingPairs(clean, corrupted, answer, int(lm.read_position(members[0][3])), [m[0] for m in members])
+
+
+def answer_logprob_metric(pairs: PatchingPairs):
+    """Mean log-probability of each clean answer's first token, at its readout position."""
+
+    def metric(logits: Tensor) -> Tensor:
+        logp = logits[:, pairs.read_pos].float().log_softmax(-1)
+        return logp.gather(-1, pairs.answer.to(logp.device)[:, None]).mean()
+
+    return metric
