@@ -8,25 +8,14 @@ speed ratio and the largest absolute difference between the two results (issue: 
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from _timing import best_of
 
 from revlens.dynamics import per_fact_grads, per_fact_grads_loop, toy_loss_queries
 from revlens.experiments import SETTINGS
 from revlens.training import init_model
 from revlens.world import ReversalWorld
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
 
 
 def main() -> None:

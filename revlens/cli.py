@@ -3,6 +3,7 @@
     revlens train --objective mdm --positional rotary --seed 0 --out runs/mdm0
     revlens evaluate runs/mdm0
     revlens sweep data/ablations_sweep.json --out data/ablations.jsonl
+    revlens small-pair           # retrains data/small_pair (LLaDA-arch MDM + matched LLaMA-arch ARM)
     revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/
 """
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config", type=Path, help="sweep file, e.g. data/ablations_sweep.json")
     sw.add_argument("--out", type=Path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
 
+    sp = sub.add_parser("small-pair", help="train the small LLaDA-architecture MDM and matched ARM notebook 05 uses")
+    sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
+    sp.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
+
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
     rp.add_argument("--out", type=Path, default=Path("reports"))
@@ -112,6 +117,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_small_pair(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, PairConfig, train_small_pair
+
+    pc = PairConfig() if args.steps is None else dataclasses.replace(PairConfig(), steps=args.steps)
+    out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
+    print(f"small pair written to {out}")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from revlens.reports import notebook_paths, run_suite
 
@@ -123,7 +139,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "reproduce": cmd_reproduce}[
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "small-pair": cmd_small_pair,
+               "reproduce": cmd_reproduce}[
         args.command
     ]
     try:

@@ -38,6 +38,7 @@ Direction = Literal["forward", "reverse", "inplace"]
 DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "inplace")
 Rule = Literal["startswith", "exact", "substring"]
 RULES: tuple[str, ...] = ("startswith", "exact", "substring")
+_PUNCTUATION = " .,;:!?"
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def encode_query(lm, query: Query) -> EncodedQuery:
     prefix = lm.encode(query.prefix, special_tokens=True)
     answer = lm.encode(" " + query.answer)
     if not lm.family.masked:
-        if query.suffix.strip():
+        if query.suffix.strip(_PUNCTUATION):  # a completion may ignore trailing punctuation, not content
             raise ValueError(f"{lm.family.name} is left-to-right: it cannot answer a slot with text after it "
                              f"({query.direction!r} query); use forward or reverse")
         return EncodedQuery(prefix, answer, len(prefix))

@@ -64,3 +64,34 @@ def training_curves(history: pd.DataFrame, metrics: Sequence[str], chance: float
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def grid_heatmaps(
+    grids: dict[str, np.ndarray],
+    *,
+    xlabel: str,
+    ylabel: str = "layer",
+    xticklabels: Sequence[str] | None = None,
+    cmap: str = "RdBu_r",
+    symmetric: bool = True,
+    colorbar_label: str = "",
+) -> Figure:
+    """Side-by-side [layer x something] heatmaps on one colour scale (route correlations, patching maps)."""
+    values = np.concatenate([np.asarray(g, dtype=float).ravel() for g in grids.values()])
+    finite = values[np.isfinite(values)]
+    top = float(np.abs(finite).max()) if finite.size else 1.0
+    vmin, vmax = (-top, top) if symmetric else (float(finite.min()), float(finite.max()))
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.4 * len(grids) + 1.0, 3.0), squeeze=False, layout="constrained")
+    for ax, (title, grid) in zip(axes[0], grids.items()):
+        grid = np.asarray(grid, dtype=float)
+        image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_yticks(range(grid.shape[0]))
+        if xticklabels is not None:
+            ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=60, fontsize=7)
+        else:
+            ax.set_xticks(range(grid.shape[1]))
+    fig.colorbar(image, ax=list(axes[0]), label=colorbar_label, shrink=0.85)
+    return fig

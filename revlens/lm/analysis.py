@@ -94,3 +94,49 @@ def answer_logprob_metric(pairs: PatchingPairs):
         return logp.gather(-1, pairs.answer.to(logp.device)[:, None]).mean()
 
     return metric
+
+
+def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None, rule: str = "startswith"):
+    """Every fact scored in every direction the model can answer, as a tidy DataFrame (+ split, relation)."""
+    import pandas as pd
+
+    from revlens.facts import answer_scores
+
+    if directions is None:
+        directions = ("forward", "reverse", "inplace") if lm.family.masked else ("forward", "reverse")
+    rows = []
+    for direction in directions:
+        rows += answer_scores(lm, [facts.query(i, direction) for i in range(len(facts.facts))], rule=rule)
+    table = pd.DataFrame(rows)
+    table["split"] = [facts.facts[i].split for i in table.fact]
+    table["relation"] = [facts.facts[i].relation for i in table.fact]
+    return table
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """Patching maps normalised so 0 = the corrupted run's metric and 1 = the clean run's."""
+
+    clean: float
+    corrupted: float
+    resid_pre: Tensor  # [layer, pos]
+    head_out: Tensor  # [layer, head]
+    tokens: list[str]  # the clean prompt of the first pair, for axis labels
+
+
+def reverse_patching(lm, pairs: PatchingPairs, **kwargs) -> PatchingResult:
+    """Residual-stream (layer, position) and head-output (layer, head) patching of ``pairs``, normalised."""
+    from revlens.patching import patch_head_out, patch_names, patch_resid_pre
+
+    metric = answer_logprob_metric(pairs)
+    names = patch_names(lm, "resid_pre") + patch_names(lm, "head_out")
+    clean_logits, cache = lm.run_with_cache(pairs.clean, names)
+    clean, corrupted = metric(clean_logits).item(), metric(lm(pairs.corrupted)).item()
+
+    def normalise(t: Tensor) -> Tensor:
+        return (t - corrupted) / (clean - corrupted)
+
+    resid = normalise(patch_resid_pre(lm, pairs.corrupted, cache, metric, **kwargs))
+    heads = normalise(patch_head_out(lm, pairs.corrupted, cache, metric, **kwargs))
+    labels = [lm.decode([t]).strip() for t in pairs.clean[0].tolist()]
+    return PatchingResult(clean, corrupted, resid, heads, labels)

@@ -79,16 +79,21 @@ def _hf_config(family: Family, raw: dict[str, Any]) -> Any:
     return config
 
 
-def build_module(family: Family, raw_config: dict[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """The family's module with uninitialised (meta) weights, and the HF-style config for the bridge.
+def build_module(family: Family, raw_config: dict[str, Any], *, meta: bool = True) -> tuple[nn.Module, Any]:
+    """The family's module and the HF-style config for the bridge.
 
-    Weights are then loaded with ``assign=True`` (:func:`materialise`), so an 8B model is never
-    allocated twice nor randomly initialised.
+    With ``meta=True`` (loading) the weights are left unallocated and then loaded with ``assign=True``
+    (:func:`revlens.checkpoint.load_weights`), so an 8B model is never allocated twice nor randomly
+    initialised. With ``meta=False`` the module gets the family's standard initialisation
+    (Normal(0, 0.02) weights, unit norms), seeded by the caller.
     """
-    with torch.device("meta"):
+    with torch.device("meta" if meta else "cpu"):
         if family.name == "llada":
             config = LLaDAConfig.from_dict(raw_config)
-            return LLaDAModelLM(config), config.to_hf_config()
+            module = LLaDAModelLM(config)
+            if not meta:
+                module.init_weights()
+            return module, config.to_hf_config()
         from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
         hf_config = _hf_config(family, raw_config)

@@ -81,14 +81,31 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
-    """The folder's tokenizer; falls back to its tokenizer.json when the config points at remote code."""
+    """The folder's tokenizer, without running remote code unless ``trust_remote_code``.
+
+    A ``tokenizer.json`` declared as a plain fast tokenizer (LLaDA, our small pair) is loaded directly;
+    otherwise transformers' AutoTokenizer decides. When the declared class is remote code (Dream's
+    ``DreamTokenizer``, a Qwen2 BPE) and remote code is not allowed, the folder's ``tokenizer.json`` or
+    its ``vocab.json`` + ``merges.txt`` (read by transformers' own ``Qwen2Tokenizer``) are used.
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    config_path = folder / "tokenizer_config.json"
+    declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.exists() else None
+    has_json = (folder / "tokenizer.json").exists()
+    if has_json and declared in (None, "PreTrainedTokenizerFast", "TokenizersBackend"):
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception:
-        if (folder / "tokenizer.json").exists():
-            return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    except (ValueError, OSError):
+        if trust_remote_code:
+            raise
+        if has_json:
+            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+        if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():  # Dream: a Qwen2 BPE
+            from transformers import Qwen2Tokenizer
+
+            return Qwen2Tokenizer.from_pretrained(str(folder))
         raise
 
 
@@ -104,6 +121,7 @@ class HookedLM:
         self.tokenizer = tokenizer
         self.mask_token_id = mask_token_id if family.masked else None
         self.source = source
+        self.raw_config: dict[str, Any] | None = None  # config.json, when loaded from a folder
         self.bridge.eval()
         if tokenizer is not None and len(tokenizer) > self.cfg.d_vocab:
             raise ValueError(f"mismatched tokenizer: it has {len(tokenizer)} tokens, the model's vocabulary {self.cfg.d_vocab}")
@@ -156,7 +174,18 @@ class HookedLM:
         if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             tokenizer = load_tokenizer(folder, trust_remote_code)
         mask_id = raw.get("mask_token_id") if detected.masked else None
-        return cls.from_module(module, hf_config, detected, tokenizer=tokenizer, mask_token_id=mask_id, source=str(folder))
+        lm = cls.from_module(module, hf_config, detected, tokenizer=tokenizer, mask_token_id=mask_id, source=str(folder))
+        lm.raw_config = raw
+        return lm
+
+    def reinitialised(self, seed: int = 0) -> "HookedLM":
+        """The same architecture, tokenizer and mask token, freshly initialised: the untrained reference."""
+        if self.raw_config is None:
+            raise ValueError("reinitialised() needs a model loaded with from_pretrained (its config.json)")
+        torch.manual_seed(seed)
+        module, hf_config = build_module(self.family, self.raw_config, meta=False)
+        return HookedLM.from_module(module.to(self.cfg.device), hf_config, self.family, tokenizer=self.tokenizer,
+                                    mask_token_id=self.mask_token_id, source=f"{self.source} (re-initialised, seed {seed})")
 
     # ---- the TransformerLens surface ------------------------------------------------------------
     @property

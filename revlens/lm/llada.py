@@ -120,7 +120,9 @@ class LLaDAConfig:
         """A ``transformers.PretrainedConfig`` with the released field names (what TransformerLens reads)."""
         from transformers import PretrainedConfig
 
-        return PretrainedConfig(**self.to_dict())
+        fields_ = self.to_dict()
+        del fields_["model_type"]  # a plain PretrainedConfig warns when handed another model_type
+        return PretrainedConfig(**fields_)
 
 
 class RMSNorm(nn.Module):
@@ -260,6 +262,15 @@ class LLaDAModelLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LLaDAModel(config)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) projections and embeddings, unit RMSNorm gains (the LLaMA initialisation)."""
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
 
     def forward(
         self,

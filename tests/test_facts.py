@@ -1,0 +1,126 @@
+"""Fact sets, queries, the scorer, the synthetic corpus and the small-pair trainer."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from revlens.facts import Fact, FactSet, Relation, answer_scores, encode_query, is_correct
+from revlens.lm import HookedLM
+from revlens.lm.analysis import fact_route_correlation, patching_pairs, reverse_patching, score_table
+from revlens.lm.corpus import build_tokenizer, make_world, training_sentences
+from revlens.lm.small_pair import PairConfig, train_small_pair
+from revlens.routes import RoutePrompts, read_routes, read_routes_ragged
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=3, batch_size=8, n_facts=20)
+    root = train_small_pair(tmp_path_factory.mktemp("pair"), pc)
+    return {name: HookedLM.from_pretrained(root / name) for name in ("llada", "llama")}, FactSet.load(root / "world.json")
+
+
+def test_relation_templates_are_checked():
+    with pytest.raises(ValueError, match="forward template needs"):
+        Relation("bad", forward="{b} is {a}", reverse="{b} of {a}")
+    with pytest.raises(ValueError, match="undefined relation"):
+        FactSet({}, [Fact("capital", "France", "Paris")])
+
+
+def test_queries_put_the_answer_in_the_last_slot():
+    rel = Relation("capital", forward="The capital of {a} is {b}.", reverse="{b} is the capital of {a}.")
+    facts = FactSet({"capital": rel}, [Fact("capital", "France", "Paris")])
+    assert facts.query(0, "forward") == facts.query(0, "forward").__class__(0, "forward", "The capital of France is", "Paris", ".")
+    assert (facts.query(0, "reverse").prefix, facts.query(0, "reverse").answer) == ("Paris is the capital of", "France")
+    inplace = facts.query(0, "inplace")
+    assert (inplace.prefix, inplace.answer, inplace.suffix) == ("The capital of", "France", " is Paris.")
+
+
+@pytest.mark.parametrize("rule,predicted,expected", [
+    ("startswith", " Paris, France", True), ("startswith", "paris", True), ("startswith", "the Paris", False),
+    ("substring", "the Paris", True), ("substring", "Lyon", False)])
+def test_scoring_rules(rule, predicted, expected):
+    assert is_correct(predicted, "Paris", rule) is expected
+
+
+def test_real_facts_file_loads_with_both_directions():
+    facts = FactSet.load("data/real_facts.json")
+    assert len(facts.facts) >= 250 and len(facts.relations) == 5
+    for i in range(0, len(facts.facts), 37):
+        assert facts.query(i, "reverse").answer == facts.facts[i].a
+
+
+def test_synthetic_world_split_and_sentences():
+    world = make_world(40, seed=1)
+    sentences = training_sentences(world)
+    control = world.subset(split="control")
+    assert len(sentences) == len(world.facts) + len(control)
+    fo = world.subset(split="forward_only")[0]
+    assert world.sentence(fo, "reverse") not in sentences and world.sentence(fo, "forward") in sentences
+    tok = build_tokenizer()
+    ids = tok(world.facts[0].a)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 3  # BOS + a two-word name, one token each
+
+
+def test_arm_cannot_answer_inplace_queries(tiny_pair):
+    models, world = tiny_pair
+    with pytest.raises(ValueError, match="left-to-right"):
+        encode_query(models["llama"], world.query(0, "inplace"))
+
+
+def test_mdm_logp_is_left_to_right_unmasking(tiny_pair):
+    models, world = tiny_pair
+    lm, q = models["llada"], world.query(0, "reverse")
+    enc = encode_query(lm, q)
+    prompt = torch.tensor([enc.prompt])
+    first = lm.mask_logits(prompt).log_softmax(-1)[0, 0, enc.answer[0]]
+    prompt[0, enc.answer_start] = enc.answer[0]
+    second = lm.mask_logits(prompt).log_softmax(-1)[0, 0, enc.answer[1]]
+    (row,) = answer_scores(lm, [q])
+    assert row["logp"] == pytest.approx(float(first + second), abs=1e-5)
+
+
+def test_arm_logp_is_teacher_forced(tiny_pair):
+    models, world = tiny_pair
+    lm, q = models["llama"], world.query(0, "forward")
+    enc = encode_query(lm, q)
+    full = torch.tensor([enc.prompt + enc.answer])
+    logp = lm(full).log_softmax(-1)[0]
+    start = len(enc.prompt)
+    expected = sum(float(logp[start - 1 + j, t]) for j, t in enumerate(enc.answer))
+    (row,) = answer_scores(lm, [q])
+    assert row["logp"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_small_pair_loads_scores_routes_and_patches(tiny_pair):
+    models, world = tiny_pair
+    assert models["llada"].family.name == "llada" and models["llama"].family.name == "llama"
+    table = score_table(models["llada"], world)
+    assert set(table.direction) == {"forward", "reverse", "inplace"} and len(table) == 3 * len(world.facts)
+    facts = world.subset(split="forward_only")
+    for lm in models.values():
+        rc = fact_route_correlation(lm, world, facts)
+        assert rc.score_corr.shape == (lm.cfg.n_layers, lm.cfg.n_heads)
+        result = reverse_patching(lm, patching_pairs(lm, world, facts))
+        assert result.resid_pre.shape == (lm.cfg.n_layers, len(result.tokens))
+        assert torch.isfinite(result.head_out).all() and result.clean != result.corrupted
+
+
+def test_ragged_route_reading_matches_batched(tiny_pair):
+    models, world = tiny_pair
+    lm = models["llada"]
+    same_template = world.subset(relation="wrote")[:6]
+    prompts = torch.tensor([encode_query(lm, world.query(i, "reverse")).prompt for i in same_template])
+    q, k = torch.full((6,), 5), torch.full((6,), 2)
+    batched = read_routes(lm, RoutePrompts(prompts, q, k))
+    ragged = read_routes_ragged(lm, prompts.tolist(), q.tolist(), k.tolist())
+    torch.testing.assert_close(batched.scores, ragged.scores)
+
+
+def test_reinitialised_keeps_architecture_changes_weights(tiny_pair):
+    models, _ = tiny_pair
+    lm = models["llada"]
+    fresh = lm.reinitialised(seed=0)
+    x = torch.tensor([[1, 5, 6, 7]])
+    assert fresh.cfg.n_layers == lm.cfg.n_layers and fresh.mask_token_id == lm.mask_token_id
+    assert not torch.allclose(fresh(x), lm(x))
