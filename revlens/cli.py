@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a grid of settings x seeds into one tidy JSON-lines table (resumable)")
     sw.add_argument("config", type=Path, help="sweep file, e.g. data/ablations_sweep.json")
     sw.add_argument("--out", type=Path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
+    sw.add_argument("--jobs", type=_positive_int, default=2,
+                    help="settings trained at once in worker processes, threads split between them (default 2)")
 
     sp = sub.add_parser("small-pair", help="train the small LLaDA-architecture MDM and matched ARM notebook 05 uses")
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
@@ -112,7 +114,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from revlens.sweep import SweepSpec, run_sweep
 
     spec = SweepSpec.load(args.config)
-    out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl")
+    out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl", jobs=args.jobs)
     print(f"table written to {out}")
     return 0
 

@@ -68,11 +68,12 @@ def default_cache_dir() -> Path:
 
 
 def _code_fingerprint() -> str:
-    """Hash of every source file of the package: a run is reused only by the code that made it.
+    """Hash of every top-level source file of the package: a run is reused only by the code that made it.
 
     Hashing all of it (not a hand-kept list of "modules that matter") means a change to evaluation,
     readouts, loggers or checkpoints can never serve stale histories; the price is a retrain after
-    edits to files that do not affect training, such as plotting.
+    edits to files that do not affect training, such as plotting. The real-architecture subpackage
+    ``revlens.lm`` is never imported by toy training and is not hashed.
     """
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):

@@ -61,8 +61,8 @@ def test_depth_width_and_residual_switches():
     torch.testing.assert_close(cache["blocks.0.hook_resid_post"], cache["blocks.0.hook_attn_out"])
 
 
-def test_sweep_is_resumable_and_tidy(tmp_path):
-    spec = SweepSpec.from_dict({
+def tiny_spec() -> SweepSpec:
+    return SweepSpec.from_dict({
         "name": "tiny",
         "world": {"n_facts": 12, "n_control": 3, "seed": 0},
         "train": {"steps": 20, "batch_size": 16, "log_every": 10},
@@ -72,6 +72,10 @@ def test_sweep_is_resumable_and_tidy(tmp_path):
             {"name": "ARM", "objective": "arm", "group": "g", "model": {"d_model": 16, "n_heads": 2, "d_head": 8, "attention_dir": "causal"}},
         ],
     })
+
+
+def test_sweep_is_resumable_and_tidy(tmp_path):
+    spec = tiny_spec()
     out = tmp_path / "table.jsonl"
     run_sweep(spec, out, progress=False)
     rows = read_rows(out)
@@ -82,6 +86,17 @@ def test_sweep_is_resumable_and_tidy(tmp_path):
     out.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     run_sweep(spec, out, progress=False)
     assert read_rows(out) == rows
+
+
+def test_parallel_sweep_trains_the_same_rows_in_file_order(tmp_path, monkeypatch):
+    spec = tiny_spec()
+    run_sweep(spec, tmp_path / "sequential.jsonl", progress=False)
+    rows = read_rows(tmp_path / "sequential.jsonl")
+    monkeypatch.setenv("REVLENS_CACHE", str(tmp_path / "fresh_cache"))  # the workers must retrain, not reload
+    out = tmp_path / "parallel.jsonl"
+    run_sweep(spec, out, progress=False, jobs=2)
+    assert read_rows(out) == rows
+    assert list((tmp_path / "fresh_cache" / "runs").glob("*"))  # trained by the workers, not reloaded
 
 
 def test_bad_sweep_files_are_named(tmp_path):

@@ -124,3 +124,13 @@ def test_reinitialised_keeps_architecture_changes_weights(tiny_pair):
     x = torch.tensor([[1, 5, 6, 7]])
     assert fresh.cfg.n_layers == lm.cfg.n_layers and fresh.mask_token_id == lm.mask_token_id
     assert not torch.allclose(fresh(x), lm(x))
+
+
+def test_shipped_small_pair_reproduces_its_recorded_accuracy():
+    import json
+
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, pair_accuracy
+
+    recorded = json.loads((SMALL_PAIR_DIR / "training.json").read_text())["accuracy"]
+    assert pair_accuracy(SMALL_PAIR_DIR) == pytest.approx(recorded, abs=0.01)
+    assert recorded["llama reverse forward_only"] == 0.0 and recorded["llama forward forward_only"] == 1.0

@@ -188,3 +188,23 @@ def test_real_checkpoint_answers_a_capital(family):
     facts = FactSet.load("data/real_facts.json")
     rows = answer_scores(lm, [facts.query(i, "forward") for i in facts.subset(relation="capital")[:20]])
     assert sum(r["correct"] for r in rows) >= 10
+
+
+def test_hub_name_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="could not find 'GSAI-ML/LLaDA-8B-Base' locally or download it"):
+        HookedLM.from_pretrained("GSAI-ML/LLaDA-8B-Base")
+
+
+def test_sharded_checkpoint_loads(folders, tmp_path, models):
+    state = load_file(folders["llada"] / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, tmp_path / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((folders["llada"] / "config.json").read_text())
+    x = tokens()
+    torch.testing.assert_close(HookedLM.from_pretrained(tmp_path)(x), models["llada"](x))

@@ -21,42 +21,33 @@ from revlens.facts import FactSet, encode_query
 from revlens.routes import RouteCorrelation, correlate_routes, read_routes_ragged
 
 
-def _subject_span(lm, prefix: str, subject: str) -> int:
-    """Position of the subject's last token in ``prefix`` (the subject must be tokenised alike inside it)."""
-    ids = lm.encode(prefix, special_tokens=True)
-    for candidate in (" " + subject, subject):
+def _last_token_of(lm, ids: list[int], entity: str) -> int:
+    """Position of ``entity``'s last token inside the prompt ``ids`` (searched with and without a leading space)."""
+    for candidate in (" " + entity, entity):
         sub = lm.encode(candidate)
         for start in range(len(ids) - len(sub), -1, -1):
             if ids[start : start + len(sub)] == sub:
                 return start + len(sub) - 1
-    raise ValueError(f"could not find {subject!r} as a token span of {prefix!r}")
+    raise ValueError(f"could not find {entity!r} as a token span of the prompt {lm.decode(ids)!r}")
 
 
 def fact_route_correlation(lm, facts: FactSet, indices: list[int]) -> RouteCorrelation:
     """Per-(layer, head) correlation across facts of the forward-order and reverse-order routes."""
-    prompts: dict[str, list] = {"fwd": [], "rev": []}
-    queries: dict[str, list] = {"fwd": [], "rev": []}
-    keys: dict[str, list] = {"fwd": [], "rev": []}
-    for i in indices:
-        fact = facts.facts[i]
-        directions = ("inplace", "reverse") if lm.family.masked else ("forward", "reverse")
-        for side, direction in zip(("fwd", "rev"), directions):
-            q = facts.query(i, direction)
-            enc = encode_query(lm, q)
-            if lm.family.masked:  # mask -> B, B sits in the text around the mask
-                key_text = fact.b
-                context = q.prefix if direction == "reverse" else q.prefix + " " + q.answer + q.suffix
-                key = _subject_span(lm, context, key_text)
-                query = int(lm.read_position(enc.answer_start))
-            else:  # readout (last prompt token) -> subject
-                key = _subject_span(lm, q.prefix, fact.a if direction == "forward" else fact.b)
-                query = len(enc.prompt) - 1
-            prompts[side].append(enc.prompt)
-            queries[side].append(query)
-            keys[side].append(key)
-    fwd = read_routes_ragged(lm, prompts["fwd"], queries["fwd"], keys["fwd"])
-    rev = read_routes_ragged(lm, prompts["rev"], queries["rev"], keys["rev"])
-    return correlate_routes(fwd, rev)
+    directions = ("inplace", "reverse") if lm.family.masked else ("forward", "reverse")
+    readings = []
+    for direction in directions:
+        prompts, queries, keys = [], [], []
+        for i in indices:
+            fact, enc = facts.facts[i], encode_query(lm, facts.query(i, direction))
+            if lm.family.masked:  # from the position predicting the first answer token to B
+                queries.append(int(lm.read_position(enc.answer_start)))
+                keys.append(_last_token_of(lm, enc.prompt, fact.b))
+            else:  # from the readout (last prompt token) to the subject
+                queries.append(len(enc.prompt) - 1)
+                keys.append(_last_token_of(lm, enc.prompt, fact.a if direction == "forward" else fact.b))
+            prompts.append(enc.prompt)
+        readings.append(read_routes_ragged(lm, prompts, queries, keys))
+    return correlate_routes(*readings)
 
 
 @dataclass(frozen=True)

@@ -121,4 +121,28 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = Pair
         record[f"{name}_final_loss"] = sum(losses[-100:]) / 100
     world.save(out / "world.json")
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    record_accuracy(out)
     return out
+
+
+def pair_accuracy(folder: str | Path) -> dict[str, float]:
+    """Accuracy of the pair in ``folder`` per model, direction and split (startswith rule), loaded from disk."""
+    from revlens.lm import HookedLM
+    from revlens.lm.analysis import score_table
+
+    folder = Path(folder)
+    world = FactSet.load(folder / "world.json")
+    out = {}
+    for name in ("llada", "llama"):
+        table = score_table(HookedLM.from_pretrained(folder / name), world)
+        for (direction, split), acc in table.groupby(["direction", "split"]).correct.mean().items():
+            out[f"{name} {direction} {split}"] = round(float(acc), 4)
+    return out
+
+
+def record_accuracy(folder: str | Path) -> None:
+    """Add the reloaded pair's accuracies to ``training.json`` (the shipped numbers tests check)."""
+    path = Path(folder) / "training.json"
+    record = json.loads(path.read_text())
+    record["accuracy"] = pair_accuracy(folder)
+    path.write_text(json.dumps(record, indent=1) + "\n")
