@@ -16,6 +16,7 @@ it stopped (a setting whose rows are all present is not re-run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from revlens.experiments import Setting, train_setting
-from revlens.training import TrainConfig, TrainRun
+from revlens.training import TrainConfig, TrainRun, train
 from revlens.world import EVAL_SETS, ReversalWorld
 
 SNAPSHOT_KEYS = ("route_score_corr", "route_weight_rev", "cos_all", "cos_storage", "cos_route", "fact_cos_all_mean")
@@ -99,6 +100,16 @@ def _train_rows(setting: Setting, group: str, spec: SweepSpec, threads: int) -> 
     return list(run_rows(setting, group, train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)))
 
 
+def step_seconds(setting: Setting, spec: SweepSpec, repeats: int = 3) -> float:
+    """Measured wall time of one batched training step of ``setting`` (all seeds): a cost estimate."""
+    import time
+
+    train_cfg = dataclasses.replace(spec.train, objective=setting.objective, steps=repeats, log_every=repeats)
+    start = time.perf_counter()
+    train(setting.model_cfg(spec.world), spec.world, train_cfg, spec.seeds, progress=False)
+    return (time.perf_counter() - start) / repeats
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
     """Run every setting not yet complete in ``out`` (a .jsonl file) and append its rows.
 
@@ -133,9 +144,12 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        cost = {setting.name: step_seconds(setting, spec) for setting, _ in todo}
+        longest_first = sorted(todo, key=lambda sg: -cost[sg[0].name])
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_rows, setting, group, spec, threads) for setting, group in todo]
-            for future in futures:  # in sweep order; later settings keep training meanwhile
+            submitted = {s.name: pool.submit(_train_rows, s, g, spec, threads) for s, g in longest_first}
+            futures = [submitted[setting.name] for setting, _ in todo]
+            for future in futures:  # in sweep order; the others keep training meanwhile
                 write(future.result())
                 bar.update()
     bar.close()

@@ -76,3 +76,16 @@ def test_readout_picks_the_right_position():
 def test_unanswerable_prompts_are_clear_errors(prompts, kw, match):
     with pytest.raises(ValueError, match=match):
         logits_at_masks(lambda t: torch.zeros(*t.shape, 8), torch.tensor(prompts), 0, **kw)
+
+
+def test_weighted_loss_equals_cross_entropy_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 3, 50, generator=g, requires_grad=True)
+    targets = torch.randint(50, (8, 3), generator=g)
+    weights = torch.rand(8, 3, generator=g)
+    ours = weighted_token_loss(logits, targets, weights)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    reference = (weights.flatten() * ce).sum() / 8
+    (grad_ref,) = torch.autograd.grad(reference, logits)
+    assert torch.equal(ours, reference) and torch.equal(grad_ours, grad_ref)
