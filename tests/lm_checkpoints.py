@@ -124,4 +124,5 @@ def reference_logits(folder: Path, tokens: torch.Tensor, *, causal: bool = False
         x = x + lin(torch.nn.functional.silu(lin(h, names(i, key["gate"]) + ".weight")) * lin(h, names(i, key["up"]) + ".weight"),
                     names(i, key["down"]) + ".weight")
     x = rms(x, s["model.transformer.ln_f.weight" if llada else "model.norm.weight"])
-    return x @ s["model.transformer.ff_out.weight" if llada else "lm_head.weight"].T
+    head = "model.transformer.ff_out.weight" if llada else ("lm_head.weight" if "lm_head.weight" in s else "model.embed_tokens.weight")
+    return x @ s[head].T

@@ -208,3 +208,14 @@ def test_sharded_checkpoint_loads(folders, tmp_path, models):
     (tmp_path / "config.json").write_text((folders["llada"] / "config.json").read_text())
     x = tokens()
     torch.testing.assert_close(HookedLM.from_pretrained(tmp_path)(x), models["llada"](x))
+
+
+def test_tied_output_head_is_not_required_in_the_checkpoint(folders, tmp_path):
+    state = load_file(folders["qwen2"] / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    config = json.loads((folders["qwen2"] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    x = tokens()
+    torch.testing.assert_close(HookedLM.from_pretrained(tmp_path)(x), reference_logits(tmp_path, x, causal=True),
+                               atol=2e-5, rtol=1e-4)

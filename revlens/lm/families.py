@@ -17,7 +17,7 @@ matched ARMs are transformers' own Qwen2 and LLaMA. No modeling code is download
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,10 +112,10 @@ def rebuild_buffers(family: Family, module: nn.Module, device: str | torch.devic
         module.model.rotary_emb = type(module.model.rotary_emb)(config=module.config)
 
 
-def expected_weight_names(family: Family, module: nn.Module) -> Callable[[str], bool]:
-    """Which state-dict entries a checkpoint must provide (a tied head is not stored)."""
+def not_stored(family: Family, module: nn.Module) -> frozenset[str]:
+    """State-dict entries a checkpoint legitimately omits: the output head when it is tied."""
     tied = family.name != "llada" and bool(getattr(module.config, "tie_word_embeddings", False))
-    return lambda name: not (tied and name == "lm_head.weight")
+    return frozenset({"lm_head.weight"}) if tied else frozenset()
 
 
 def tie_if_needed(family: Family, module: nn.Module) -> None:

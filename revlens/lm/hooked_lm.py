@@ -33,6 +33,7 @@ from revlens.lm.families import (
     build_module,
     detect_family,
     get_family,
+    not_stored,
     rebuild_buffers,
     tie_if_needed,
 )
@@ -42,8 +43,13 @@ from revlens.readout import logits_at_masks, read_position
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
 
-def read_safetensors_folder(folder: Path) -> dict[str, Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+def read_safetensors_folder(folder: Path, device: str | torch.device = "cpu",
+                            dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``.
+
+    Shards are read straight onto ``device`` and cast one at a time, so an 8B model is never held
+    twice in host memory.
+    """
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
@@ -59,7 +65,8 @@ def read_safetensors_folder(folder: Path) -> dict[str, Tensor]:
         )
     state: dict[str, Tensor] = {}
     for shard in shards:
-        state.update(load_file(folder / shard))
+        tensors = load_file(folder / shard, device=str(device))
+        state.update(tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()})
     return state
 
 
@@ -162,12 +169,8 @@ class HookedLM:
         raw = json.loads(config_path.read_text())
         detected = detect_family(raw) if family is None else get_family(family)
         module, hf_config = build_module(detected, raw)
-        state = read_safetensors_folder(folder)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        state = {k: v.to(device) for k, v in state.items()}
-        not_stored = frozenset({"lm_head.weight"}) if getattr(hf_config, "tie_word_embeddings", False) and detected.name != "llada" else frozenset()
-        load_weights(module, state, f"weights in {folder}", not_stored=not_stored, assign=True)
+        state = read_safetensors_folder(folder, device, dtype)
+        load_weights(module, state, f"weights in {folder}", not_stored=not_stored(detected, module), assign=True)
         rebuild_buffers(detected, module, device)
         tie_if_needed(detected, module)
         tokenizer = None
@@ -182,8 +185,9 @@ class HookedLM:
         """The same architecture, tokenizer and mask token, freshly initialised: the untrained reference."""
         if self.raw_config is None:
             raise ValueError("reinitialised() needs a model loaded with from_pretrained (its config.json)")
-        torch.manual_seed(seed)
-        module, hf_config = build_module(self.family, self.raw_config, meta=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module, hf_config = build_module(self.family, self.raw_config, meta=False)
         return HookedLM.from_module(module.to(self.cfg.device), hf_config, self.family, tokenizer=self.tokenizer,
                                     mask_token_id=self.mask_token_id, source=f"{self.source} (re-initialised, seed {seed})")
 
