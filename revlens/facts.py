@@ -145,35 +145,35 @@ def encode_query(lm, query: Query) -> EncodedQuery:
 
 @torch.no_grad()
 def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int) -> tuple[Tensor, Tensor]:
-    """Greedy fill (most confident mask first) and left-to-right gold log-probability, one group."""
+    """Greedy fill (most confident mask first) and left-to-right gold log-probability, one group (on CPU)."""
     n = answers.shape[1]
     slots = torch.arange(start, start + n)
+    rows = torch.arange(prompts.shape[0])
     gold_logp = torch.zeros(prompts.shape[0])
     teacher = prompts.clone()
     for j in range(n):  # unmask the gold answer left to right
-        logp = lm.mask_logits(teacher).log_softmax(-1)  # [batch, remaining masks, vocab]
-        gold_logp += logp[:, 0].gather(-1, answers[:, j, None]).squeeze(-1)
+        logp = lm.mask_logits(teacher)[:, 0].float().log_softmax(-1).cpu()  # the leftmost open mask
+        gold_logp += logp[rows, answers[:, j]]
         teacher[:, slots[j]] = answers[:, j]
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
         masks = (filled == lm.mask_token_id)[:, slots]
-        conf, tok = lm.mask_logits(filled).softmax(-1).max(-1)  # [batch, masks still open]
+        conf, tok = (t.cpu() for t in lm.mask_logits(filled).float().softmax(-1).max(-1))  # [batch, open masks]
         pos = masks.nonzero()[:, 1].reshape(prompts.shape[0], -1)
         best = conf.argmax(-1)
-        rows = torch.arange(prompts.shape[0])
         filled[rows, slots[pos[rows, best]]] = tok[rows, best]
     return filled[:, slots], gold_logp
 
 
 @torch.no_grad()
 def _score_causal(lm, prompts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
+    """Greedy continuation and teacher-forced gold log-probability, one group (on CPU)."""
     n, p = answers.shape[1], prompts.shape[1]
-    logits = lm(torch.cat([prompts, answers], dim=1)).log_softmax(-1)
-    read = torch.arange(p - 1, p - 1 + n)
-    gold_logp = logits[:, read].gather(-1, answers[..., None]).squeeze(-1).sum(-1)
+    logits = lm(torch.cat([prompts, answers], dim=1))[:, p - 1 : p - 1 + n].float().log_softmax(-1).cpu()
+    gold_logp = logits.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
     tokens = prompts
     for _ in range(n):
-        tokens = torch.cat([tokens, lm(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        tokens = torch.cat([tokens, lm(tokens)[:, -1].argmax(-1, keepdim=True).cpu()], dim=1)
     return tokens[:, p:], gold_logp
 
 

@@ -219,3 +219,23 @@ def test_tied_output_head_is_not_required_in_the_checkpoint(folders, tmp_path):
     x = tokens()
     torch.testing.assert_close(HookedLM.from_pretrained(tmp_path)(x), reference_logits(tmp_path, x, causal=True),
                                atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llada", "dream", "qwen2"])
+def test_cuda_bf16_matches_cpu_and_patches_like_transformer_lens(folders, models, name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    lm = HookedLM.from_pretrained(folders[name], dtype=torch.bfloat16, device="cuda")
+    x = tokens()
+    assert next(lm.bridge.parameters()).device.type == "cuda"
+    torch.testing.assert_close(lm(x).float().cpu(), models[name](x), atol=0.1, rtol=0.05)
+    clean, corrupted = tokens(seed=2).cuda(), tokens(seed=3).cuda()
+    _, cache = lm.run_with_cache(clean, patch_names(lm, "resid_pre"))
+
+    def metric(logits):
+        return logits[:, -2, 7].float().mean()
+
+    ours = patch_resid_pre(lm, corrupted, cache, metric)
+    theirs = tl_patching.get_act_patch_resid_pre(lm.bridge, corrupted, cache, metric)
+    assert (ours - theirs.cpu()).abs().max() < 1e-2
