@@ -50,3 +50,13 @@ def test_reports_write_only_when_a_report_folder_is_set(tmp_path, monkeypatch):
     text = summary_markdown(tmp_path)
     assert "**b**: 2.5" in text and "figures/f.png" in text
     plt.close(fig)
+
+
+def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
+    from revlens.lm import HookedLM
+
+    assert main(["small-pair", "--steps", "2", "--out", str(tmp_path / "pair")]) == 0
+    assert "small pair written to" in capsys.readouterr().out
+    record = json.loads((tmp_path / "pair" / "training.json").read_text())
+    assert record["config"]["steps"] == 2 and "llama reverse forward_only" in record["accuracy"]
+    assert HookedLM.from_pretrained(tmp_path / "pair" / "llama").family.name == "llama"

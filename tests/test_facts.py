@@ -134,3 +134,23 @@ def test_shipped_small_pair_reproduces_its_recorded_accuracy():
     recorded = json.loads((SMALL_PAIR_DIR / "training.json").read_text())["accuracy"]
     assert pair_accuracy(SMALL_PAIR_DIR) == pytest.approx(recorded, abs=0.01)
     assert recorded["llama reverse forward_only"] == 0.0 and recorded["llama forward forward_only"] == 1.0
+
+
+def test_dream_scoring_reads_each_answer_token_one_position_early():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         max_position_embeddings=64, mask_token_id=tok.mask_token_id)
+    lm = HookedLM.from_module(Qwen2ForCausalLM(config), config, "dream", tokenizer=tok)
+    world = make_world(20, seed=0)
+    q = world.query(0, "reverse")
+    enc = encode_query(lm, q)
+    prompt = torch.tensor([enc.prompt])
+    first = lm(prompt)[0, enc.answer_start - 1].log_softmax(-1)[enc.answer[0]]  # shifted: read one early
+    prompt[0, enc.answer_start] = enc.answer[0]
+    second = lm(prompt)[0, enc.answer_start].log_softmax(-1)[enc.answer[1]]
+    (row,) = answer_scores(lm, [q])
+    assert row["logp"] == pytest.approx(float(first + second), abs=1e-5)
