@@ -4,6 +4,7 @@
     revlens evaluate runs/mdm0
     revlens sweep data/ablations_sweep.json --out data/ablations.jsonl
     revlens small-pair           # retrains data/small_pair (LLaDA-arch MDM + matched LLaMA-arch ARM)
+    revlens facts /models/LLaDA-8B-Base --device cuda   # forward/reverse accuracy on data/real_facts.json
     revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/
 """
 
@@ -65,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("small-pair", help="train the small LLaDA-architecture MDM and matched ARM notebook 05 uses")
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
     sp.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
+
+    fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
+    fa.add_argument("model", help="local folder with config.json + safetensors (or a hub name when online)")
+    fa.add_argument("--facts", type=Path, default=Path("data/real_facts.json"))
+    fa.add_argument("--device", default="cpu")
+    fa.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="cast the stored weights (default: keep them)")
+    fa.add_argument("--rule", choices=("startswith", "exact", "substring"), default="startswith")
+    fa.add_argument("--out", type=Path, default=None, help="also write every scored query as JSON lines")
 
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
@@ -130,6 +140,27 @@ def cmd_small_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_facts(args: argparse.Namespace) -> int:
+    import torch
+
+    from revlens.facts import FactSet
+    from revlens.lm import HookedLM
+    from revlens.lm.analysis import score_table
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    lm = HookedLM.from_pretrained(args.model, dtype=dtype, device=args.device)
+    facts = FactSet.load(args.facts)
+    table = score_table(lm, facts, ("forward", "reverse"), rule=args.rule)
+    print(lm)
+    print(f"rule: {args.rule} (answer length = gold token count; see revlens.facts)")
+    print(table.groupby(["relation", "direction"])[["correct", "logp"]].mean().unstack("direction").round(3).to_string())
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_json(args.out, orient="records", lines=True)
+        print(f"rows written to {args.out}")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from revlens.reports import notebook_paths, run_suite
 
@@ -142,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "small-pair": cmd_small_pair,
-               "reproduce": cmd_reproduce}[
+               "facts": cmd_facts, "reproduce": cmd_reproduce}[
         args.command
     ]
     try:

@@ -60,3 +60,14 @@ def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     record = json.loads((tmp_path / "pair" / "training.json").read_text())
     assert record["config"]["steps"] == 2 and "llama reverse forward_only" in record["accuracy"]
     assert HookedLM.from_pretrained(tmp_path / "pair" / "llama").family.name == "llama"
+
+
+def test_facts_command_scores_both_directions(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    assert main(["facts", "data/small_pair/llama", "--facts", "data/small_pair/world.json", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rule: startswith" in printed and "wrote_author" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["direction"] for r in rows} == {"forward", "reverse"} and len(rows) == 2 * 480
+    assert main(["facts", str(tmp_path / "missing")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
