@@ -118,10 +118,10 @@ class FactSet:
 
 
 def is_correct(predicted: str, gold: str, rule: Rule = "startswith") -> bool:
-    """The stated string rule (``exact`` is decided on token ids by the caller)."""
-    check_choice("rule", rule, RULES)
+    """A string rule on stripped, lower-cased text (``exact`` compares token ids, in :func:`answer_scores`)."""
+    check_choice("rule", rule, ("startswith", "substring"))
     p, g = predicted.strip().lower(), gold.strip().lower()
-    return p.startswith(g) if rule in ("startswith", "exact") else g in p
+    return p.startswith(g) if rule == "startswith" else g in p
 
 
 @dataclass(frozen=True)

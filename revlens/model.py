@@ -42,6 +42,13 @@ def _normal(*shape: int, std: float) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape) * std)
 
 
+
+def check_token_ids(tokens: Int[Tensor, "batch pos"], d_vocab: int, hint: str = "") -> None:
+    """Refuse token ids outside [0, d_vocab): an embedding lookup would fail obscurely or wrap silently."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        raise ValueError(f"token ids must lie in [0, {d_vocab}), got {int(tokens.min())}..{int(tokens.max())}{hint}")
+
+
 class Attention(nn.Module):
     """Multi-head attention returning its pre-softmax scores through ``hook_attn_scores``."""
 
@@ -155,8 +162,8 @@ class HookedEncoder(StrictHookedRootModule):
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
-        if check_tokens and tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got {tokens.min()}..{tokens.max()}")
+        if check_tokens:
+            check_token_ids(tokens, self.cfg.d_vocab)
         resid = self.hook_embed(F.embedding(tokens, self.W_E))
         if self.cfg.positional == "absolute":
             resid = resid + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])

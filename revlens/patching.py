@@ -32,10 +32,6 @@ RESID_PRE = "blocks.{layer}.hook_resid_pre"
 HEAD_Z = "blocks.{layer}.attn.hook_z"  # [batch, pos, head, d_head]
 
 
-def _run_with_hooks(model: Any, tokens: Tensor, hooks: list) -> Tensor:
-    return model.run_with_hooks(tokens, fwd_hooks=hooks)
-
-
 @torch.no_grad()
 def batched_patch(
     model: Any,
@@ -76,7 +72,7 @@ def batched_patch(
             return patch
 
         hooks = [(hook.format(layer=layer), make_hook(layer)) for layer in by_layer]
-        logits = _run_with_hooks(model, corrupted_tokens.repeat(len(chunk), 1), hooks)
+        logits = model.run_with_hooks(corrupted_tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
         for copy, site in enumerate(chunk):
             results[site] = metric(logits[copy * n : (copy + 1) * n]).item()
     return results

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from revlens.facts import FactSet, encode_query
+from revlens.facts import FactSet, answer_scores, encode_query
+from revlens.patching import patch_head_out, patch_names, patch_resid_pre
 from revlens.routes import RouteCorrelation, correlate_routes, read_routes_ragged
 
 
@@ -39,13 +41,12 @@ def fact_route_correlation(lm, facts: FactSet, indices: list[int]) -> RouteCorre
         prompts, queries, keys = [], [], []
         for i in indices:
             fact, enc = facts.facts[i], encode_query(lm, facts.query(i, direction))
-            if lm.family.masked:  # from the position predicting the first answer token to B
-                queries.append(int(lm.read_position(enc.answer_start)))
-                keys.append(_last_token_of(lm, enc.prompt, fact.b))
-            else:  # from the readout (last prompt token) to the subject
-                queries.append(len(enc.prompt) - 1)
-                keys.append(_last_token_of(lm, enc.prompt, fact.a if direction == "forward" else fact.b))
+            # the query predicts the first answer token (an ARM's: the last prompt token); the key is B
+            # for a masked model, the subject (A forward, B reverse) for a left-to-right one
+            key = fact.a if direction == "forward" else fact.b
             prompts.append(enc.prompt)
+            queries.append(int(lm.read_position(enc.answer_start)))
+            keys.append(_last_token_of(lm, enc.prompt, key))
         readings.append(read_routes_ragged(lm, prompts, queries, keys))
     return correlate_routes(*readings)
 
@@ -87,12 +88,9 @@ def answer_logprob_metric(pairs: PatchingPairs):
     return metric
 
 
-def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None, rule: str = "startswith"):
+def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
+                rule: str = "startswith") -> pd.DataFrame:
     """Every fact scored in every direction the model can answer, as a tidy DataFrame (+ split, relation)."""
-    import pandas as pd
-
-    from revlens.facts import answer_scores
-
     if directions is None:
         directions = ("forward", "reverse", "inplace") if lm.family.masked else ("forward", "reverse")
     rows = []
@@ -117,8 +115,6 @@ class PatchingResult:
 
 def reverse_patching(lm, pairs: PatchingPairs, **kwargs) -> PatchingResult:
     """Residual-stream (layer, position) and head-output (layer, head) patching of ``pairs``, normalised."""
-    from revlens.patching import patch_head_out, patch_names, patch_resid_pre
-
     metric = answer_logprob_metric(pairs)
     names = patch_names(lm, "resid_pre") + patch_names(lm, "head_out")
     clean_logits, cache = lm.run_with_cache(pairs.clean, names)

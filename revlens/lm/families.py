@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from revlens.lm.llada import LLaDAConfig, LLaDAModelLM, RotaryEmbedding
+from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
 from revlens.objectives import Readout
 
 
@@ -33,9 +33,6 @@ class Family:
     masked: bool  # trained to fill mask tokens (MDM) rather than to continue text (ARM)
     readout: Readout
 
-    @property
-    def causal(self) -> bool:
-        return not self.masked
 
 
 FAMILIES: dict[str, Family] = {
@@ -45,7 +42,6 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", masked=False, readout="shifted"),
 }
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
-_BY_MODEL_TYPE = {"llada": "llada", "dream": "dream", "qwen2": "qwen2", "llama": "llama"}
 
 
 def get_family(name: str) -> Family:
@@ -60,8 +56,8 @@ def detect_family(raw_config: dict[str, Any]) -> Family:
         if arch in _BY_ARCHITECTURE:
             return _BY_ARCHITECTURE[arch]
     model_type = str(raw_config.get("model_type", "")).lower()
-    if model_type in _BY_MODEL_TYPE:
-        return FAMILIES[_BY_MODEL_TYPE[model_type]]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
     raise ValueError(
         f"unknown model family: config.json has architectures={raw_config.get('architectures')} "
         f"model_type={raw_config.get('model_type')!r}; revlens wraps "
@@ -69,14 +65,11 @@ def detect_family(raw_config: dict[str, Any]) -> Family:
     )
 
 
-def _hf_config(family: Family, raw: dict[str, Any]) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+def _hf_classes(family: Family) -> tuple[Any, Any]:
+    """transformers' config and model classes for a non-LLaDA family (Dream is Qwen2's layout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    keep = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "model_type", "transformers_version")}
-    config_cls = LlamaConfig if family.name == "llama" else Qwen2Config
-    config = config_cls(**keep)
-    config.architectures = [family.architecture]
-    return config
+    return (LlamaConfig, LlamaForCausalLM) if family.name == "llama" else (Qwen2Config, Qwen2ForCausalLM)
 
 
 def build_module(family: Family, raw_config: dict[str, Any], *, meta: bool = True) -> tuple[nn.Module, Any]:
@@ -94,30 +87,30 @@ def build_module(family: Family, raw_config: dict[str, Any], *, meta: bool = Tru
             if not meta:
                 module.init_weights()
             return module, config.to_hf_config()
-        from transformers import LlamaForCausalLM, Qwen2ForCausalLM
-
-        hf_config = _hf_config(family, raw_config)
-        module = (LlamaForCausalLM if family.name == "llama" else Qwen2ForCausalLM)(hf_config)
-        return module, hf_config
+        config_cls, model_cls = _hf_classes(family)
+        dropped = ("auto_map", "architectures", "model_type", "transformers_version")
+        hf_config = config_cls(**{k: v for k, v in raw_config.items() if k not in dropped})
+        hf_config.architectures = [family.architecture]
+        return model_cls(hf_config), hf_config
 
 
 def rebuild_buffers(family: Family, module: nn.Module, device: str | torch.device) -> None:
-    """Recompute the non-persistent buffers (rotary frequencies) that a meta-built module lacks."""
-    if family.name == "llada":
-        cfg: LLaDAConfig = module.config
-        for block in module.model.transformer.blocks:
-            block.rotary_emb = RotaryEmbedding(cfg.d_head, cfg.rope_theta).to(device)
-        return
-    with torch.device(device):
-        module.model.rotary_emb = type(module.model.rotary_emb)(config=module.config)
+    """Recompute transformers' rotary frequencies, a non-persistent buffer a meta-built module lacks
+    (our LLaDA computes its tables per call and has none)."""
+    if family.name != "llada":
+        with torch.device(device):
+            module.model.rotary_emb = type(module.model.rotary_emb)(config=module.config)
+
+
+def _tied_head(family: Family, module: nn.Module) -> bool:
+    return family.name != "llada" and bool(getattr(module.config, "tie_word_embeddings", False))
 
 
 def not_stored(family: Family, module: nn.Module) -> frozenset[str]:
     """State-dict entries a checkpoint legitimately omits: the output head when it is tied."""
-    tied = family.name != "llada" and bool(getattr(module.config, "tie_word_embeddings", False))
-    return frozenset({"lm_head.weight"}) if tied else frozenset()
+    return frozenset({"lm_head.weight"}) if _tied_head(family, module) else frozenset()
 
 
 def tie_if_needed(family: Family, module: nn.Module) -> None:
-    if family.name != "llada" and bool(getattr(module.config, "tie_word_embeddings", False)):
+    if _tied_head(family, module):
         module.lm_head.weight = module.model.embed_tokens.weight

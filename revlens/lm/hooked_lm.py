@@ -38,6 +38,7 @@ from revlens.lm.families import (
     tie_if_needed,
 )
 from revlens.lm.hf_attention import install_hooked_attention, make_bidirectional
+from revlens.model import check_token_ids
 from revlens.readout import logits_at_masks, read_position
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -211,10 +212,7 @@ class HookedLM:
     def _check_tokens(self, tokens: Tensor) -> Tensor:
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)} {tokens.dtype}")
-        vocab = self.cfg.d_vocab
-        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}); got [{int(tokens.min())}, {int(tokens.max())}] "
-                             "- is the tokenizer the model's own?")
+        check_token_ids(tokens, self.cfg.d_vocab, hint=" - is the tokenizer the model's own?")
         return tokens.to(self.cfg.device)
 
     @torch.no_grad()

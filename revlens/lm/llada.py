@@ -32,6 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from revlens.positions import apply_rope, rope_cos_sin
+
 # Fields of a released LLaDA config.json that this implementation requires to hold exactly.
 REQUIRED_CONTRACT = {
     "block_type": "llama",
@@ -140,27 +142,26 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE applied to q and k in float32 (``rope_full_precision``)."""
+    """Rotate-half RoPE (:mod:`revlens.positions`) applied to q and k in float32 (``rope_full_precision``).
+
+    The tables are computed per call, so the module holds no buffer a meta-device build would lack.
+    """
 
     def __init__(self, d_head: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.d_head, self.theta = d_head, theta
 
     def forward(
-        self, q: Float[Tensor, "batch head seq d_head"], k: Float[Tensor, "batch kv_head key d_head"]
+        self, q: Float[Tensor, "batch head seq d_head"], k: Float[Tensor, "batch kv_head seq d_head"]
     ) -> tuple[Tensor, Tensor]:
-        key_len, query_len = k.shape[-2], q.shape[-2]
-        angles = torch.outer(torch.arange(key_len, dtype=torch.float32, device=q.device), self.inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError("LLaDA is a single-pass denoiser here: queries and keys cover the same positions")
+        cos, sin = (t.to(q.device) for t in rope_cos_sin(k.shape[-2], self.d_head, self.theta))
 
-        def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+        def rotate(x: Tensor) -> Tensor:  # apply_rope wants [batch, pos, head, d_head]
+            return apply_rope(x.transpose(1, 2).float(), cos, sin).transpose(1, 2).to(x.dtype)
 
-        q_rot = rotate(q, cos[key_len - query_len :], sin[key_len - query_len :])
-        return q_rot, rotate(k, cos, sin)
+        return rotate(q), rotate(k)
 
 
 class LLaDABlock(nn.Module):

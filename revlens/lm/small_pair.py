@@ -109,13 +109,11 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = Pair
     torch.manual_seed(pc.seed)
     arm = LlamaForCausalLM(_llama_config(pc, vocab_size, tok))
     for name, model, objective, config in (("llada", mdm, "mdm", llada_cfg.to_dict()),
-                                           ("llama", arm, "arm", None)):
+                                           ("llama", arm, "arm", arm.config.to_dict())):
         losses = train_model(model, objective, buckets, tok.mask_token_id, pc, f"train {name} ({objective})")
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-        if config is None:
-            config = model.config.to_dict()
         (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         save_tokenizer(folder)
         record[f"{name}_final_loss"] = sum(losses[-100:]) / 100
