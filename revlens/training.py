@@ -1,10 +1,15 @@
 """One training loop for every objective, training several seeds of one architecture at once.
 
 The K model instances (one per seed) share shapes, so their parameters are stacked along a new
-leading axis and one ``torch.func.vmap`` over ``grad`` computes all K gradients in a single call;
-AdamW is element-wise, so stepping the stacked tensors equals stepping each model alone. Each
-instance draws its own batches and masks from its own seeded generator, so instance k of a K-seed
-run sees exactly the data of a 1-seed run with the same seed.
+leading axis and one ``torch.func.vmap`` of the forward pass gives all K losses in a single call.
+The instances share no parameters, so ordinary autograd on the *sum* of the K losses gives each
+instance exactly its own gradient (the sum's derivative with respect to each loss is 1.0), without
+``vmap``'s per-operation overhead in the backward pass. AdamW is element-wise, so stepping the
+stacked tensors equals stepping each model alone. Each instance draws its own batches and masks
+from its own seeded generator, so instance k of a K-seed run sees exactly the data of a 1-seed run
+with the same seed. A single seed is trained as a plain module (no stacking, no ``vmap``): that is
+what training one model alone means, and what the batched path is measured against in
+``bench/batched_training.py``; the two paths give bit-identical weights (tested).
 
 Every ``log_every`` steps the loop evaluates each instance and calls the callbacks, whose returned
 dictionaries are merged into that instance's history row -- the hook later notebooks use to record
@@ -16,10 +21,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from jaxtyping import Float
+from torch import Tensor
+from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from revlens.config import EncoderConfig, check_choice
@@ -77,6 +85,34 @@ def init_model(cfg: EncoderConfig, seed: int) -> HookedEncoder:
         return HookedEncoder(cfg)
 
 
+LossBatchFn = Callable[[Tensor, Tensor, Tensor], Float[Tensor, " instance"]]
+
+
+def _loss_function(models: Sequence[HookedEncoder]) -> tuple[dict[str, Tensor], LossBatchFn]:
+    """The parameters to optimise and ``losses(inputs, targets, weights)``, all ``[instance, ...]``.
+
+    One model: its own parameters, called as a plain module. Several: their parameters stacked along
+    a new leading axis, and the first model's forward ``vmap``-ed over that axis.
+    """
+    if len(models) == 1:
+        (model,) = models
+
+        def single(inputs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+            return weighted_token_loss(model(inputs[0], check_tokens=False), targets[0], weights[0])[None]
+
+        return dict(model.named_parameters()), single
+    template = models[0]
+    params = {
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
+        for name, _ in template.named_parameters()
+    }
+
+    def one_instance(p: dict[str, Tensor], inputs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        return weighted_token_loss(functional_call(template, p, (inputs,), {"check_tokens": False}), targets, weights)
+
+    return params, partial(vmap(one_instance, in_dims=(0, 0, 0, 0)), params)
+
+
 def train(
     model_cfg: EncoderConfig,
     world: ReversalWorld,
@@ -97,25 +133,18 @@ def train(
         raise ValueError(f"sentences of length {sentences.shape[1]} exceed n_ctx={model_cfg.n_ctx}")
 
     runs = [TrainRun(init_model(model_cfg, s), s, train_cfg) for s in seeds]
-    template = runs[0].model
-    params = {
-        name: torch.stack([dict(r.model.named_parameters())[name].detach() for r in runs]).requires_grad_()
-        for name, _ in template.named_parameters()
-    }
-    optimiser = torch.optim.AdamW(params.values(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    params, batch_losses = _loss_function([run.model for run in runs])
+    optimiser = torch.optim.AdamW(
+        params.values(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=True
+    )
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
-    def loss_fn(p: dict[str, torch.Tensor], inputs, targets, weights) -> torch.Tensor:
-        logits = functional_call(template, p, (inputs,), {"check_tokens": False})
-        return weighted_token_loss(logits, targets, weights)
-
-    grad_fn = vmap(grad_and_value(loss_fn))
-
     def log(step: int, losses: torch.Tensor) -> None:
-        with torch.no_grad():
-            for i, run in enumerate(runs):
-                for name, p in run.model.named_parameters():
-                    p.copy_(params[name][i])
+        if len(runs) > 1:
+            with torch.no_grad():
+                for i, run in enumerate(runs):
+                    for name, p in run.model.named_parameters():
+                        p.copy_(params[name][i])
         for i, run in enumerate(runs):
             run.model.eval()
             row = {"step": step, "loss": float(losses[i]), **evaluate(run.model, world, train_cfg.objective)}
@@ -137,14 +166,14 @@ def train(
             )
             for g in generators
         ]
-        grads, losses = grad_fn(
-            params,
+        losses = batch_losses(
             torch.stack([b.inputs for b in batches]),
             torch.stack([b.targets for b in batches]),
             torch.stack([b.weights for b in batches]),
         )
-        for name, p in params.items():
-            p.grad = grads[name]
+        grads = torch.autograd.grad(losses.sum(), list(params.values()))
+        for p, g in zip(params.values(), grads):
+            p.grad = g
         optimiser.step()
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:
             log(step, losses.detach())
