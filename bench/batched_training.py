@@ -12,7 +12,7 @@ arithmetic. A sequential step of this one-layer model costs about 2 ms of overhe
 grows with the batch, so the gain is largest at small per-model batches and shrinks towards 1x as a
 step becomes compute-bound (the notebooks train with batch 256).
 
-    python bench/batched_training.py [--instances 16] [--steps 100] [--batch-sizes 16 32 64 128 256]
+    python bench/batched_training.py [--instances 16] [--steps 100] [--batch-sizes 8 16 32 64 128 256]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=16)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
     args = parser.parse_args()
     torch.set_num_threads(2)
     world = ReversalWorld.generate(n_facts=200, n_control=40, seed=0)
