@@ -110,7 +110,7 @@ def _loss_function(models: Sequence[HookedEncoder]) -> tuple[dict[str, Tensor], 
     def one_instance(p: dict[str, Tensor], inputs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
         return weighted_token_loss(functional_call(template, p, (inputs,), {"check_tokens": False}), targets, weights)
 
-    return params, partial(vmap(one_instance, in_dims=(0, 0, 0, 0)), params)
+    return params, partial(vmap(one_instance), params)
 
 
 def train(
