@@ -6,11 +6,12 @@ the largest weight difference between the two ways, for several per-model batch 
 
 The baseline is ``train(..., seeds=[s])``, which trains one model as a plain PyTorch module (forward,
 ``backward``, AdamW): the way one would train it alone, with no stacking and no ``vmap``. The batched
-run stacks the K models' parameters and vmaps one forward pass over them. Batching removes per-step
-overhead (Python, dispatch, autograd bookkeeping, one optimiser call instead of K); it cannot remove
-arithmetic. A sequential step of this one-layer model costs about 2 ms of overhead plus compute that
-grows with the batch, so the gain is largest at small per-model batches and shrinks towards 1x as a
-step becomes compute-bound (the notebooks train with batch 256).
+run stacks the K models' parameters and vmaps one forward pass over them (and one evaluation pass at
+each logged step). Batching removes per-step overhead (Python, dispatch, autograd bookkeeping, one
+optimiser call and one evaluation instead of K); it cannot remove arithmetic. A sequential step of
+this one-layer model costs about 2 ms of overhead plus compute that grows with the batch, so the gain
+is largest at small per-model batches and shrinks towards 1x as a step becomes compute-bound (the
+notebooks train with batch 256).
 
     python bench/batched_training.py [--instances 16] [--steps 100] [--batch-sizes 8 16 32 64 128 256]
 """

@@ -17,6 +17,7 @@ The readout says where a model trained with an objective keeps its answer for a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,33 +58,44 @@ def weighted_token_loss(
 
 
 def masked_batch(
-    tokens: Int[Tensor, "batch seq"],
-    mask: Bool[Tensor, "batch seq"],
-    rate: Float[Tensor, " batch"],
+    tokens: Int[Tensor, "*instance batch seq"],
+    mask: Bool[Tensor, "*instance batch seq"],
+    rate: Float[Tensor, "*instance batch"],
     mask_id: int,
 ) -> LossBatch:
     """Replace masked tokens by ``mask_id``; weight each masked position by 1 / (rate * seq_len)."""
-    seq_len = tokens.shape[1]
+    seq_len = tokens.shape[-1]
     inputs = tokens.masked_fill(mask, mask_id)
-    weights = mask.float() / (rate[:, None] * seq_len)
+    weights = mask.float() / (rate[..., None] * seq_len)
     return LossBatch(inputs, tokens, weights)
 
 
 def sample_mdm_mask(
-    tokens: Int[Tensor, "batch seq"], generator: torch.Generator
+    shape: tuple[int, int], generator: torch.Generator
 ) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
     """t ~ U(0, 1] per sentence, then an independent Bernoulli(t) mask per token."""
-    t = 1.0 - torch.rand(tokens.shape[0], generator=generator)  # (0, 1]
-    mask = torch.rand(tokens.shape, generator=generator) < t[:, None]
+    t = 1.0 - torch.rand(shape[0], generator=generator)  # (0, 1]
+    mask = torch.rand(shape, generator=generator) < t[:, None]
     return mask, t
 
 
-def next_token_batch(tokens: Int[Tensor, "batch seq"]) -> LossBatch:
+def sample_mask(
+    objective: Objective, shape: tuple[int, int], generator: torch.Generator
+) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+    """The mask and per-sentence masking rate of a masked objective (``mdm`` or ``bert``)."""
+    if objective == "mdm":
+        return sample_mdm_mask(shape, generator)
+    if objective == "bert":
+        return torch.rand(shape, generator=generator) < BERT_MASK_RATE, torch.full((shape[0],), BERT_MASK_RATE)
+    raise ValueError(f"objective {objective!r} does not mask tokens")
+
+
+def next_token_batch(tokens: Int[Tensor, "*instance batch seq"]) -> LossBatch:
     """Inputs are the sentence; position i is scored on token i + 1."""
-    seq_len = tokens.shape[1]
-    targets = torch.roll(tokens, -1, dims=1)
+    seq_len = tokens.shape[-1]
+    targets = torch.roll(tokens, -1, dims=-1)
     weights = torch.full(tokens.shape, 1.0 / (seq_len - 1))
-    weights[:, -1] = 0.0
+    weights[..., -1] = 0.0
     return LossBatch(tokens, targets, weights)
 
 
@@ -94,9 +106,32 @@ def make_loss_batch(
     check_choice("objective", objective, OBJECTIVES)
     if objective == "arm":
         return next_token_batch(tokens)
-    if objective == "mdm":
-        mask, t = sample_mdm_mask(tokens, generator)
-        return masked_batch(tokens, mask, t, mask_id)
-    rate = torch.full((tokens.shape[0],), BERT_MASK_RATE)
-    mask = torch.rand(tokens.shape, generator=generator) < BERT_MASK_RATE
+    mask, rate = sample_mask(objective, tokens.shape, generator)
     return masked_batch(tokens, mask, rate, mask_id)
+
+
+def sample_loss_batches(
+    objective: Objective,
+    sentences: Int[Tensor, "n seq"],
+    batch_size: int,
+    mask_id: int,
+    generators: Sequence[torch.Generator],
+) -> LossBatch:
+    """One training batch per generator, stacked to ``[instance, batch, seq]``.
+
+    Instance k draws its ``batch_size`` sentences (with replacement) and then its mask from
+    ``generators[k]`` alone, in that order, so it gets exactly the batch a one-generator call gives.
+    Only the draws run generator by generator; masking and weighting run once on the stack.
+    """
+    check_choice("objective", objective, OBJECTIVES)
+    rows, masks, rates = [], [], []
+    for generator in generators:
+        rows.append(torch.randint(len(sentences), (batch_size,), generator=generator))
+        if objective != "arm":
+            mask, rate = sample_mask(objective, (batch_size, sentences.shape[1]), generator)
+            masks.append(mask)
+            rates.append(rate)
+    tokens = sentences[torch.stack(rows)]
+    if objective == "arm":
+        return next_token_batch(tokens)
+    return masked_batch(tokens, torch.stack(masks), torch.stack(rates), mask_id)

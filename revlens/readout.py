@@ -66,9 +66,13 @@ def logits_at_masks(
     *,
     readout: Readout,
     causal: bool = False,
-) -> Float[Tensor, "batch n_masks vocab"]:
-    """The model's logits for each masked slot, taken from the right position for ``readout``."""
+) -> Float[Tensor, "*instance batch n_masks vocab"]:
+    """The model's logits for each masked slot, taken from the right position for ``readout``.
+
+    ``model`` returns ``[*instance, batch, seq, vocab]``: leading axes (K stacked model instances
+    run as one, say) are kept."""
     positions = mask_positions(tokens, mask_id, readout=readout, causal=causal)
     logits = model(tokens)
     source = read_position(positions, readout)
-    return torch.gather(logits, 1, source[..., None].expand(-1, -1, logits.shape[-1]))
+    index = source[..., None].expand(*logits.shape[:-3], *source.shape, logits.shape[-1])
+    return torch.gather(logits, -2, index)

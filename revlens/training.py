@@ -4,14 +4,16 @@ The K model instances (one per seed) share shapes, so their parameters are stack
 leading axis and one ``torch.func.vmap`` of the forward pass gives all K losses in a single call.
 The instances share no parameters, so ordinary autograd on the *sum* of the K losses gives each
 instance exactly its own gradient (the sum's derivative with respect to each loss is 1.0), without
-``vmap``'s per-operation overhead in the backward pass. AdamW is element-wise, so stepping the
-stacked tensors equals stepping each model alone. Each instance draws its own batches and masks
-from its own seeded generator, so instance k of a K-seed run sees exactly the data of a 1-seed run
-with the same seed. A single seed is trained as a plain module (no stacking, no ``vmap``): that is
+``vmap``'s per-operation overhead in the backward pass. AdamW (:mod:`revlens.optim`: torch's
+bits, faster) is element-wise, so stepping the stacked tensors equals stepping each model alone.
+Each instance draws its own batches and masks from its own seeded generator
+(:func:`revlens.objectives.sample_loss_batches`), so instance k of a K-seed run sees exactly the
+data of a 1-seed run with the same seed. A single seed is trained as a plain module (no stacking, no ``vmap``): that is
 what training one model alone means, and what the batched path is measured against in
 ``bench/batched_training.py``; the two paths give bit-identical weights (tested).
 
-Every ``log_every`` steps the loop evaluates each instance and calls the callbacks, whose returned
+Every ``log_every`` steps the loop evaluates each instance (stacked instances in one vmapped pass,
+:func:`revlens.evaluation.evaluate_instances`) and calls the callbacks, whose returned
 dictionaries are merged into that instance's history row -- the hook later notebooks use to record
 gradient alignment or route weights without copying this loop.
 """
@@ -31,9 +33,10 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from revlens.config import EncoderConfig, check_choice
-from revlens.evaluation import evaluate
+from revlens.evaluation import evaluate, evaluate_instances
 from revlens.model import HookedEncoder
-from revlens.objectives import OBJECTIVES, Objective, make_loss_batch, weighted_token_loss
+from revlens.objectives import OBJECTIVES, Objective, sample_loss_batches, weighted_token_loss
+from revlens.optim import AdamW
 from revlens.world import ReversalWorld
 
 Callback = Callable[[int, HookedEncoder], dict[str, float]]
@@ -134,20 +137,26 @@ def train(
 
     runs = [TrainRun(init_model(model_cfg, s), s, train_cfg) for s in seeds]
     params, batch_losses = _loss_function([run.model for run in runs])
-    optimiser = torch.optim.AdamW(
-        params.values(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, foreach=True
-    )
+    optimiser = AdamW(list(params.values()), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
+    stacked = len(runs) > 1
+
+    def copy_stacked_into_models() -> None:
+        with torch.no_grad():
+            for i, run in enumerate(runs):
+                for name, p in run.model.named_parameters():
+                    p.copy_(params[name][i])
 
     def log(step: int, losses: torch.Tensor) -> None:
-        if len(runs) > 1:
-            with torch.no_grad():
-                for i, run in enumerate(runs):
-                    for name, p in run.model.named_parameters():
-                        p.copy_(params[name][i])
-        for i, run in enumerate(runs):
+        if stacked:
+            metrics = evaluate_instances(runs[0].model, params, world, train_cfg.objective)
+            if callbacks:
+                copy_stacked_into_models()
+        else:
+            metrics = [evaluate(runs[0].model, world, train_cfg.objective)]
+        for run, loss, run_metrics in zip(runs, losses, metrics):
             run.model.eval()
-            row = {"step": step, "loss": float(losses[i]), **evaluate(run.model, world, train_cfg.objective)}
+            row = {"step": step, "loss": float(loss), **run_metrics}
             for callback in callbacks:
                 row.update(callback(step, run.model))
             run.history.append(row)
@@ -157,27 +166,14 @@ def train(
         range(1, train_cfg.steps + 1), disable=not progress, desc=f"{train_cfg.objective} x{len(seeds)}", mininterval=2.0
     )
     for step in bar:
-        batches = [
-            make_loss_batch(
-                train_cfg.objective,
-                sentences[torch.randint(len(sentences), (train_cfg.batch_size,), generator=g)],
-                world.mask_id,
-                g,
-            )
-            for g in generators
-        ]
-        losses = batch_losses(
-            torch.stack([b.inputs for b in batches]),
-            torch.stack([b.targets for b in batches]),
-            torch.stack([b.weights for b in batches]),
-        )
-        grads = torch.autograd.grad(losses.sum(), list(params.values()))
-        for p, g in zip(params.values(), grads):
-            p.grad = g
-        optimiser.step()
+        batch = sample_loss_batches(train_cfg.objective, sentences, train_cfg.batch_size, world.mask_id, generators)
+        losses = batch_losses(batch.inputs, batch.targets, batch.weights)
+        optimiser.step(torch.autograd.grad(losses.sum(), list(params.values())))
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:
             log(step, losses.detach())
             bar.set_postfix(loss=f"{losses.mean():.3f}")
+    if stacked:
+        copy_stacked_into_models()
     for run in runs:
         run.model.eval()
     return runs

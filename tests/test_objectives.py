@@ -6,6 +6,7 @@ from revlens.objectives import (
     make_loss_batch,
     masked_batch,
     next_token_batch,
+    sample_loss_batches,
     sample_mdm_mask,
     weighted_token_loss,
 )
@@ -31,7 +32,7 @@ def test_mdm_loss_is_cross_entropy_on_masked_positions_weighted_by_one_over_t():
 
 def test_mdm_mask_rate_follows_t():
     tokens = torch.zeros(20000, 3, dtype=torch.long)
-    mask, t = sample_mdm_mask(tokens, torch.Generator().manual_seed(0))
+    mask, t = sample_mdm_mask(tokens.shape, torch.Generator().manual_seed(0))
     assert (t > 0).all() and (t <= 1).all()
     assert abs(t.mean().item() - 0.5) < 0.01
     low, high = t < 0.2, t > 0.8
@@ -89,3 +90,24 @@ def test_weighted_loss_equals_cross_entropy_bit_for_bit():
     reference = (weights.flatten() * ce).sum() / 8
     (grad_ref,) = torch.autograd.grad(reference, logits)
     assert torch.equal(ours, reference) and torch.equal(grad_ours, grad_ref)
+
+
+@pytest.mark.parametrize("objective", ["mdm", "bert", "arm"])
+def test_stacked_batches_equal_one_generator_at_a_time(objective):
+    sentences = torch.randint(2, 30, (50, 3), generator=torch.Generator().manual_seed(1))
+    stacked = sample_loss_batches(objective, sentences, 16, 0, [torch.Generator().manual_seed(s) for s in (4, 5)])
+    for k, seed in enumerate((4, 5)):
+        g = torch.Generator().manual_seed(seed)
+        alone = make_loss_batch(objective, sentences[torch.randint(50, (16,), generator=g)], 0, g)
+        for field in ("inputs", "targets", "weights"):
+            assert torch.equal(getattr(stacked, field)[k], getattr(alone, field)), field
+
+
+def test_readout_keeps_leading_instance_axes():
+    logits = torch.randn(4, 2, 3, 7)
+    prompts = torch.tensor([[5, 0, 1], [6, 1, 0]])
+    with pytest.raises(ValueError, match="same number of masks"):
+        logits_at_masks(lambda tokens: logits, torch.tensor([[0, 0, 1], [6, 1, 0]]), 0, readout="same_position")
+    picked = logits_at_masks(lambda tokens: logits, prompts, 0, readout="same_position")
+    assert picked.shape == (4, 2, 1, 7)
+    assert torch.equal(picked[:, 0, 0], logits[:, 0, 1]) and torch.equal(picked[:, 1, 0], logits[:, 1, 2])

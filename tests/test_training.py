@@ -5,8 +5,8 @@ import torch
 import transformer_lens.patching as patching
 
 from revlens.checkpoint import load_run, save_run
-from revlens.evaluation import evaluate
-from revlens.training import TrainConfig, train
+from revlens.evaluation import evaluate, evaluate_instances
+from revlens.training import TrainConfig, init_model, train
 
 
 def test_short_mdm_run_learns_the_forward_direction(trained_mdm, small_world):
@@ -53,6 +53,19 @@ def test_batched_seeds_match_training_each_alone_bit_for_bit(small_world, small_
             assert torch.equal(p, q), name
         for row, alone_row in zip(run.history, alone.history, strict=True):
             assert row == pytest.approx(alone_row, rel=0, abs=0, nan_ok=True)
+
+
+def test_stacked_evaluation_equals_evaluating_each_model(trained_mdm, small_world, small_cfg):
+    models = [trained_mdm.model, init_model(small_cfg, 1), init_model(small_cfg, 2)]
+    params = {name: torch.stack([dict(m.named_parameters())[name] for m in models]) for name, _ in
+              models[0].named_parameters()}
+    together = evaluate_instances(models[0], params, small_world, "mdm")
+    for row, model in zip(together, models, strict=True):
+        assert row == pytest.approx(evaluate(model, small_world, "mdm"), rel=0, abs=0, nan_ok=True)
+    assert together[0]["forward_acc"] != together[1]["forward_acc"]  # the instances really differ
+    params["W_E"] = params["W_E"][:2]
+    with pytest.raises(ValueError, match="same number of instances"):
+        evaluate_instances(models[0], params, small_world, "mdm")
 
 
 def test_callbacks_are_logged(small_world, small_cfg):
