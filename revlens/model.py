@@ -42,7 +42,6 @@ def _normal(*shape: int, std: float) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape) * std)
 
 
-
 def check_token_ids(tokens: Int[Tensor, "batch pos"], d_vocab: int, hint: str = "") -> None:
     """Refuse token ids outside [0, d_vocab): an embedding lookup would fail obscurely or wrap silently."""
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
