@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from revlens.model import HookedEncoder
+from revlens.model import HookedEncoder, functional_logits
 from revlens.objectives import READOUTS, Objective
 from revlens.readout import read_position, readable
 from revlens.world import EvalSet, ReversalWorld
@@ -70,7 +70,7 @@ def toy_loss_queries(world: ReversalWorld, objective: Objective) -> tuple[LossQu
 
 
 def _nll(model: HookedEncoder, params: Params, prompts: Tensor, answers: Tensor, read_pos: int) -> Tensor:
-    logits = functional_call(model, params, (prompts,), {"check_tokens": False})[:, read_pos]
+    logits = functional_logits(model, params, prompts)[:, read_pos]
     return -logits.log_softmax(-1).gather(-1, answers[..., None])[..., 0]
 
 

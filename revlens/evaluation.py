@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from revlens.model import HookedEncoder
+from revlens.model import HookedEncoder, functional_logits
 from revlens.objectives import READOUTS, Objective
 from revlens.readout import logits_at_masks, readable
 from revlens.world import EVAL_SETS, ReversalWorld
@@ -52,7 +52,7 @@ def evaluate_instances(
         raise ValueError("every stacked parameter needs the same number of instances")
 
     def forward(tokens: Tensor) -> Tensor:
-        return vmap(lambda p: functional_call(model, p, (tokens,), {"check_tokens": False}))(params)
+        return vmap(lambda p: functional_logits(model, p, tokens))(params)
 
     return _score(forward, n_instances, model, world, objective)
 

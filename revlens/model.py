@@ -26,11 +26,13 @@ Weights use TransformerLens's layout: ``W_Q`` is ``[head, d_model, d_head]`` (wi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.func import functional_call
 from transformer_lens.hook_points import HookPoint
 
 from revlens.config import EncoderConfig
@@ -169,3 +171,19 @@ class HookedEncoder(StrictHookedRootModule):
         for block in self.blocks:
             resid = block(resid)
         return resid @ self.W_U
+
+
+def functional_logits(
+    model: HookedEncoder, params: dict[str, Tensor], tokens: Int[Tensor, "batch pos"]
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """``model``'s logits with ``params`` in place of its own weights: the function of the weights
+    that ``torch.func`` transforms (``vmap`` over stacked instances, ``grad``). Token ids are not
+    checked here -- a data-dependent check cannot run under ``vmap`` -- so callers check them once."""
+    return functional_call(model, params, (tokens,), {"check_tokens": False})
+
+
+def stack_parameters(models: Sequence[HookedEncoder]) -> dict[str, Tensor]:
+    """The models' parameters by name, stacked along a new leading instance axis (detached copies)."""
+    names = [name for name, _ in models[0].named_parameters()]
+    per_model = [dict(m.named_parameters()) for m in models]
+    return {name: torch.stack([params[name].detach() for params in per_model]) for name in names}

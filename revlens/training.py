@@ -8,9 +8,9 @@ instance exactly its own gradient (the sum's derivative with respect to each los
 bits, faster) is element-wise, so stepping the stacked tensors equals stepping each model alone.
 Each instance draws its own batches and masks from its own seeded generator
 (:func:`revlens.objectives.sample_loss_batches`), so instance k of a K-seed run sees exactly the
-data of a 1-seed run with the same seed. A single seed is trained as a plain module (no stacking, no ``vmap``): that is
-what training one model alone means, and what the batched path is measured against in
-``bench/batched_training.py``; the two paths give bit-identical weights (tested).
+data of a 1-seed run with the same seed. A single seed is trained as a plain module (no stacking,
+no ``vmap``): that is what training one model alone means, and what the batched path is measured
+against in ``bench/batched_training.py``; the two paths give bit-identical weights (tested).
 
 Every ``log_every`` steps the loop evaluates each instance (stacked instances in one vmapped pass,
 :func:`revlens.evaluation.evaluate_instances`) and calls the callbacks, whose returned
@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm import tqdm
 
 from revlens.config import EncoderConfig, check_choice
 from revlens.evaluation import evaluate, evaluate_instances
-from revlens.model import HookedEncoder
+from revlens.model import HookedEncoder, functional_logits, stack_parameters
 from revlens.objectives import OBJECTIVES, Objective, sample_loss_batches, weighted_token_loss
 from revlens.optim import AdamW
 from revlens.world import ReversalWorld
@@ -105,13 +105,10 @@ def _loss_function(models: Sequence[HookedEncoder]) -> tuple[dict[str, Tensor], 
 
         return dict(model.named_parameters()), single
     template = models[0]
-    params = {
-        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
-        for name, _ in template.named_parameters()
-    }
+    params = {name: p.requires_grad_() for name, p in stack_parameters(models).items()}
 
     def one_instance(p: dict[str, Tensor], inputs: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-        return weighted_token_loss(functional_call(template, p, (inputs,), {"check_tokens": False}), targets, weights)
+        return weighted_token_loss(functional_logits(template, p, inputs), targets, weights)
 
     return params, partial(vmap(one_instance), params)
 

@@ -6,6 +6,7 @@ import transformer_lens.patching as patching
 
 from revlens.checkpoint import load_run, save_run
 from revlens.evaluation import evaluate, evaluate_instances
+from revlens.model import stack_parameters
 from revlens.training import TrainConfig, init_model, train
 
 
@@ -57,8 +58,7 @@ def test_batched_seeds_match_training_each_alone_bit_for_bit(small_world, small_
 
 def test_stacked_evaluation_equals_evaluating_each_model(trained_mdm, small_world, small_cfg):
     models = [trained_mdm.model, init_model(small_cfg, 1), init_model(small_cfg, 2)]
-    params = {name: torch.stack([dict(m.named_parameters())[name] for m in models]) for name, _ in
-              models[0].named_parameters()}
+    params = stack_parameters(models)
     together = evaluate_instances(models[0], params, small_world, "mdm")
     for row, model in zip(together, models, strict=True):
         assert row == pytest.approx(evaluate(model, small_world, "mdm"), rel=0, abs=0, nan_ok=True)
