@@ -4,9 +4,12 @@ Every objective turns a batch of clean sentences into ``(inputs, targets, weight
 always ``sum(weights * CE(logits, targets)) / batch``, so one training loop (and one ``vmap``) serves
 all of them:
 
-* ``mdm`` (LLaDA / SMDM): draw t ~ U(0, 1] per sentence, mask each token with probability t, and
-  weight the cross-entropy at masked positions by 1 / (t * seq_len). This is LLaDA's pre-training
-  loss; its expectation over t upper-bounds the negative log-likelihood.
+* ``mdm`` (LLaDA / SMDM): draw t ~ U(0, 1] per sentence, mask each token with probability
+  p = (1 - eps) t + eps, and weight the cross-entropy at masked positions by 1 / (p * seq_len).
+  This is LLaDA's pre-training loss (Nie et al. 2025, "Large Language Diffusion Models"; eps = 1e-3
+  in their released pre-training code); its expectation over t upper-bounds the negative
+  log-likelihood. The floor eps keeps the weight 1/p below 1/eps: with eps = 0 the weight 1/t is
+  unbounded and the loss estimator's second moment, E[1/t] over t ~ U(0, 1], is infinite.
 * ``bert``: mask each token with a fixed probability (15%) and weight masked positions by
   1 / (rate * seq_len) -- BERT-style masked language modelling, for the ablations.
 * ``arm``: next-token prediction; position i predicts token i + 1, weights 1 / (seq_len - 1).
@@ -32,6 +35,8 @@ Readout = Literal["same_position", "shifted"]
 OBJECTIVES: tuple[str, ...] = ("mdm", "bert", "arm")
 READOUTS: dict[str, Readout] = {"mdm": "same_position", "bert": "same_position", "arm": "shifted"}
 BERT_MASK_RATE = 0.15
+MDM_MASK_EPS = 1e-3
+"""LLaDA's floor on the masking probability, p = (1 - eps) t + eps."""
 
 
 @dataclass(frozen=True)
@@ -70,21 +75,32 @@ def masked_batch(
     return LossBatch(inputs, tokens, weights)
 
 
+def check_mask_eps(eps: float) -> None:
+    """The floor must be a finite probability in [0, 1)."""
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps < 1.0):
+        raise ValueError(f"mask_eps must be a number in [0, 1), got {eps!r}")
+
+
 def sample_mdm_mask(
-    shape: tuple[int, int], generator: torch.Generator
+    shape: tuple[int, int], generator: torch.Generator, eps: float = MDM_MASK_EPS
 ) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
-    """t ~ U(0, 1] per sentence, then an independent Bernoulli(t) mask per token."""
+    """t ~ U(0, 1] per sentence, p = (1 - eps) t + eps, then an independent Bernoulli(p) mask per token.
+
+    Returns the mask and the masking probability p (the rate the loss divides by).
+    """
+    check_mask_eps(eps)
     t = 1.0 - torch.rand(shape[0], generator=generator)  # (0, 1]
-    mask = torch.rand(shape, generator=generator) < t[:, None]
-    return mask, t
+    p = (1.0 - eps) * t + eps if eps else t
+    mask = torch.rand(shape, generator=generator) < p[:, None]
+    return mask, p
 
 
 def sample_mask(
-    objective: Objective, shape: tuple[int, int], generator: torch.Generator
+    objective: Objective, shape: tuple[int, int], generator: torch.Generator, mask_eps: float = MDM_MASK_EPS
 ) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
     """The mask and per-sentence masking rate of a masked objective (``mdm`` or ``bert``)."""
     if objective == "mdm":
-        return sample_mdm_mask(shape, generator)
+        return sample_mdm_mask(shape, generator, mask_eps)
     if objective == "bert":
         return torch.rand(shape, generator=generator) < BERT_MASK_RATE, torch.full((shape[0],), BERT_MASK_RATE)
     raise ValueError(f"objective {objective!r} does not mask tokens")
@@ -100,13 +116,17 @@ def next_token_batch(tokens: Int[Tensor, "*instance batch seq"]) -> LossBatch:
 
 
 def make_loss_batch(
-    objective: Objective, tokens: Int[Tensor, "batch seq"], mask_id: int, generator: torch.Generator
+    objective: Objective,
+    tokens: Int[Tensor, "batch seq"],
+    mask_id: int,
+    generator: torch.Generator,
+    mask_eps: float = MDM_MASK_EPS,
 ) -> LossBatch:
-    """The training batch an objective builds from clean sentences."""
+    """The training batch an objective builds from clean sentences (``mask_eps``: see ``sample_mdm_mask``)."""
     check_choice("objective", objective, OBJECTIVES)
     if objective == "arm":
         return next_token_batch(tokens)
-    mask, rate = sample_mask(objective, tokens.shape, generator)
+    mask, rate = sample_mask(objective, tokens.shape, generator, mask_eps)
     return masked_batch(tokens, mask, rate, mask_id)
 
 
@@ -116,6 +136,7 @@ def sample_loss_batches(
     batch_size: int,
     mask_id: int,
     generators: Sequence[torch.Generator],
+    mask_eps: float = MDM_MASK_EPS,
 ) -> LossBatch:
     """One training batch per generator, stacked to ``[instance, batch, seq]``.
 
@@ -128,7 +149,7 @@ def sample_loss_batches(
     for generator in generators:
         rows.append(torch.randint(len(sentences), (batch_size,), generator=generator))
         if objective != "arm":
-            mask, rate = sample_mask(objective, (batch_size, sentences.shape[1]), generator)
+            mask, rate = sample_mask(objective, (batch_size, sentences.shape[1]), generator, mask_eps)
             masks.append(mask)
             rates.append(rate)
     tokens = sentences[torch.stack(rows)]

@@ -35,7 +35,14 @@ from tqdm import tqdm
 from revlens.config import EncoderConfig, check_choice
 from revlens.evaluation import evaluate, evaluate_instances
 from revlens.model import HookedEncoder, functional_logits, stack_parameters
-from revlens.objectives import OBJECTIVES, Objective, sample_loss_batches, weighted_token_loss
+from revlens.objectives import (
+    MDM_MASK_EPS,
+    OBJECTIVES,
+    Objective,
+    check_mask_eps,
+    sample_loss_batches,
+    weighted_token_loss,
+)
 from revlens.optim import AdamW
 from revlens.world import ReversalWorld
 
@@ -53,9 +60,12 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     log_every: int = 100
+    mask_eps: float = MDM_MASK_EPS
+    """Floor of the ``mdm`` masking probability, p = (1 - eps) t + eps (LLaDA's 1e-3; 0 gives p = t)."""
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
+        check_mask_eps(self.mask_eps)
         for name in ("steps", "batch_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -163,7 +173,9 @@ def train(
         range(1, train_cfg.steps + 1), disable=not progress, desc=f"{train_cfg.objective} x{len(seeds)}", mininterval=2.0
     )
     for step in bar:
-        batch = sample_loss_batches(train_cfg.objective, sentences, train_cfg.batch_size, world.mask_id, generators)
+        batch = sample_loss_batches(
+            train_cfg.objective, sentences, train_cfg.batch_size, world.mask_id, generators, train_cfg.mask_eps
+        )
         losses = batch_losses(batch.inputs, batch.targets, batch.weights)
         optimiser.step(torch.autograd.grad(losses.sum(), list(params.values())))
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:

@@ -42,6 +42,20 @@ def test_mdm_mask_rate_follows_t():
     assert abs(weights.mean().item() * 3 - 1.0) < 0.05
 
 
+def test_mdm_mask_floor_bounds_the_weight_as_llada_does():
+    """p = (1 - eps) t + eps: the rate never falls below eps, so no weight exceeds 1 / (eps * seq_len)."""
+    shape = (200000, 3)
+    _, p_floor = sample_mdm_mask(shape, torch.Generator().manual_seed(1), eps=1e-3)
+    _, t = sample_mdm_mask(shape, torch.Generator().manual_seed(1), eps=0.0)
+    torch.testing.assert_close(p_floor, (1 - 1e-3) * t + 1e-3)
+    assert p_floor.min() >= 1e-3 and t.min() < 1e-3  # without the floor 1/t reaches past 1000
+    assert (1 / p_floor).max() <= 1000.0 + 1e-3
+    with pytest.raises(ValueError, match="mask_eps"):
+        sample_mdm_mask(shape, torch.Generator(), eps=1.0)
+    with pytest.raises(ValueError, match="mask_eps"):
+        sample_mdm_mask(shape, torch.Generator(), eps=float("nan"))
+
+
 def test_next_token_batch_scores_each_position_on_the_following_token():
     tokens = torch.tensor([[5, 1, 9]])
     batch = next_token_batch(tokens)

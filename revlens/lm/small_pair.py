@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from revlens.facts import FactSet
 from revlens.lm.corpus import build_tokenizer, make_world, save_tokenizer, training_sentences
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import make_loss_batch, weighted_token_loss
+from revlens.objectives import MDM_MASK_EPS, make_loss_batch, weighted_token_loss
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
 
@@ -41,6 +41,7 @@ class PairConfig:
     weight_decay: float = 0.01
     seed: int = 0
     n_facts: int = 240
+    mask_eps: float = MDM_MASK_EPS  # LLaDA's floor on the masking probability
 
 
 def _llada_config(pc: PairConfig, vocab_size: int, tok) -> LLaDAConfig:
@@ -81,7 +82,7 @@ def train_model(model: torch.nn.Module, objective: str, buckets: list[torch.Tens
     for _ in tqdm(range(pc.steps), desc=desc, mininterval=5):
         bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
         rows = torch.randint(len(bucket), (pc.batch_size,), generator=gen)
-        batch = make_loss_batch(objective, bucket[rows], mask_id, gen)
+        batch = make_loss_batch(objective, bucket[rows], mask_id, gen, pc.mask_eps)
         loss = weighted_token_loss(model(batch.inputs).logits, batch.targets, batch.weights)
         opt.zero_grad()
         loss.backward()
