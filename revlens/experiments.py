@@ -95,6 +95,7 @@ def cache_key(
         "world": world.to_dict(),
         "seeds": list(seeds),
         "code": _code_fingerprint(),
+        "init_noise": training.init_noise(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 

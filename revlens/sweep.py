@@ -26,11 +26,21 @@ from typing import Any
 
 from tqdm import tqdm
 
+from revlens.evaluation import evaluate_under_control
 from revlens.experiments import Setting, train_setting
 from revlens.training import TrainConfig, TrainRun, train
 from revlens.world import EVAL_SETS, ReversalWorld
 
-SNAPSHOT_KEYS = ("route_score_corr", "route_weight_rev", "cos_all", "cos_storage", "cos_route", "fact_cos_all_mean")
+SNAPSHOT_KEYS = (
+    "route_score_corr",
+    "route_weight_rev",
+    "route_weight_rev_max_head",
+    "cos_all",
+    "cos_storage",
+    "cos_route",
+    "cos_embedding",
+    "fact_cos_all_mean",
+)
 """Logged quantities recorded both at initialisation (``*_init``) and at the end (``*_final``)."""
 
 
@@ -70,8 +80,14 @@ class SweepSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def run_rows(setting: Setting, group: str, runs: list[TrainRun]) -> Iterator[dict[str, Any]]:
-    """Tidy rows (one per seed) from a setting's trained runs."""
+DIAGNOSED_SETS = ("inplace", "reverse")
+DIAGNOSTICS = ("acc_in_type", "argmax_in_type", "margin", "rank")
+"""Beyond accuracy, rows carry these answer metrics (:func:`revlens.evaluation.answer_metrics`) and,
+for the same sets, every answer metric under a uniform attention pattern (suffix ``_uniform``)."""
+
+
+def run_rows(setting: Setting, group: str, runs: list[TrainRun], world: ReversalWorld) -> Iterator[dict[str, Any]]:
+    """Tidy rows (one per seed) from a setting's trained runs on ``world``."""
     for run in runs:
         first, last = run.history[0], run.history[-1]
         row: dict[str, Any] = {
@@ -82,6 +98,8 @@ def run_rows(setting: Setting, group: str, runs: list[TrainRun]) -> Iterator[dic
             "seed": run.seed,
         }
         row.update({s: last[f"{s}_acc"] for s in EVAL_SETS})
+        row.update({f"{s}_{m}": last[f"{s}_{m}"] for s in DIAGNOSED_SETS for m in DIAGNOSTICS})
+        row.update(evaluate_under_control(run.model, world, setting.objective, "uniform", DIAGNOSED_SETS))
         row["chance"] = last["chance"]
         for key in SNAPSHOT_KEYS:
             row[f"{key}_init"], row[f"{key}_final"] = first.get(key, math.nan), last.get(key, math.nan)
@@ -97,7 +115,8 @@ def _train_rows(setting: Setting, group: str, spec: SweepSpec, threads: int) -> 
     import torch
 
     torch.set_num_threads(threads)
-    return list(run_rows(setting, group, train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)))
+    runs = train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)
+    return list(run_rows(setting, group, runs, spec.world))
 
 
 def step_seconds(setting: Setting, spec: SweepSpec, repeats: int = 3) -> float:

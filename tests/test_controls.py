@@ -76,3 +76,58 @@ def test_answer_metrics_on_hand_made_logits():
     assert m["rank"] == 2.0
     tied = answer_metrics(torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]]), EvalSet("r", es.prompts[:1], 2, torch.tensor([2]), es.candidates))
     assert tied["rank"] == 2.0 and tied["margin"] == 0.0  # a tie is not a win
+
+
+def test_type_logit_split_is_exact(trained_mdm, small_world):
+    from revlens.attribution import type_logit_split
+
+    es = small_world.eval_set("reverse")
+    split = type_logit_split(trained_mdm.model, es.prompts, 2, small_world.alphabet("A"), small_world.alphabet("B"))
+    torch.testing.assert_close(split.direct + split.by_key.sum(-1), split.total, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split.by_key_head.sum(1), split.by_key)
+
+
+def test_type_logit_split_with_absolute_positions_and_untied_values(small_world):
+    from revlens.attribution import type_logit_split
+    from revlens.config import EncoderConfig
+    from revlens.training import init_model
+
+    cfg = EncoderConfig(d_vocab=small_world.d_vocab, d_model=32, n_heads=2, d_head=16, positional="absolute",
+                        untied_positions=("v",))
+    model = init_model(cfg, 0).eval()
+    es = small_world.eval_set("inplace")
+    split = type_logit_split(model, es.prompts, 0, small_world.alphabet("A"), small_world.alphabet("B"))
+    torch.testing.assert_close(split.direct + split.by_key.sum(-1), split.total, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one-layer attention-only"):
+        type_logit_split(init_model(cfg.replace(n_layers=2), 0), es.prompts, 0, small_world.alphabet("A"),
+                         small_world.alphabet("B"))
+
+
+def test_spearman_uses_average_ranks_for_ties():
+    from revlens.theory import average_ranks, spearman
+
+    assert average_ranks(torch.tensor([0.5, 1.0, 1.0, 0.2])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    # ten tied values: any tiny perturbation of the ties must not change the statistic
+    x = torch.tensor([1.0] * 10 + [0.1, 0.2])
+    y = torch.arange(12.0)
+    shuffled_y = torch.cat([y[:10].flip(0), y[10:]])
+    assert spearman(x, y).item() == pytest.approx(spearman(x, shuffled_y).item(), abs=1e-12)
+
+
+def test_init_noise_switch_perturbs_at_rounding_level(monkeypatch):
+    from revlens.config import EncoderConfig
+    from revlens.training import init_model
+
+    cfg = EncoderConfig(d_vocab=20)
+    clean = init_model(cfg, 3)
+    monkeypatch.setenv("REVLENS_INIT_NOISE", "1e-7")
+    noisy = init_model(cfg, 3)
+    for p, q in zip(clean.parameters(), noisy.parameters()):
+        rel = ((p - q).abs() / p.abs().clamp_min(1e-30)).max().item()
+        assert 0 < rel < 1e-6
+    monkeypatch.setenv("REVLENS_INIT_NOISE", "big")
+    with pytest.raises(ValueError, match="REVLENS_INIT_NOISE must be a number"):
+        init_model(cfg, 3)
+    monkeypatch.setenv("REVLENS_INIT_NOISE", "0.5")
+    with pytest.raises(ValueError, match="rounding-level"):
+        init_model(cfg, 3)
