@@ -176,6 +176,28 @@ def mean_ci(values: pd.Series) -> tuple[float, float]:
     return float(v.mean()), float(t * v.std(ddof=1) / len(v) ** 0.5)
 
 
+def permutation_pvalue(x: Sequence[float], y: Sequence[float]) -> float:
+    """Exact two-sided permutation p-value for a difference in means between two small samples.
+
+    Every split of the pooled values into groups of the original sizes is enumerated (252 splits for
+    5 + 5 seeds), so no distributional assumption is made; the p-value is the share of splits whose
+    absolute mean difference is at least the observed one.
+    """
+    from itertools import combinations
+
+    pooled = [float(v) for v in (*x, *y)]
+    n, total = len(x), sum(pooled)
+    if not len(x) or not len(y):
+        raise ValueError("both samples need at least one value")
+
+    def gap(first: Sequence[float]) -> float:
+        return abs(sum(first) / n - (total - sum(first)) / (len(pooled) - n))
+
+    observed = gap(pooled[:n])
+    splits = [gap([pooled[i] for i in idx]) for idx in combinations(range(len(pooled)), n)]
+    return sum(g >= observed - 1e-12 for g in splits) / len(splits)
+
+
 def ci_table(table: pd.DataFrame, columns: Sequence[str], by: str = "setting") -> pd.DataFrame:
     """"mean ± half-width" strings per group (rounded to 2 decimals), rows in first-seen order."""
     out = {}
