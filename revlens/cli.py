@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", type=Path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
     sw.add_argument("--jobs", type=_positive_int, default=2,
                     help="settings trained at once in worker processes, threads split between them (default 2)")
+    sw.add_argument("--redo", action="store_true",
+                    help="drop and retrain rows of --out that this sweep file and library did not produce "
+                         "(a resume refuses them otherwise)")
 
     sp = sub.add_parser("small-pair", help="train the small LLaDA-architecture MDM and matched ARM notebook 05 uses")
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
@@ -124,7 +127,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from revlens.sweep import SweepSpec, run_sweep
 
     spec = SweepSpec.load(args.config)
-    out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl", jobs=args.jobs)
+    out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl", jobs=args.jobs, redo=args.redo)
     print(f"table written to {out}")
     return 0
 
@@ -169,7 +172,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one plain line on stderr (a user of the command needs the message, not our source line)."""
+    print(f"revlens: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "small-pair": cmd_small_pair,
@@ -177,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         args.command
     ]
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return handler(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"revlens {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,10 @@ field rather than a copied class. The field names ``n_layers``, ``n_heads``,
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 AttentionDir = Literal["bidirectional", "causal"]
@@ -23,6 +26,29 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     """Raise a ValueError naming the option, the bad value and the allowed values."""
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def load_json(path: str | Path) -> Any:
+    """A JSON file's content; a file that is missing or not JSON is an error naming it (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file")
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a JSON file (not UTF-8 text: {err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+
+
+def check_finite(name: str, value: Any, minimum: float | None = None, *, strict: bool = False) -> None:
+    """Raise a ValueError unless ``value`` is a finite real number (``> minimum`` if strict, else ``>=``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -60,8 +86,7 @@ class EncoderConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.positional == "rotary" and self.d_head % 2:
             raise ValueError(f"rotary positions need an even d_head, got {self.d_head}")
-        if self.rotary_base <= 1:
-            raise ValueError(f"rotary_base must be > 1, got {self.rotary_base}")
+        check_finite("rotary_base", self.rotary_base, 1, strict=True)
         untied = tuple(sorted(set(self.untied_positions)))
         for proj in untied:
             check_choice("untied projection", proj, UNTIEABLE_PROJECTIONS)

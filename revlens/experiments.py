@@ -67,7 +67,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("REVLENS_CACHE", Path.home() / ".cache" / "revlens"))
 
 
-def _code_fingerprint() -> str:
+def code_fingerprint() -> str:
     """Hash of every top-level source file of the package: a run is reused only by the code that made it.
 
     Hashing all of it (not a hand-kept list of "modules that matter") means a change to evaluation,
@@ -94,7 +94,7 @@ def cache_key(
         "train": train_cfg.to_dict(),
         "world": world.to_dict(),
         "seeds": list(seeds),
-        "code": _code_fingerprint(),
+        "code": code_fingerprint(),
         "init_noise": training.init_noise(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]

@@ -106,3 +106,17 @@ def test_bad_sweep_files_are_named(tmp_path):
         SweepSpec.from_dict({"name": "x", "seeds": [0], "settings": [{"name": "a", "objective": "mdm", "modle": {}}]})
     with pytest.raises(ValueError, match="unique"):
         SweepSpec.from_dict({"name": "x", "seeds": [0], "settings": [{"name": "a", "objective": "mdm"}] * 2})
+    with pytest.raises(ValueError, match=r"unknown top-level keys \['trian'\]"):
+        SweepSpec.from_dict({"name": "x", "seeds": [0], "trian": {"steps": 5}, "settings": [{"name": "a", "objective": "mdm"}]})
+    with pytest.raises(ValueError, match="'seeds' must be a non-empty list of integers, got \\['a'\\]"):
+        SweepSpec.from_dict({"name": "x", "seeds": ["a"], "settings": [{"name": "a", "objective": "mdm"}]})
+    with pytest.raises(ValueError, match=r"settings\[0\] needs a non-empty string 'name'"):
+        SweepSpec.from_dict({"name": "x", "seeds": [0], "settings": [{"objective": "mdm"}]})
+    with pytest.raises(ValueError, match="setting 'a': bad model override: .*n_layerz"):
+        SweepSpec.from_dict({"name": "x", "seeds": [0], "settings": [{"name": "a", "objective": "mdm", "model": {"n_layerz": 2}}]})
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        SweepSpec.from_dict({"name": "x", "seeds": [0], "train": {"steps": 0}, "settings": [{"name": "a", "objective": "mdm"}]})
+    broken = tmp_path / "spec.json"
+    broken.write_text('{"name": "x",\n "seeds": [0,]}')
+    with pytest.raises(ValueError, match=rf"{broken}, line 2, column 14: not valid JSON"):
+        SweepSpec.load(broken)
