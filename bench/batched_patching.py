@@ -1,7 +1,7 @@
 """Benchmark: batched activation patching vs ``transformer_lens.patching`` on the shipped small MDM.
 
 Both sweep every (layer, position) of the residual stream on the same reverse-query pairs, in the
-same run; the script reports the speed ratio and the largest absolute difference (issue: >= 5x,
+same run; the script reports the speed ratio and the largest absolute difference (target: >= 5x,
 < 1e-5). ``revlens.patching`` runs all sites in one forward pass; TransformerLens runs one per site.
 The gain is the per-pass overhead saved, so it is reported for several numbers of prompt pairs: with a
 few pairs (the usual patching experiment) a pass is overhead-bound and batching wins; with ~100 pairs one

@@ -1,7 +1,7 @@
 """Benchmark: per-fact gradients by torch.func (vmap over grad) vs a loop of backward passes.
 
 Both are measured in the same run on the same model and the same 200 facts; the script reports the
-speed ratio and the largest absolute difference between the two results (issue: >= 5x, < 1e-5).
+speed ratio and the largest absolute difference between the two results (target: >= 5x, < 1e-5).
 
     python bench/per_fact_grads.py
 """
