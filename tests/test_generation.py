@@ -288,3 +288,23 @@ def test_bad_arguments_are_refused_with_clear_messages(models):
         patch_generation(lm, trace, trace.cache, RESID_PRE, [(0, (1,))], 2)
     with pytest.raises(KeyError, match="step 1 was not cached"):
         patch_generation(lm, trace, trace.cache, RESID_PRE, [(0, (1,))], 1)
+    with pytest.raises(KeyError, match=r"the clean cache at step 0 lacks \['blocks.1.hook_resid_pre'\]"):
+        patch_generation(lm, trace, trace.cache, RESID_PRE, [(1, (1,))], 0)
+
+
+# ---- the notebook's fact-level helpers -------------------------------------------------------------------------
+def test_wilson_interval_and_order_agreement():
+    import pandas as pd
+
+    from revlens.lm.denoising import order_agreement, wilson_interval
+
+    low, high = wilson_interval(5, 10)
+    assert abs(low - 0.2366) < 1e-3 and abs(high - 0.7634) < 1e-3  # the textbook Wilson interval for 5 / 10
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] > 0.999
+    slots = [0, 1] * 20
+    rows = [{"fact": f, "direction": d, "step": 0, "slot": s}
+            for f, s in enumerate(slots) for d in ("inplace", "reverse")]
+    same = order_agreement(pd.DataFrame(rows), "inplace", "reverse")
+    assert same["observed"] == 1.0 and same["shuffled 97.5%"] < 0.8  # identical orders beat random pairings
+    flipped = [dict(r, slot=1 - r["slot"]) if r["direction"] == "reverse" else r for r in rows]
+    assert order_agreement(pd.DataFrame(flipped), "inplace", "reverse")["observed"] == 0.0

@@ -392,6 +392,11 @@ def patch_generation(
     steps = tuple(sorted(_step_set(steps, corrupted.n_steps, "patched steps")))
     if not steps:
         raise ValueError("no step to patch")
+    needed = sorted({hook.format(layer=layer) for layer, _ in sites})
+    for s in steps:
+        missing = [name for name in needed if name not in clean_cache[s]]
+        if missing:
+            raise KeyError(f"the clean cache at step {s} lacks {missing}: generate the clean run with them in cache_names")
     n = corrupted.slots.shape[0]
     per_pass = sites_per_pass or len(sites)
     answers, commits, logps = [], [], []
