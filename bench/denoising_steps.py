@@ -48,7 +48,7 @@ def main() -> None:
                                                              cache_names=[hook], cache_steps=[3]),
         "generate, cache 1 hook every step": lambda: generate(lm, clean_x, STEPS, gen_length=GEN_LENGTH, cache_names=[hook]),
     }
-    times = {label: best_of(fn, 7)[0] for label, fn in runs.items()}
+    times = {label: best_of(fn, 15)[0] for label, fn in runs.items()}
     base = times["forward passes only"]
     print(f"\n{'run':36s} {'best ms':>8s} {'/ forward passes':>17s}")
     for label, t in times.items():
@@ -70,7 +70,7 @@ def main() -> None:
             return patch_generation(lm, corrupted, clean.cache, RESID_PRE, sites, k)
 
         same = torch.equal(from_zero().answer.reshape(len(sites), BATCH, -1), from_k().answer)
-        (t0, _), (tk, _) = best_of(from_zero, 3), best_of(from_k, 3)
+        (t0, _), (tk, _) = best_of(from_zero, 5), best_of(from_k, 5)
         print(f"{k:>3d} {t0 * 1e3:16.1f} {tk * 1e3:10.1f} {t0 / tk:8.2f}x {STEPS / (STEPS - k):8.2f}x {str(same):>13s}")
 
 
