@@ -120,11 +120,12 @@ class StepPatching:
         return (low - base) / (1 - base), (high - base) / (1 - base)
 
 
-def patch_by_step(lm, pairs: PatchingPairs, steps: list[int],
-                  extra_sites: dict[str, tuple[int, tuple]] | None = None) -> list[StepPatching]:
+def patch_by_step(lm, pairs: PatchingPairs, steps: list[int], extra_sites: dict[str, tuple[int, tuple]] | None = None,
+                  sites_per_pass: int | None = None) -> list[StepPatching]:
     """Generate clean and corrupted answers (one token per step), then patch every residual-stream
     (layer, position), every head output and each named residual-stream site of ``extra_sites`` (e.g.
-    several positions at once) at each step in ``steps``, rerunning from that step."""
+    several positions at once) at each step in ``steps``, rerunning from that step (``sites_per_pass``
+    bounds the repeated batch, as in :func:`revlens.lm.generation.patch_generation`)."""
     n_tokens = int((pairs.clean[0] == lm.mask_token_id).sum())
     n_layers, seq = lm.cfg.n_layers, pairs.clean.shape[1]
     names = [t.format(layer=l) for t in (RESID_PRE, HEAD_Z) for l in range(n_layers)]
@@ -142,7 +143,7 @@ def patch_by_step(lm, pairs: PatchingPairs, steps: list[int],
         recovered = []
         for hook, sites in ((RESID_PRE, resid_pre_sites(n_layers, seq) + list(extra_sites.values())),
                             (HEAD_Z, head_out_sites(n_layers, lm.cfg.n_heads))):
-            patched = patch_generation(lm, corrupted, clean.cache, hook, sites, step)
+            patched = patch_generation(lm, corrupted, clean.cache, hook, sites, step, sites_per_pass=sites_per_pass)
             recovered.append((agreement(patched.answer).cpu() - base) / (1 - base))
         resid, heads = recovered
         results.append(StepPatching(step, resid[: n_layers * seq].reshape(n_layers, seq),
@@ -173,7 +174,7 @@ def first_slot_summary(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"direction": direction, "split": split, "queries": n, "first token first": k / n,
                      "95% low": low, "95% high": high,
                      "acc. token committed first": first.correct.mean(),
-                     "acc. token committed last": group[group.step == group.step.max()].correct.mean()})
+                     "acc. token committed last": group[group.step == group.groupby("fact").step.transform("max")].correct.mean()})
     return pd.DataFrame(rows).set_index(["direction", "split"])
 
 
