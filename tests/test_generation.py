@@ -223,8 +223,10 @@ def test_patching_a_corrupted_token_at_every_step_restores_the_clean_trajectory(
     assert not torch.equal(patched.answer[1], clean.answer)  # another position does not restore it
     at_slots = patched.target_logprob[0]  # the clean answer's log-probability along the restored run
     assert at_slots.shape == (6, 3, SLOTS)
-    once = patch_generation(lm, corrupted, clean.cache, RESID_PRE, [(0, (4,))], 0)  # at step 0 only
-    assert once.steps == (0,)
+    whole = patch_generation(lm, corrupted, clean.cache, RESID_PRE, [(0, (slice(None),))], 0)  # at step 0 only
+    assert whole.steps == (0,)
+    at_zero = clean.commit_step == 0  # the whole clean forward pass at step 0 commits exactly what clean did
+    assert torch.equal(whole.commit_step[0] == 0, at_zero) and torch.equal(whole.answer[0][at_zero], clean.answer[at_zero])
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
@@ -308,3 +310,23 @@ def test_wilson_interval_and_order_agreement():
     assert same["observed"] == 1.0 and same["shuffled 97.5%"] < 0.8  # identical orders beat random pairings
     flipped = [dict(r, slot=1 - r["slot"]) if r["direction"] == "reverse" else r for r in rows]
     assert order_agreement(pd.DataFrame(flipped), "inplace", "reverse")["observed"] == 0.0
+
+
+def test_patch_by_step_on_the_shipped_pair_is_normalised():
+    """Shapes and counts of the notebook's step patching; patching the whole layer-0 stream at step 0 fixes step 0."""
+    from revlens.facts import FactSet
+    from revlens.lm.analysis import patching_pairs
+    from revlens.lm.denoising import commit_order_table, patch_by_step
+    from revlens.lm.small_pair import SMALL_PAIR_DIR
+
+    lm = HookedLM.from_pretrained(SMALL_PAIR_DIR / "llada")
+    world = FactSet.load(SMALL_PAIR_DIR / "world.json")
+    pairs = patching_pairs(lm, world, world.subset(split="control")[:24])
+    results = patch_by_step(lm, pairs, [0, 1], {"everything": (0, (slice(None),))}, sites_per_pass=5)
+    first = results[0]  # at step 0 the whole clean forward pass is restored, so the token committed then is clean's
+    assert first.extra["everything"] >= (0.5 - first.corrupted_agreement) / (1 - first.corrupted_agreement) - 1e-6
+    for r in results:
+        assert r.resid_pre.shape == (2, pairs.clean.shape[1]) and r.head_out.shape == (2, 4)
+        assert r.open_slots == 2 - r.step and r.scored == r.open_slots * len(pairs.facts)
+    table = commit_order_table(lm, world, pairs.facts, ("reverse",))
+    assert sorted(table.groupby("fact").step.apply(sorted).map(tuple).unique()) == [(0, 1)]  # one token per step
