@@ -54,35 +54,54 @@ def batched_patch(
     results = torch.empty(len(sites))
     chunks = [range(s, min(s + per_pass, len(sites))) for s in range(0, len(sites), per_pass)]
     for chunk in tqdm(chunks, desc="patching", disable=not progress):
-        by_layer: dict[int, list[tuple[int, tuple]]] = defaultdict(list)
-        for copy, site in enumerate(chunk):
-            layer, index = sites[site]
-            by_layer[layer].append((copy, index))
-
-        def make_hook(layer: int):
-            clean = clean_cache[hook.format(layer=layer)]
-
-            def patch(activation: Tensor, hook: Any) -> Tensor:
-                activation = activation.clone()
-                for copy, index in by_layer[layer]:
-                    rows = slice(copy * n, (copy + 1) * n)
-                    activation[(rows, *index)] = clean[(slice(None), *index)]
-                return activation
-
-            return patch
-
-        hooks = [(hook.format(layer=layer), make_hook(layer)) for layer in by_layer]
+        hooks = site_patch_hooks(hook, clean_cache, [sites[site] for site in chunk], n)
         logits = model.run_with_hooks(corrupted_tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
         for copy, site in enumerate(chunk):
             results[site] = metric(logits[copy * n : (copy + 1) * n]).item()
     return results
 
 
+def site_patch_hooks(hook: str, clean: Any, sites: list[tuple[int, tuple]],
+                     n: int) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+    """Hooks writing site ``c``'s clean activation into rows ``c * n ... (c + 1) * n`` of a repeated batch.
+
+    ``clean`` maps hook names to the clean run's activations (an ActivationCache, or one step of a
+    :class:`revlens.lm.generation.StepCache`); one hook per layer patches every site of that layer.
+    """
+    by_layer: dict[int, list[tuple[int, tuple]]] = defaultdict(list)
+    for copy, (layer, index) in enumerate(sites):
+        by_layer[layer].append((copy, index))
+
+    def make_hook(layer: int):
+        source = clean[hook.format(layer=layer)]
+
+        def patch(activation: Tensor, hook: Any) -> Tensor:
+            activation = activation.clone()
+            for copy, index in by_layer[layer]:
+                rows = slice(copy * n, (copy + 1) * n)
+                activation[(rows, *index)] = source[(slice(None), *index)]
+            return activation
+
+        return patch
+
+    return [(hook.format(layer=layer), make_hook(layer)) for layer in by_layer]
+
+
+def resid_pre_sites(n_layers: int, seq: int) -> list[tuple[int, tuple]]:
+    """Every (layer, position) of the residual stream, layer-major."""
+    return [(layer, (pos,)) for layer in range(n_layers) for pos in range(seq)]
+
+
+def head_out_sites(n_layers: int, n_heads: int) -> list[tuple[int, tuple]]:
+    """Every (layer, head) output, at all positions, layer-major."""
+    return [(layer, (slice(None), head)) for layer in range(n_layers) for head in range(n_heads)]
+
+
 def patch_resid_pre(model: Any, corrupted_tokens: Tensor, clean_cache: Any, metric: Metric,
                     **kwargs: Any) -> Float[Tensor, "layer pos"]:
     """Like ``transformer_lens.patching.get_act_patch_resid_pre``: every (layer, position) of the residual stream."""
     n_layers, seq = model.cfg.n_layers, corrupted_tokens.shape[1]
-    sites = [(layer, (pos,)) for layer in range(n_layers) for pos in range(seq)]
+    sites = resid_pre_sites(n_layers, seq)
     return batched_patch(model, corrupted_tokens, clean_cache, metric, RESID_PRE, sites, **kwargs).reshape(n_layers, seq)
 
 
@@ -90,7 +109,7 @@ def patch_head_out(model: Any, corrupted_tokens: Tensor, clean_cache: Any, metri
                    **kwargs: Any) -> Float[Tensor, "layer head"]:
     """Like ``get_act_patch_attn_head_out_all_pos``: each head's output (z) at every position."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    sites = [(layer, (slice(None), head)) for layer in range(n_layers) for head in range(n_heads)]
+    sites = head_out_sites(n_layers, n_heads)
     return batched_patch(model, corrupted_tokens, clean_cache, metric, HEAD_Z, sites, **kwargs).reshape(n_layers, n_heads)
 
 

@@ -255,3 +255,10 @@ class HookedLM:
         c = self.cfg
         return (f"HookedLM({self.family.name}: {c.n_layers} layers, {c.n_heads} heads, d_model={c.d_model}, "
                 f"vocab={c.d_vocab}, mask_token_id={self.mask_token_id}, from {self.source})")
+
+    def generate(self, tokens: Int[Tensor, "batch seq"], steps: int, **kwargs: Any) -> Any:
+        """Denoise the masks step by step, with optional step-indexed hooks and caches: see
+        :func:`revlens.lm.generation.generate`."""
+        from revlens.lm.generation import generate
+
+        return generate(self, tokens, steps, **kwargs)
