@@ -4,7 +4,9 @@ A :class:`Setting` is an objective plus changes to the base architecture, so "AR
 differ exactly in what their definitions say. ``train_setting`` trains all seeds of a setting in
 one batched run and caches the checkpoints under a key that hashes the model config, the training
 config, the world and the source of the whole package -- so notebooks can share
-trained models, and a code change never serves stale weights.
+trained models, and a code change never serves stale weights. Every cached file is checked
+against the checksums written with it (:mod:`revlens.checkpoint`); an entry that fails is reported
+(:class:`CacheWarning`, naming the file), deleted and retrained, never served.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,10 @@ SETTINGS: dict[str, Setting] = {
         ),
     ]
 }
+
+
+class CacheWarning(UserWarning):
+    """A run-cache entry failed its integrity check and is being retrained."""
 
 
 def default_cache_dir() -> Path:
@@ -134,8 +142,13 @@ def train_setting(
     key = cache_key(model_cfg, world, train_cfg, seeds, callback_ids)
     folder = (cache_dir or default_cache_dir()) / "runs" / key
     cacheable = use_cache and None not in callback_ids
-    if cacheable and all((folder / f"seed{s}" / checkpoint.WEIGHTS).is_file() for s in seeds):
-        return [checkpoint.load_run(folder / f"seed{s}")[0] for s in seeds]
+    if cacheable and all((folder / f"seed{s}").is_dir() for s in seeds):
+        try:
+            return [checkpoint.load_run(folder / f"seed{s}", require_checksums=True)[0] for s in seeds]
+        except (ValueError, OSError) as err:
+            warnings.warn(f"run cache entry {folder} is damaged ({err}); deleting it and retraining",
+                          CacheWarning, stacklevel=2)
+            shutil.rmtree(folder)
     runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress)
     if cacheable:
         for run in runs:
