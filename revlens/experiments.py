@@ -76,14 +76,18 @@ def default_cache_dir() -> Path:
 
 
 def code_fingerprint() -> str:
-    """Hash of every top-level source file of the package: a run is reused only by the code that made it.
+    """Hash of every top-level source file of the package and of the torch version: a run is reused
+    (and a sweep row kept) only by the code that made it.
 
     Hashing all of it (not a hand-kept list of "modules that matter") means a change to evaluation,
     readouts, loggers or checkpoints can never serve stale histories; the price is a retrain after
     edits to files that do not affect training, such as plotting. The real-architecture subpackage
-    ``revlens.lm`` is never imported by toy training and is not hashed.
+    ``revlens.lm`` is never imported by toy training and is not hashed. torch's version is, since
+    its kernels produce the weights.
     """
-    digest = hashlib.sha256()
+    import torch
+
+    digest = hashlib.sha256(f"torch {torch.__version__}".encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
