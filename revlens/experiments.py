@@ -150,11 +150,10 @@ def train_setting(
         try:
             return [checkpoint.load_run(folder / f"seed{s}", require_checksums=True)[0] for s in seeds]
         except (ValueError, OSError) as err:
-            warnings.warn(f"run cache entry {folder} is damaged ({err}); deleting it and retraining",
-                          CacheWarning, stacklevel=2)
-            shutil.rmtree(folder)
+            warnings.warn(f"run cache entry {folder} is damaged ({err}); retraining it", CacheWarning, stacklevel=2)
     runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress)
     if cacheable:
+        shutil.rmtree(folder, ignore_errors=True)  # what is there is incomplete (a crash) or damaged
         for run in runs:
             checkpoint.save_run(run, world, folder / f"seed{run.seed}")
     return runs

@@ -1,6 +1,7 @@
 """The run cache and checkpoints: damaged files are named and retrained, never served; saves are atomic."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,21 @@ def test_a_damaged_cache_entry_is_named_and_retrained_not_served(cache, damage):
     assert json.dumps([r.history for r in again]) == json.dumps([r.history for r in runs])  # NaN-safe equality
     checkpoint.verify_checksums(entry(cache_dir), required=True)  # healed
     assert same_weights(cached(cache_dir), runs)  # and now served from the cache
+
+
+def test_a_partial_cache_entry_is_retrained_and_replaced(cache):
+    """What a crash used to leave: one seed folder holding only its weights, the other missing."""
+    cache_dir, runs = cache
+    folder = entry(cache_dir)
+    for path in folder.parent.iterdir():
+        if path != folder:
+            shutil.rmtree(path)
+    for path in folder.iterdir():
+        if path.name != checkpoint.WEIGHTS:
+            path.unlink()
+    assert same_weights(cached(cache_dir), runs)
+    for seed in (0, 1):
+        checkpoint.verify_checksums(entry(cache_dir, seed), required=True)
 
 
 def test_evaluating_a_damaged_checkpoint_names_the_file(cache, capsys):
