@@ -1,14 +1,16 @@
 """Training dynamics: forward/reverse losses, gradient alignment by parameter block, first-order
 prediction of the reverse-loss change, and the storage path's evidence for B -> A.
 
-Losses (SCIENCE point 3). For a masked model, L_fwd = -log p(A | "[M] r B") -- the term training
+Losses (arXiv 2602.02133, the gradient-alignment argument). For a masked model, L_fwd = -log p(A | "[M] r B") -- the term training
 actually optimises -- and L_rev = -log p(A | "B r [M]"). For a left-to-right model the trained term
 is L_fwd = -log p(B | "A r") and the reverse query L_rev = -log p(A | "B r").
 
 One SGD step of size eta on L_fwd changes L_rev by -eta <grad L_rev, grad L_fwd> + O(eta^2): a
 positive inner product means training the forward direction also trains the reverse one. We split
-it over parameter blocks: **storage** (embedding, W_V, W_O, unembedding, absolute positions: the
-path that carries "B -> A" whatever the position) and **route** (W_Q, W_K: where the mask looks).
+it over parameter blocks: **storage** (W_V, W_O, unembedding: the path that carries "B -> A"
+whatever the position), **route** (W_Q, W_K: where the mask looks) and **embedding** (W_E and absolute
+positions, which feed *both* the value path and the queries and keys, so they belong to neither; a
+tied unembedding is W_E itself and counts here too).
 """
 
 from __future__ import annotations
@@ -27,20 +29,26 @@ from revlens.objectives import READOUTS, Objective
 from revlens.readout import read_position, readable
 from revlens.world import EvalSet, ReversalWorld
 
-STORAGE, ROUTE, OTHER = "storage", "route", "other"
-BLOCKS: tuple[str, ...] = (STORAGE, ROUTE, OTHER)
-_STORAGE_NAMES = ("W_E", "W_pos", "W_V", "W_O", "W_U_untied")
+STORAGE, ROUTE, EMBEDDING, OTHER = "storage", "route", "embedding", "other"
+BLOCKS: tuple[str, ...] = (STORAGE, ROUTE, EMBEDDING, OTHER)
+_STORAGE_NAMES = ("W_V", "W_O", "W_U_untied")
+_EMBEDDING_NAMES = ("W_E", "W_pos")
 _ROUTE_NAMES = ("W_Q", "W_K")
 
 Params = dict[str, Tensor]
 
 
 def parameter_blocks(model: HookedEncoder) -> dict[str, str]:
-    """Map every parameter name to ``storage``, ``route`` or ``other`` (MLP weights)."""
+    """Map every parameter name to ``storage``, ``route``, ``embedding`` or ``other`` (MLP weights)."""
     out = {}
     for name, _ in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        out[name] = STORAGE if leaf in _STORAGE_NAMES else ROUTE if leaf in _ROUTE_NAMES else OTHER
+        out[name] = (
+            STORAGE if leaf in _STORAGE_NAMES
+            else ROUTE if leaf in _ROUTE_NAMES
+            else EMBEDDING if leaf in _EMBEDDING_NAMES
+            else OTHER
+        )
     return out
 
 

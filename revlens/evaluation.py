@@ -2,6 +2,9 @@
 
 Accuracy is exact-token match: the argmax over the *whole* vocabulary at the mask's readout
 position must be the answer token. Chance is 1 / n_facts (a guess within the right alphabet).
+Exact accuracy alone hides *type confusion* (the model knows which A, but a B-alphabet token
+wins the argmax), so every set also reports accuracy within the answer's alphabet, the share of
+argmaxes inside it, the gold answer's logit margin and its rank (:func:`answer_metrics`).
 A set the model cannot answer by construction -- "[M] r B" for a left-to-right model, whose first
 position has nothing before it -- is reported as NaN, not as zero.
 
@@ -20,18 +23,18 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import vmap
 
+from revlens.controls import AttentionControl, attention_control_hooks
 from revlens.model import HookedEncoder, functional_logits
 from revlens.objectives import READOUTS, Objective
-from revlens.readout import logits_at_masks, readable
-from revlens.world import EVAL_SETS, ReversalWorld
+from revlens.readout import logits_at_masks, read_position, readable
+from revlens.world import EVAL_SETS, EvalSet, ReversalWorld
 
 StackedForward = Callable[[Tensor], Float[Tensor, "instance batch pos vocab"]]
 
 
 @torch.no_grad()
 def evaluate(model: HookedEncoder, world: ReversalWorld, objective: Objective) -> dict[str, float]:
-    """``{set}_acc`` and ``{set}_logp`` (mean log-probability of the answer) for each eval set,
-    plus ``chance``."""
+    """``{set}_{metric}`` for each eval set and each of :data:`ANSWER_METRICS`, plus ``chance``."""
     _check_vocabulary(model, world)
     was_training = model.training
     model.eval()
@@ -65,20 +68,83 @@ def _check_vocabulary(model: HookedEncoder, world: ReversalWorld) -> None:
 def _score(
     forward: StackedForward, n_instances: int, model: HookedEncoder, world: ReversalWorld, objective: Objective
 ) -> list[dict[str, float]]:
-    readout = READOUTS[objective]
-    causal = readout == "shifted" and model.cfg.attention_dir == "causal"
     metrics: list[dict[str, float]] = [{} for _ in range(n_instances)]
     for name in EVAL_SETS:
-        es = world.eval_set(name)
-        if not readable(es.mask_pos, readout):
-            for row in metrics:
-                row[f"{name}_acc"] = row[f"{name}_logp"] = math.nan
-            continue
-        all_logits = logits_at_masks(forward, es.prompts, world.mask_id, readout=readout, causal=causal)[:, :, 0]
-        for row, logits in zip(metrics, all_logits):  # instance by instance: the same reductions as alone
-            logp = logits.log_softmax(-1).gather(1, es.answers[:, None])[:, 0]
-            row[f"{name}_acc"] = (logits.argmax(-1) == es.answers).float().mean().item()
-            row[f"{name}_logp"] = logp.mean().item()
+        for row, set_metrics in zip(metrics, _score_set(forward, n_instances, model, world, objective, name)):
+            row.update(set_metrics)
     for row in metrics:
         row["chance"] = world.chance
     return metrics
+
+
+def _score_set(
+    forward: StackedForward, n_instances: int, model: HookedEncoder, world: ReversalWorld, objective: Objective, name: str
+) -> list[dict[str, float]]:
+    """Per instance, the metrics of eval set ``name`` (see :func:`answer_metrics`), keys prefixed by it."""
+    readout = READOUTS[objective]
+    causal = readout == "shifted" and model.cfg.attention_dir == "causal"
+    es = world.eval_set(name)
+    if not readable(es.mask_pos, readout):
+        return [{f"{name}_{key}": math.nan for key in ANSWER_METRICS} for _ in range(n_instances)]
+    all_logits = logits_at_masks(forward, es.prompts, world.mask_id, readout=readout, causal=causal)[:, :, 0]
+    # instance by instance: the same reductions as alone
+    return [{f"{name}_{k}": v for k, v in answer_metrics(logits, es).items()} for logits in all_logits]
+
+
+ANSWER_METRICS: tuple[str, ...] = ("acc", "logp", "acc_in_type", "argmax_in_type", "margin", "rank")
+
+
+def answer_metrics(logits: Float[Tensor, "n vocab"], es: EvalSet) -> dict[str, float]:
+    """How the model's logits at the mask treat the gold answer, averaged over the set's prompts.
+
+    ``acc``: the argmax over the whole vocabulary is the answer. ``logp``: mean log-probability of
+    the answer. ``acc_in_type``: the argmax over the answer's alphabet (``es.candidates``) is the
+    answer -- a model that knows *which* A but is pulled to the wrong type scores here and not in
+    ``acc``. ``argmax_in_type``: share of argmaxes inside the answer's alphabet (1 minus the type
+    confusion). ``margin``: mean of (gold logit - best other logit), positive exactly when correct.
+    ``rank``: median rank of the gold answer in the whole vocabulary (1 = top; ties counted
+    against the answer).
+    """
+    gold = logits.gather(1, es.answers[:, None])[:, 0]
+    argmax = logits.argmax(-1)
+    in_type = torch.isin(argmax, es.candidates)
+    best_in_type = es.candidates[logits[:, es.candidates].argmax(-1)]
+    others = logits.scatter(1, es.answers[:, None], -math.inf)
+    rank = 1 + (logits > gold[:, None]).sum(-1) + (others == gold[:, None]).sum(-1)
+    return {
+        "acc": (argmax == es.answers).float().mean().item(),
+        "logp": (gold - logits.logsumexp(-1)).mean().item(),
+        "acc_in_type": (best_in_type == es.answers).float().mean().item(),
+        "argmax_in_type": in_type.float().mean().item(),
+        "margin": (gold - others.max(-1).values).mean().item(),
+        "rank": rank.float().median().item(),
+    }
+
+
+@torch.no_grad()
+def evaluate_under_control(
+    model: HookedEncoder,
+    world: ReversalWorld,
+    objective: Objective,
+    control: AttentionControl = "uniform",
+    sets: tuple[str, ...] = ("inplace", "reverse"),
+) -> dict[str, float]:
+    """``{set}_acc_{control}`` (and the other answer metrics) with the readout position's attention
+    replaced by ``control`` in every layer (:mod:`revlens.controls`).
+
+    If reverse accuracy survives a uniform pattern, answering does not depend on where the mask
+    attends, and the world cannot test a routing claim.
+    """
+    _check_vocabulary(model, world)
+    readout = READOUTS[objective]
+    out: dict[str, float] = {}
+    for name in sets:
+        es = world.eval_set(name)
+        if readable(es.mask_pos, readout):
+            hooks = attention_control_hooks(model, read_position(es.mask_pos, readout), control)
+            forward: StackedForward = lambda tokens, hooks=hooks: model.run_with_hooks(tokens, fwd_hooks=hooks)[None]
+        else:
+            forward = None  # type: ignore[assignment]  # _score_set reports NaN without calling it
+        (metrics,) = _score_set(forward, 1, model, world, objective, name)
+        out.update({f"{key}_{control}": value for key, value in metrics.items()})
+    return out

@@ -107,6 +107,7 @@ def cache_key(
         "world": world.to_dict(),
         "seeds": list(seeds),
         "code": code_fingerprint(),
+        "init_noise": training.init_noise(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -189,6 +190,28 @@ def mean_ci(values: pd.Series) -> tuple[float, float]:
         return (float(v.mean()) if len(v) else float("nan")), float("nan")
     t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
     return float(v.mean()), float(t * v.std(ddof=1) / len(v) ** 0.5)
+
+
+def permutation_pvalue(x: Sequence[float], y: Sequence[float]) -> float:
+    """Exact two-sided permutation p-value for a difference in means between two small samples.
+
+    Every split of the pooled values into groups of the original sizes is enumerated (252 splits for
+    5 + 5 seeds), so no distributional assumption is made; the p-value is the share of splits whose
+    absolute mean difference is at least the observed one.
+    """
+    from itertools import combinations
+
+    pooled = [float(v) for v in (*x, *y)]
+    n, total = len(x), sum(pooled)
+    if not len(x) or not len(y):
+        raise ValueError("both samples need at least one value")
+
+    def gap(first: Sequence[float]) -> float:
+        return abs(sum(first) / n - (total - sum(first)) / (len(pooled) - n))
+
+    observed = gap(pooled[:n])
+    splits = [gap([pooled[i] for i in idx]) for idx in combinations(range(len(pooled)), n)]
+    return sum(g >= observed - 1e-12 for g in splits) / len(splits)
 
 
 def ci_table(table: pd.DataFrame, columns: Sequence[str], by: str = "setting") -> pd.DataFrame:

@@ -136,4 +136,6 @@ class RouteLogger:
             "route_weight_corr": float(rc.weight_corr.nanmean()),
             "route_weight_fwd": float(rc.forward.weights.mean()),
             "route_weight_rev": float(rc.reverse.weights.mean()),
+            # the head that looks at B most in the reverse prompt (a saturated head hides in the mean)
+            "route_weight_rev_max_head": float(rc.reverse.weights.mean(-1).max()),
         }

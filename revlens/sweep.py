@@ -44,12 +44,22 @@ from typing import Any
 from tqdm import tqdm
 
 from revlens.config import check_choice, load_json
+from revlens.evaluation import evaluate_under_control
 from revlens.experiments import Setting, code_fingerprint, train_setting
 from revlens.objectives import OBJECTIVES
-from revlens.training import TrainConfig, TrainRun, train
+from revlens.training import TrainConfig, TrainRun, init_noise, train
 from revlens.world import EVAL_SETS, ReversalWorld
 
-SNAPSHOT_KEYS = ("route_score_corr", "route_weight_rev", "cos_all", "cos_storage", "cos_route", "fact_cos_all_mean")
+SNAPSHOT_KEYS = (
+    "route_score_corr",
+    "route_weight_rev",
+    "route_weight_rev_max_head",
+    "cos_all",
+    "cos_storage",
+    "cos_route",
+    "cos_embedding",
+    "fact_cos_all_mean",
+)
 """Logged quantities recorded both at initialisation (``*_init``) and at the end (``*_final``)."""
 
 SPEC_KEYS = frozenset({"name", "world", "train", "seeds", "settings", "description"})
@@ -116,7 +126,7 @@ class SweepSpec:
         """What produces ``setting``'s rows: a hash of its model, training and world configs, and the library."""
         train_cfg = dataclasses.replace(self.train, objective=setting.objective)
         payload = {"model": setting.model_cfg(self.world).to_dict(), "train": train_cfg.to_dict(),
-                   "world": self.world.to_dict()}
+                   "world": self.world.to_dict(), "init_noise": init_noise()}
         config = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
         return {"config": config, "revlens": code_fingerprint()}
 
@@ -139,10 +149,21 @@ def _setting_from_dict(index: int, entry: Any) -> tuple[Setting, str]:
     return setting, str(entry.get("group", ""))
 
 
+DIAGNOSED_SETS = ("inplace", "reverse")
+DIAGNOSTICS = ("acc_in_type", "argmax_in_type", "margin", "rank")
+"""Beyond accuracy, rows carry these answer metrics (:func:`revlens.evaluation.answer_metrics`) and,
+for the same sets, every answer metric under a uniform attention pattern (suffix ``_uniform``)."""
+
+
 def run_rows(
-    setting: Setting, group: str, runs: list[TrainRun], provenance: dict[str, str] | None = None
+    setting: Setting,
+    group: str,
+    runs: list[TrainRun],
+    world: ReversalWorld,
+    provenance: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Tidy rows (one per seed) from a setting's trained runs, ending with ``provenance`` when given."""
+    """Tidy rows (one per seed) from a setting's trained runs on ``world``, ending with ``provenance``
+    when given."""
     for run in runs:
         first, last = run.history[0], run.history[-1]
         row: dict[str, Any] = {
@@ -153,6 +174,8 @@ def run_rows(
             "seed": run.seed,
         }
         row.update({s: last[f"{s}_acc"] for s in EVAL_SETS})
+        row.update({f"{s}_{m}": last[f"{s}_{m}"] for s in DIAGNOSED_SETS for m in DIAGNOSTICS})
+        row.update(evaluate_under_control(run.model, world, setting.objective, "uniform", DIAGNOSED_SETS))
         row["chance"] = last["chance"]
         for key in SNAPSHOT_KEYS:
             row[f"{key}_init"], row[f"{key}_final"] = first.get(key, math.nan), last.get(key, math.nan)
@@ -248,7 +271,7 @@ def _train_rows(setting: Setting, group: str, spec: SweepSpec, threads: int) -> 
 
     torch.set_num_threads(threads)
     runs = train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)
-    return list(run_rows(setting, group, runs, spec.provenance(setting)))
+    return list(run_rows(setting, group, runs, spec.world, spec.provenance(setting)))
 
 
 def step_seconds(setting: Setting, spec: SweepSpec, repeats: int = 3) -> float:

@@ -1,6 +1,6 @@
 """Closed forms for the correlation of forward and reverse attention routes.
 
-Set-up (SCIENCE point 2). The mask attends to B with logit ``S_fwd = q^T R(+D) k / sqrt(d)`` in
+Set-up (arXiv 2602.02133, the correlated-routes argument). The mask attends to B with logit ``S_fwd = q^T R(+D) k / sqrt(d)`` in
 "[M] r B" and ``S_rev = q^T R(-D) k / sqrt(d)`` in "B r [M]": the *same* ``q = W_Q e_M`` and
 ``k = W_K e_B`` (weights are shared across positions), rotated by opposite relative offsets.
 For independent isotropic q, k (e.g. Gaussian W_Q, W_K at initialisation)
@@ -145,3 +145,28 @@ def pearson(x: Float[Tensor, "... n"], y: Float[Tensor, "... n"]) -> Float[Tenso
     x = x - x.mean(-1, keepdim=True)
     y = y - y.mean(-1, keepdim=True)
     return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+
+
+def average_ranks(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+    """Ranks 1..n along a 1-d tensor, tied values sharing the mean of their ranks.
+
+    Ranking by ``argsort`` alone would order tied values by float noise (or by index), so a rank
+    statistic over, say, ten models all at accuracy 1.000 would depend on bits; average ranks do not.
+    """
+    x = x.double()
+    order = x.argsort()
+    sorted_x = x[order]
+    ranks = torch.empty_like(x)
+    start = 0
+    while start < len(x):
+        stop = start + 1
+        while stop < len(x) and sorted_x[stop] == sorted_x[start]:
+            stop += 1
+        ranks[order[start:stop]] = (start + stop + 1) / 2  # mean of ranks start+1 .. stop
+        start = stop
+    return ranks
+
+
+def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> Float[Tensor, ""]:
+    """Spearman rank correlation with average ranks for ties (Pearson of the ranks)."""
+    return pearson(average_ranks(torch.as_tensor(x)), average_ranks(torch.as_tensor(y)))

@@ -21,6 +21,7 @@ gradient alignment or route weights without copying this loop.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -91,11 +92,43 @@ class TrainRun:
         return {k: v for k, v in self.history[-1].items() if k not in ("step", "loss")}
 
 
+INIT_NOISE_ENV = "REVLENS_INIT_NOISE"
+"""Environment variable: relative size of a multiplicative perturbation of every initial weight."""
+
+
+def init_noise() -> float:
+    """The relative initial-weight perturbation asked for in ``$REVLENS_INIT_NOISE`` (0 when unset).
+
+    Other CPUs, BLAS builds and thread counts train slightly different float32 models from the same
+    seed. Setting e.g. ``REVLENS_INIT_NOISE=1e-7`` (float32 rounding level) multiplies every initial
+    weight by ``1 + 1e-7 * N(0, 1)``, which imitates that drift on one machine: a printed number that
+    such a perturbation moves is not reproducible across machines. It is part of the run-cache key.
+    """
+    raw = os.environ.get(INIT_NOISE_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{INIT_NOISE_ENV} must be a number, got {raw!r}") from None
+    if not 0.0 <= value <= 1e-3:
+        raise ValueError(f"{INIT_NOISE_ENV} must lie in [0, 1e-3] (a rounding-level perturbation), got {raw!r}")
+    return value
+
+
 def init_model(cfg: EncoderConfig, seed: int) -> HookedEncoder:
-    """A freshly initialised model whose weights depend only on ``cfg`` and ``seed``."""
+    """A freshly initialised model whose weights depend only on ``cfg`` and ``seed``
+    (and on :func:`init_noise`, when that switch is set)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return HookedEncoder(cfg)
+        model = HookedEncoder(cfg)
+    noise = init_noise()
+    if noise:
+        generator = torch.Generator().manual_seed(10_007 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.0 + noise * torch.randn(p.shape, generator=generator))
+    return model
 
 
 LossBatchFn = Callable[[Tensor, Tensor, Tensor], Float[Tensor, " instance"]]

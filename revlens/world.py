@@ -40,12 +40,17 @@ EVAL_SETS: tuple[str, ...] = ("forward", "inplace", "reverse", "control_reverse"
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Prompts with one mask each, the mask's position and the expected token there."""
+    """Prompts with one mask each, the mask's position and the expected token there.
+
+    ``candidates`` is the answer's alphabet (every A entity for an A answer, every B entity for a
+    B answer): accuracy "within type" takes the argmax over these ids only.
+    """
 
     name: str
     prompts: Int[Tensor, "n seq"]
     mask_pos: int
     answers: Int[Tensor, " n"]
+    candidates: Int[Tensor, " n_candidates"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,19 @@ class ReversalWorld:
         a, b = self._facts(split)
         r, m = self.relation_id, self.mask_id
         mask = torch.full_like(a, m)
+        a_alphabet, b_alphabet = self.alphabet("A"), self.alphabet("B")
         if name == "forward":
-            return EvalSet(name, self._sentences(a, mask, r), 2, b)
+            return EvalSet(name, self._sentences(a, mask, r), 2, b, b_alphabet)
         if name == "inplace":
-            return EvalSet(name, self._sentences(mask, b, r), 0, a)
-        return EvalSet(name, self._sentences(b, mask, r), 2, a)
+            return EvalSet(name, self._sentences(mask, b, r), 0, a, a_alphabet)
+        return EvalSet(name, self._sentences(b, mask, r), 2, a, a_alphabet)
+
+    def alphabet(self, kind: str) -> Int[Tensor, " n_facts"]:
+        """Token ids of every A entity (``kind="A"``) or every B entity (``"B"``)."""
+        first = {"A": 2, "B": 2 + self.n_facts}.get(kind)
+        if first is None:
+            raise ValueError(f"unknown alphabet {kind!r}; expected 'A' or 'B'")
+        return torch.arange(first, first + self.n_facts)
 
     # ---- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

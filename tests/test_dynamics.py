@@ -27,14 +27,16 @@ def test_blocks_partition_the_parameters(kw):
     model = init_model(EncoderConfig(d_vocab=20, d_model=16, n_heads=2, d_head=8, **kw), 0)
     blocks = parameter_blocks(model)
     assert set(blocks) == {n for n, _ in model.named_parameters()}
-    assert set(blocks.values()) <= {"storage", "route", "other"}
+    assert set(blocks.values()) <= {"storage", "route", "embedding", "other"}
     assert {n.rsplit(".", 1)[-1] for n, b in blocks.items() if b == "route"} == {"W_Q", "W_K"}
+    # W_E (and absolute positions) feed both the values and the queries/keys: a block of their own
+    assert {n for n, b in blocks.items() if b == "embedding"} == {"W_E"} | ({"W_pos"} if "W_pos" in blocks else set())
     assert (any(b == "other" for b in blocks.values())) == (not model.cfg.attn_only)
     # the "all" products are the sums of the block products
     g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     h = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     prods = block_products(model, g, h)
-    parts = sum(prods[b]["dot"] for b in ("storage", "route", "other") if b in prods)
+    parts = sum(prods[b]["dot"] for b in ("storage", "route", "embedding", "other") if b in prods)
     torch.testing.assert_close(parts, prods["all"]["dot"])
 
 
@@ -87,5 +89,5 @@ def test_trained_mdm_stores_b_to_a_and_logger_reports(trained_mdm, trained_arm, 
     assert storage_evidence(trained_mdm.model, b, a)["gap_sd"] > 2.0
     assert storage_evidence(trained_arm.model, a, b)["gap_sd"] > 2.0  # the ARM stores A -> B
     row = AlignmentLogger(small_world, "mdm")(0, trained_mdm.model)
-    assert {"cos_storage", "cos_route", "cos_all", "fo_pred_0.01", "storage_BA_gap_sd"} <= set(row)
+    assert {"cos_storage", "cos_route", "cos_embedding", "cos_all", "fo_pred_0.01", "storage_BA_gap_sd"} <= set(row)
     assert per_fact_losses(trained_mdm.model, toy_loss_queries(small_world, "mdm")[0]).mean() < 0.5

@@ -31,3 +31,13 @@ def test_cache_serves_identical_runs_and_keys_on_the_config(small_world, tmp_pat
     train_setting(setting, small_world, [0, 1], TrainConfig(steps=21, batch_size=16, log_every=10),
                   cache_dir=tmp_path, progress=False)
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_permutation_pvalue_is_exact_on_small_samples():
+    from revlens.experiments import permutation_pvalue
+
+    # fully separated 5 + 5 samples: only the observed split and its mirror are as extreme -> 2 / 252
+    assert permutation_pvalue([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert permutation_pvalue([1, 1, 1], [1, 1, 1]) == 1.0
+    with pytest.raises(ValueError, match="at least one value"):
+        permutation_pvalue([], [1.0])

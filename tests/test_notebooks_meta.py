@@ -1,12 +1,14 @@
 """Static checks on the committed notebooks (nbval itself runs them)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from nbval.plugin import comment_markers
 
-NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+ROOT = Path(__file__).parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 def code_cells(path):
@@ -37,3 +39,36 @@ def test_notebooks_are_committed_with_outputs_and_in_order(path):
     assert all(isinstance(n, int) for n in counts), f"{path.name} has unexecuted cells"
     assert counts == sorted(counts)
     assert not any(o.get("output_type") == "error" for c in cells for o in c["outputs"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_progress_frames_or_warnings_are_committed(path):
+    stderr = [o for c in code_cells(path) for o in c["outputs"] if o.get("name") == "stderr"]
+    assert not stderr, f"{path.name} commits {len(stderr)} stderr outputs (run python -m revlens.notebook {path.name})"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_kernelspec_is_the_one_a_fresh_install_writes(path):
+    """JupyterLab rewrites a notebook whose kernelspec differs from the installed one on open."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    installed = KernelSpecManager().get_kernel_spec("python3")
+    committed = json.loads(path.read_text())["metadata"]["kernelspec"]
+    assert committed["name"] == "python3"
+    assert committed["display_name"] == installed.display_name
+
+
+EXTERNAL_REFERENCES = re.compile(
+    r"SCIENCE|ECOSYSTEM|DEVELOPERS\.md|\.\./shared|\bshared/|\bcalibration\b|\bsessions?\b|\bthe [a-z]+ issue\b",
+    re.IGNORECASE,
+)
+
+
+@pytest.mark.parametrize("path", [*NOTEBOOKS, ROOT / "README.md", ROOT / "data" / "README.md"], ids=lambda p: p.name)
+def test_text_cites_nothing_outside_the_repository(path):
+    """Notebooks and READMEs speak to a reader who has only this repository and public sources."""
+    text = path.read_text() if path.suffix == ".md" else "\n".join(
+        "".join(c["source"]) for c in json.loads(path.read_text())["cells"]
+    )
+    hits = sorted({m.group(0) for m in EXTERNAL_REFERENCES.finditer(text)})
+    assert not hits, f"{path.name} refers to documents or processes outside the repository: {hits}"

@@ -33,7 +33,8 @@ def test_toy_routes_point_at_b_for_masked_models_and_at_the_subject_for_arms(sma
 
 def test_route_logger_and_mismatched_prompts(trained_arm, small_world):
     values = RouteLogger(small_world, "arm")(0, trained_arm.model)
-    assert set(values) == {"route_score_corr", "route_weight_corr", "route_weight_fwd", "route_weight_rev"}
+    assert set(values) == {"route_score_corr", "route_weight_corr", "route_weight_fwd", "route_weight_rev", "route_weight_rev_max_head"}
+    assert values["route_weight_rev"] <= values["route_weight_rev_max_head"] <= 1
     assert 0 <= values["route_weight_fwd"] <= 1
     fwd, rev = toy_routes(small_world, "arm")
     with pytest.raises(ValueError, match="same facts"):

@@ -30,7 +30,7 @@ def test_a_rerun_reproduces_the_shipped_numbers():
     """Re-train the baseline setting from scratch (shared with notebook 01 through the run cache)."""
     setting, group = SPEC.settings[0]
     runs = train_setting(setting, SPEC.world, SPEC.seeds, SPEC.train, progress=False)
-    fresh = list(run_rows(setting, group, runs, SPEC.provenance(setting)))
+    fresh = list(run_rows(setting, group, runs, SPEC.world, SPEC.provenance(setting)))
     shipped = [r for r in ROWS if r["setting"] == setting.name]
     assert len(fresh) == len(shipped) == len(SPEC.seeds)
     for new, old in zip(fresh, shipped):
