@@ -1,33 +1,48 @@
 """Checkpoints as safetensors weights plus JSON metadata -- never pickle.
 
 A checkpoint folder holds ``model.safetensors``, ``config.json`` (model config, training config,
-seed), ``world.json`` (the facts it was trained on), ``metrics.json`` (final evaluation) and
-``history.json`` (the logged curve). Loading checks the weights against the config and names any
+seed), ``world.json`` (the facts it was trained on), ``metrics.json`` (final evaluation),
+``history.json`` (the logged curve) and ``checksums.json`` (the SHA-256 of each of those files).
+Loading checks the checksums, then the weights against the config, and names any changed file or
 missing, unexpected or mis-shaped tensor.
+
+Crash safety: :func:`save_run` writes everything into a hidden temporary folder next to the
+destination (``checksums.json`` last), fsyncs it and only then renames it into place, so a crash
+leaves the previous checkpoint (or nothing), never a half-written one; at worst a hidden
+``.NAME.tmp-*`` folder remains next to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from revlens.config import EncoderConfig
+from revlens.config import EncoderConfig, load_json
 from revlens.model import HookedEncoder
 from revlens.training import TrainConfig, TrainRun
 from revlens.world import ReversalWorld
 
-WEIGHTS, CONFIG, WORLD, METRICS, HISTORY = (
+WEIGHTS, CONFIG, WORLD, METRICS, HISTORY, CHECKSUMS = (
     "model.safetensors",
     "config.json",
     "world.json",
     "metrics.json",
     "history.json",
+    "checksums.json",
 )
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint folder whose files are incomplete or changed since they were written."""
 
 
 def _nan_to_null(data: Any) -> Any:
@@ -49,20 +64,104 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(_nan_to_null(data), indent=1, allow_nan=False) + "\n")
 
 
-def save_run(run: TrainRun, world: ReversalWorld, folder: str | Path) -> Path:
-    """Write a trained run to ``folder`` (created if needed); returns the folder."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_destination(folder: str | Path) -> Path:
+    """Fail now, not after training, if a checkpoint cannot be written to ``folder``.
+
+    ``folder`` may be absent, an empty folder or an earlier checkpoint (which is replaced); anything
+    else -- a file, a folder of other things, a parent that cannot be created or written -- is an
+    error naming it. Probes by creating (and removing) the temporary folder :func:`save_run` uses.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
-    _write_json(
-        folder / CONFIG,
-        {"model": run.model.cfg.to_dict(), "train": run.train_cfg.to_dict(), "seed": run.seed},
-    )
-    world.save(folder / WORLD)
-    _write_json(folder / METRICS, run.metrics)
-    _write_json(folder / HISTORY, run.history)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder; choose a new checkpoint folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG).is_file():
+        raise ValueError(f"{folder} is a non-empty folder that is not a revlens checkpoint; refusing to overwrite it")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as err:
+        raise ValueError(f"cannot write a checkpoint to {folder}: {err.strerror or err}") from None
     return folder
+
+
+def save_run(run: TrainRun, world: ReversalWorld, folder: str | Path) -> Path:
+    """Write a trained run to ``folder`` atomically, replacing an earlier checkpoint there; returns the folder."""
+    folder = check_destination(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        _write_json(tmp / CONFIG, {"model": run.model.cfg.to_dict(), "train": run.train_cfg.to_dict(), "seed": run.seed})
+        world.save(tmp / WORLD)
+        _write_json(tmp / METRICS, run.metrics)
+        _write_json(tmp / HISTORY, run.history)
+        files = (WEIGHTS, CONFIG, WORLD, METRICS, HISTORY)
+        for name in files:
+            _fsync(tmp / name)
+        (tmp / f"{CHECKSUMS}.partial").write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1) + "\n")
+        _fsync(tmp / f"{CHECKSUMS}.partial")
+        os.replace(tmp / f"{CHECKSUMS}.partial", tmp / CHECKSUMS)  # last, and atomically
+        _fsync(tmp)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        _fsync(folder.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def verify_checksums(folder: str | Path, *, required: bool = False) -> None:
+    """Raise :class:`CorruptCheckpoint` naming the file if a file differs from ``checksums.json``.
+
+    Without ``checksums.json`` (checkpoints written before it existed) this passes unless ``required``.
+    """
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        if required:
+            raise CorruptCheckpoint(f"{folder / CHECKSUMS} is missing: the checkpoint was not completely written")
+        return
+    try:
+        expected = load_json(folder / CHECKSUMS)
+    except ValueError as err:
+        raise CorruptCheckpoint(str(err)) from None
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        raise CorruptCheckpoint(f"{folder / CHECKSUMS} is not a mapping of file name to SHA-256")
+    for name, digest in expected.items():
+        path = folder / name
+        if Path(name).name != name:
+            raise CorruptCheckpoint(f"{folder / CHECKSUMS} names a file outside the folder: {name!r}")
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{path} is missing")
+        if _sha256(path) != digest:
+            raise CorruptCheckpoint(f"{path} does not match its checksum in {CHECKSUMS}: changed or damaged since it was written")
+
+
+def read_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged or truncated file is a ValueError naming it."""
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise CorruptCheckpoint(f"{path} is not a readable safetensors file (truncated or damaged?): {err}") from None
 
 
 def load_weights(
@@ -94,16 +193,28 @@ def load_weights(
     model.load_state_dict(state, strict=not not_stored, assign=assign)
 
 
-def load_run(folder: str | Path) -> tuple[TrainRun, ReversalWorld]:
-    """Read a checkpoint folder written by :func:`save_run`."""
+def load_run(folder: str | Path, *, require_checksums: bool = False) -> tuple[TrainRun, ReversalWorld]:
+    """Read a checkpoint folder written by :func:`save_run`, after checking its checksums.
+
+    ``require_checksums`` (the run cache) also refuses a folder without ``checksums.json``.
+    """
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         raise FileNotFoundError(f"{folder} is not a revlens checkpoint (needs {WEIGHTS} and {CONFIG})")
-    meta = json.loads((folder / CONFIG).read_text())
-    model = HookedEncoder(EncoderConfig.from_dict(meta["model"]))
-    load_weights(model, load_file(str(folder / WEIGHTS)), str(folder / WEIGHTS))
+    verify_checksums(folder, required=require_checksums)
+    meta = load_json(folder / CONFIG)
+    missing = [k for k in ("model", "train", "seed") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{folder / CONFIG} lacks {', '.join(repr(k) for k in missing)}")
+    try:
+        model = HookedEncoder(EncoderConfig.from_dict(meta["model"]))
+        train_cfg = TrainConfig(**meta["train"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / CONFIG}: {err}") from None
+    load_weights(model, read_weights(folder / WEIGHTS), str(folder / WEIGHTS))
     model.eval()
-    history = json.loads((folder / HISTORY).read_text()) if (folder / HISTORY).is_file() else []
-    history = [_null_to_nan(row) for row in history]
-    run = TrainRun(model, meta["seed"], TrainConfig(**meta["train"]), history)
+    history = load_json(folder / HISTORY) if (folder / HISTORY).is_file() else []
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise ValueError(f"{folder / HISTORY} must hold a list of logged rows")
+    run = TrainRun(model, meta["seed"], train_cfg, [_null_to_nan(row) for row in history])
     return run, ReversalWorld.load(folder / WORLD)

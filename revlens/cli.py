@@ -90,10 +90,11 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from revlens.checkpoint import save_run
-    from revlens.training import TrainConfig, train
+    from revlens import training
+    from revlens.checkpoint import check_destination, save_run
     from revlens.world import ReversalWorld
 
+    check_destination(args.out)  # an unusable --out fails now, not after training
     world = ReversalWorld.load(args.world) if args.world else ReversalWorld.generate(args.n_facts, args.n_control, args.world_seed)
     if args.d_model % args.heads:
         raise ValueError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
@@ -106,8 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         attention_dir=args.attention or DEFAULT_ATTENTION[args.objective],
         positional=args.positional,
     )
-    train_cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    (run,) = train(cfg, world, train_cfg, seeds=(args.seed,), progress=not args.no_progress)
+    train_cfg = training.TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    (run,) = training.train(cfg, world, train_cfg, seeds=(args.seed,), progress=not args.no_progress)
     save_run(run, world, args.out)
     _print_metrics(run.metrics)
     print(f"checkpoint written to {args.out}")

@@ -4,7 +4,9 @@ A :class:`Setting` is an objective plus changes to the base architecture, so "AR
 differ exactly in what their definitions say. ``train_setting`` trains all seeds of a setting in
 one batched run and caches the checkpoints under a key that hashes the model config, the training
 config, the world and the source of the whole package -- so notebooks can share
-trained models, and a code change never serves stale weights.
+trained models, and a code change never serves stale weights. Every cached file is checked
+against the checksums written with it (:mod:`revlens.checkpoint`); an entry that fails is reported
+(:class:`CacheWarning`, naming the file), deleted and retrained, never served.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,19 +67,27 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
+class CacheWarning(UserWarning):
+    """A run-cache entry failed its integrity check and is being retrained."""
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("REVLENS_CACHE", Path.home() / ".cache" / "revlens"))
 
 
 def code_fingerprint() -> str:
-    """Hash of every top-level source file of the package: a run is reused only by the code that made it.
+    """Hash of every top-level source file of the package and of the torch version: a run is reused
+    (and a sweep row kept) only by the code that made it.
 
     Hashing all of it (not a hand-kept list of "modules that matter") means a change to evaluation,
     readouts, loggers or checkpoints can never serve stale histories; the price is a retrain after
     edits to files that do not affect training, such as plotting. The real-architecture subpackage
-    ``revlens.lm`` is never imported by toy training and is not hashed.
+    ``revlens.lm`` is never imported by toy training and is not hashed. torch's version is, since
+    its kernels produce the weights.
     """
-    digest = hashlib.sha256()
+    import torch
+
+    digest = hashlib.sha256(f"torch {torch.__version__}".encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -135,10 +147,14 @@ def train_setting(
     key = cache_key(model_cfg, world, train_cfg, seeds, callback_ids)
     folder = (cache_dir or default_cache_dir()) / "runs" / key
     cacheable = use_cache and None not in callback_ids
-    if cacheable and all((folder / f"seed{s}" / checkpoint.WEIGHTS).is_file() for s in seeds):
-        return [checkpoint.load_run(folder / f"seed{s}")[0] for s in seeds]
+    if cacheable and all((folder / f"seed{s}").is_dir() for s in seeds):
+        try:
+            return [checkpoint.load_run(folder / f"seed{s}", require_checksums=True)[0] for s in seeds]
+        except (ValueError, OSError) as err:
+            warnings.warn(f"run cache entry {folder} is damaged ({err}); retraining it", CacheWarning, stacklevel=2)
     runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress)
     if cacheable:
+        shutil.rmtree(folder, ignore_errors=True)  # what is there is incomplete (a crash) or damaged
         for run in runs:
             checkpoint.save_run(run, world, folder / f"seed{run.seed}")
     return runs

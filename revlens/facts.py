@@ -24,20 +24,23 @@ the probability of unmasking the gold tokens one at a time, left to right.
 from __future__ import annotations
 
 import json
+import string
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from revlens.config import check_choice
+from revlens.config import check_choice, load_json
 
 Direction = Literal["forward", "reverse", "inplace"]
 DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "inplace")
 Rule = Literal["startswith", "exact", "substring"]
 RULES: tuple[str, ...] = ("startswith", "exact", "substring")
+SPLITS: tuple[str, ...] = ("forward_only", "control", "real")
+"""``forward_only``/``control``: synthetic facts trained in one/both directions; ``real``: not trained here."""
 _PUNCTUATION = " .,;:!?"
 
 
@@ -48,10 +51,18 @@ class Relation:
     reverse: str  # "{b} ... {a} ..." : B before A
 
     def __post_init__(self) -> None:
+        _check_text("relation name", self.name)
         for field, first, second in (("forward", "{a}", "{b}"), ("reverse", "{b}", "{a}")):
             text = getattr(self, field)
-            if text.count(first) != 1 or text.count(second) != 1 or text.index(first) > text.index(second):
-                raise ValueError(f"relation {self.name!r}: the {field} template needs {first} once, before {second} once")
+            _check_text(f"relation {self.name!r}: {field} template", text)
+            try:  # every field of the format string, with any conversion or format spec kept in its text
+                slots = [f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+                         for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+            except ValueError as err:  # an unmatched brace
+                raise ValueError(f"relation {self.name!r}: the {field} template {text!r} is not a template: {err}") from None
+            if slots != [first, second]:
+                raise ValueError(f"relation {self.name!r}: the {field} template needs exactly the placeholders "
+                                 f"{first} then {second}, once each, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,34 @@ class Fact:
     relation: str
     a: str
     b: str
-    split: str = "forward_only"  # or "control": its reverse sentence is also trained (synthetic sets)
+    split: str = "forward_only"  # or "control": its reverse sentence is also trained (synthetic sets); see SPLITS
+
+    def __post_init__(self) -> None:
+        for field in ("relation", "a", "b"):
+            _check_text(f"fact {field}", getattr(self, field))
+        check_choice("split", self.split, SPLITS)
+
+
+def _check_text(what: str, value: Any) -> None:
+    """Names, answers and templates must be non-blank strings: an empty answer would score as correct."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def _entry(path: str | Path, where: str, kind: type, entry: Any) -> Any:
+    """``kind(**entry)``, with the file and entry named in any error."""
+    names = [f.name for f in fields(kind)]
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: {where} must be an object with keys {names}, got {entry!r}")
+    unknown = sorted(set(entry) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: {where} has unknown keys {unknown}; expected {names}")
+    try:
+        return kind(**entry)
+    except TypeError as err:  # a missing key
+        raise ValueError(f"{path}: {where}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {where}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -80,15 +118,35 @@ class FactSet:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if not self.facts:
+            raise ValueError("a fact set needs at least one fact")
+        misnamed = [f"{key!r} holds {r.name!r}" for key, r in self.relations.items() if key != r.name]
+        if misnamed:
+            raise ValueError(f"relations must be keyed by their name: {', '.join(misnamed)}")
         unknown = sorted({f.relation for f in self.facts} - set(self.relations))
         if unknown:
             raise ValueError(f"facts use undefined relation(s): {', '.join(unknown)}")
 
     @classmethod
     def load(cls, path: str | Path) -> "FactSet":
-        data = json.loads(Path(path).read_text())
-        relations = {r["name"]: Relation(**r) for r in data["relations"]}
-        return cls(relations, [Fact(**f) for f in data["facts"]], data.get("description", ""))
+        """Read a fact file; any problem is a ValueError naming the file and the entry (``facts[3]``)."""
+        data = load_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("relations"), list) or not isinstance(data.get("facts"), list):
+            raise ValueError(f"{path}: a fact file holds an object with lists 'relations' and 'facts'")
+        unknown = sorted(set(data) - {"description", "relations", "facts"})
+        if unknown:
+            raise ValueError(f"{path}: unknown top-level keys {unknown}")
+        relations: dict[str, Relation] = {}
+        for i, entry in enumerate(data["relations"]):
+            relation = _entry(path, f"relations[{i}]", Relation, entry)
+            if relation.name in relations:
+                raise ValueError(f"{path}: relations[{i}]: duplicate relation name {relation.name!r}")
+            relations[relation.name] = relation
+        facts = [_entry(path, f"facts[{i}]", Fact, entry) for i, entry in enumerate(data["facts"])]
+        try:
+            return cls(relations, facts, str(data.get("description", "")))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save(self, path: str | Path) -> None:
         data = {"description": self.description, "relations": [asdict(r) for r in self.relations.values()],

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import vmap
 from tqdm import tqdm
 
-from revlens.config import EncoderConfig, check_choice
+from revlens.config import EncoderConfig, check_choice, check_finite
 from revlens.evaluation import evaluate, evaluate_instances
 from revlens.model import HookedEncoder, functional_logits, stack_parameters
 from revlens.objectives import (
@@ -70,8 +70,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_finite("lr", self.lr, 0, strict=True)
+        check_finite("weight_decay", self.weight_decay, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,7 +164,10 @@ def train(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
 ) -> list[TrainRun]:
-    """Train one model per seed on ``world``'s training sentences; returns them in seed order."""
+    """Train one model per seed on ``world``'s training sentences; returns them in seed order.
+
+    A non-finite loss stops training with a ValueError (step and seeds named) instead of training on NaNs.
+    """
     if model_cfg.d_vocab != world.d_vocab:
         raise ValueError(f"model d_vocab={model_cfg.d_vocab} does not match the world's {world.d_vocab}")
     if len(set(seeds)) != len(seeds) or not seeds:
@@ -210,6 +213,10 @@ def train(
             train_cfg.objective, sentences, train_cfg.batch_size, world.mask_id, generators, train_cfg.mask_eps
         )
         losses = batch_losses(batch.inputs, batch.targets, batch.weights)
+        if not torch.isfinite(losses).all():
+            bad = [seed for seed, ok in zip(seeds, torch.isfinite(losses).tolist()) if not ok]
+            raise ValueError(f"training diverged: the loss is {losses.tolist()} at step {step} (seeds {bad}); "
+                             f"lower the learning rate (lr={train_cfg.lr})")
         optimiser.step(torch.autograd.grad(losses.sum(), list(params.values())))
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:
             log(step, losses.detach())

@@ -32,6 +32,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from revlens.config import load_json
+
 MASK, RELATION = "[M]", "r"
 EVAL_SETS: tuple[str, ...] = ("forward", "inplace", "reverse", "control_reverse")
 
@@ -175,4 +177,4 @@ class ReversalWorld:
 
     @classmethod
     def load(cls, path: str | Path) -> "ReversalWorld":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(load_json(path))

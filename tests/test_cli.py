@@ -33,6 +33,22 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     assert "invalid choice: 'sinusoidal'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train --world", "sweep", "facts --facts"])
+def test_files_that_are_not_json_are_named_with_their_line(tmp_path, capsys, command):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"n_facts": 4,\n "facts": [[}')
+    args = {"train --world": ["train", "--world", str(bad), "--out", str(tmp_path / "ck")],
+            "sweep": ["sweep", str(bad), "--out", str(tmp_path / "t.jsonl")],
+            "facts --facts": ["facts", str(tmp_path), "--facts", str(bad)]}[command]
+    if command.startswith("facts"):  # the model folder is checked first: give it one that loads
+        pytest.importorskip("transformers")
+        from tests.lm_checkpoints import llada_checkpoint
+
+        args[1] = str(llada_checkpoint(tmp_path / "model"))
+    assert main(args) == 2
+    assert f"{bad}, line 2, column 13: not valid JSON" in capsys.readouterr().err
+
+
 def test_reports_write_only_when_a_report_folder_is_set(tmp_path, monkeypatch):
     import matplotlib
 

@@ -1,6 +1,8 @@
 """Fact sets, queries, the scorer, the synthetic corpus and the small-pair trainer."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +156,46 @@ def test_dream_scoring_reads_each_answer_token_one_position_early():
     second = lm(prompt)[0, enc.answer_start].log_softmax(-1)[enc.answer[1]]
     (row,) = answer_scores(lm, [q])
     assert row["logp"] == pytest.approx(float(first + second), abs=1e-5)
+
+
+def _fact_file(tmp_path, relations=None, facts=None, **extra):
+    data = {"relations": relations if relations is not None else
+            [{"name": "capital", "forward": "The capital of {a} is {b}.", "reverse": "{b} is the capital of {a}."}],
+            "facts": facts if facts is not None else [{"relation": "capital", "a": "France", "b": "Paris"}], **extra}
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"facts": [{"relation": "capital", "a": "", "b": ""}]}, r"facts\[0\]: fact a must be a non-empty string"),
+    ({"facts": [{"relation": "capital", "a": "France", "b": "  "}]}, r"facts\[0\]: fact b must be a non-empty string"),
+    ({"facts": []}, "a fact set needs at least one fact"),
+    ({"relations": [{"name": "capital", "forward": "{a} is {b}", "reverse": "{b} of {a}"}] * 2},
+     r"relations\[1\]: duplicate relation name 'capital'"),
+    ({"facts": [{"relation": "capital", "a": "France", "b": "Paris", "split": "train"}]},
+     r"facts\[0\]: unknown split 'train'; expected one of forward_only, control, real"),
+    ({"relations": [{"name": "capital", "forward": "{a} is {b} in {c}", "reverse": "{b} of {a}"}]},
+     r"relations\[0\]: relation 'capital': the forward template needs exactly the placeholders \{a\} then \{b\}"),
+    ({"relations": [{"name": "capital", "forward": "{a} is {b}", "reverse": "{b} of {a!r}"}]}, "reverse template needs exactly"),
+    ({"relations": [{"name": "capital", "forward": "{a} is {b} {", "reverse": "{b} of {a}"}]}, "is not a template"),
+    ({"facts": [{"relation": "capital", "a": "France", "b": "Paris", "note": 1}]}, r"facts\[0\] has unknown keys \['note'\]"),
+    ({"facts": [{"relation": "capital", "a": "France"}]}, r"facts\[0\]: .*missing 1 required positional argument: 'b'"),
+    ({"relations": [{"forward": "{a} is {b}", "reverse": "{b} of {a}"}]}, r"relations\[0\]: .*'name'"),
+])
+def test_bad_fact_files_are_refused_naming_file_and_entry(tmp_path, change, message):
+    path = _fact_file(tmp_path, **change)
+    with pytest.raises(ValueError, match=rf"{path}: .*{message}"):
+        FactSet.load(path)
+
+
+def test_a_fact_file_that_is_not_json_names_the_line(tmp_path):
+    path = tmp_path / "facts.json"
+    path.write_text('{"relations": [],\n "facts": [}')
+    with pytest.raises(ValueError, match=rf"{path}, line 2, column 12: not valid JSON"):
+        FactSet.load(path)
+
+
+def test_the_shipped_fact_set_loads():
+    facts = FactSet.load(Path(__file__).parents[1] / "data" / "real_facts.json")
+    assert facts.facts and all(f.a.strip() and f.b.strip() for f in facts.facts)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -104,8 +105,55 @@ def test_attention_hooks_are_editable(models, name, hook):
 
 
 def test_unknown_hook_name(models):
-    with pytest.raises(KeyError, match="unknown hook name"):
+    with pytest.raises(ValueError, match="unknown hook name 'blocks.0.attn.hook_attention'; did you mean blocks.0.attn"):
         models["llada"].run_with_cache(tokens(), ["blocks.0.attn.hook_attention"])
+    with pytest.raises(ValueError, match="unknown hook name 'blocks.0.hook_resid_pr'; did you mean blocks.0.hook_resid_pre"):
+        models["llada"].run_with_hooks(tokens(), [("blocks.0.hook_resid_pr", lambda t, hook: t)])
+
+
+def test_run_with_cache_without_or_with_a_predicate_filter(models):
+    with pytest.raises(ValueError, match="run_with_cache needs names_filter"):
+        models["llada"].run_with_cache(tokens())
+    _, cache = models["llada"].run_with_cache(tokens(), lambda name: name.endswith("hook_resid_pre"))
+    assert {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"} <= set(cache.keys())
+    assert "blocks.0.attn.hook_pattern" not in cache.keys()
+
+
+@pytest.mark.parametrize("problem", ["no mask_token_id", "mask_token_id outside the vocabulary", "not json"])
+def test_a_bad_masked_config_is_refused_at_load_naming_the_field(folders, tmp_path, problem):
+    folder = tmp_path / "llada"
+    shutil.copytree(folders["llada"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    if problem == "no mask_token_id":
+        del config["mask_token_id"]
+        match = "config.json lacks 'mask_token_id', which a llada model needs"
+    elif problem == "mask_token_id outside the vocabulary":
+        config["mask_token_id"] = 126336
+        match = r"mask_token_id 126336 of .* is outside the model's vocabulary \(ids 0..49\)"
+    (folder / "config.json").write_text(json.dumps(config) if problem != "not json" else "{\"d_model\": 32,")
+    if problem == "not json":
+        match = "config.json, line 1, column 16: not valid JSON"
+    with pytest.raises(ValueError, match=match):
+        HookedLM.from_pretrained(folder)
+
+
+def test_shards_outside_the_model_folder_are_refused(folders, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(folders["llada"], folder)
+    (folder / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    index = {"weight_map": {"model.transformer.wte.weight": "../elsewhere.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"names shard '../elsewhere.safetensors' outside"):
+        HookedLM.from_pretrained(folder)
+
+
+def test_a_truncated_safetensors_file_is_named(folders, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(folders["llada"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        HookedLM.from_pretrained(folder)
 
 
 def test_missing_extra_and_misshaped_weights_are_named(folders, tmp_path):

@@ -155,7 +155,7 @@ def test_killing_the_sweep_parent_ends_its_workers(tmp_path):
         time.sleep(1.0)  # let the workers start training
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a worker still importing torch exits once it has (seconds, more under load)
         while any(map(_alive, children)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [c for c in children if _alive(c)], "workers outlived the killed sweep"

@@ -18,7 +18,6 @@ or run; ``trust_remote_code`` is passed only to the tokenizer loader, and only w
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -27,7 +26,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from revlens.checkpoint import load_weights
+from revlens.checkpoint import load_weights, read_weights
+from revlens.config import load_json
+from revlens.hooks import check_hook_names
 from revlens.lm.families import (
     Family,
     build_module,
@@ -49,13 +50,20 @@ def read_safetensors_folder(folder: Path, device: str | torch.device = "cpu",
     """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``.
 
     Shards are read straight onto ``device`` and cast one at a time, so an 8B model is never held
-    twice in host memory.
+    twice in host memory. An index naming a shard outside ``folder`` (``../x``, an absolute path)
+    is refused, and a damaged file is an error naming it.
     """
-    from safetensors.torch import load_file
-
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = load_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} lacks a 'weight_map' of tensor name to shard file")
+        shards = sorted(set(weight_map.values()))
+        root = folder.resolve()
+        for shard in shards:
+            if Path(shard).is_absolute() or not (folder / shard).resolve().is_relative_to(root):
+                raise ValueError(f"{index} names shard {shard!r} outside {folder}; refusing to read it")
     elif (folder / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
@@ -66,7 +74,9 @@ def read_safetensors_folder(folder: Path, device: str | torch.device = "cpu",
         )
     state: dict[str, Tensor] = {}
     for shard in shards:
-        tensors = load_file(folder / shard, device=str(device))
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{folder / shard} (a shard listed in the index) does not exist")
+        tensors = read_weights(folder / shard, device=str(device))
         state.update(tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()})
     return state
 
@@ -99,7 +109,7 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     config_path = folder / "tokenizer_config.json"
-    declared = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.exists() else None
+    declared = (load_json(config_path) or {}).get("tokenizer_class") if config_path.exists() else None
     has_json = (folder / "tokenizer.json").exists()
     if has_json and declared in (None, "PreTrainedTokenizerFast", "TokenizersBackend"):
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
@@ -124,6 +134,9 @@ class HookedLM:
                  source: str = "module") -> None:
         if family.masked and mask_token_id is None:
             raise ValueError(f"a {family.name} model needs a mask_token_id (set it in config.json)")
+        if family.masked and (type(mask_token_id) is not int or not 0 <= mask_token_id < bridge.cfg.d_vocab):
+            raise ValueError(f"mask_token_id {mask_token_id!r} of {source} is outside the model's vocabulary "
+                             f"(ids 0..{bridge.cfg.d_vocab - 1})")
         self.bridge = bridge
         self.family = family
         self.tokenizer = tokenizer
@@ -167,9 +180,16 @@ class HookedLM:
         config_path = folder / "config.json"
         if not config_path.exists():
             raise FileNotFoundError(f"{folder} has no config.json")
-        raw = json.loads(config_path.read_text())
+        raw = load_json(config_path)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_path} must hold a JSON object")
         detected = detect_family(raw) if family is None else get_family(family)
-        module, hf_config = build_module(detected, raw)
+        if detected.masked and raw.get("mask_token_id") is None:  # no silent default: the id differs per model
+            raise ValueError(f"{config_path} lacks 'mask_token_id', which a {detected.name} model needs")
+        try:
+            module, hf_config = build_module(detected, raw)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{config_path}: not a valid {detected.name} config: {err}") from None
         state = read_safetensors_folder(folder, device, dtype)
         load_weights(module, state, f"weights in {folder}", not_stored=not_stored(detected, module), assign=True)
         rebuild_buffers(detected, module, device)
@@ -202,11 +222,9 @@ class HookedLM:
         return sorted(self.bridge.hook_dict)
 
     def check_hook_names(self, names: Iterable[str]) -> list[str]:
+        """``names`` as a list; an unknown one is a ValueError with the closest valid names (see ``.hook_names``)."""
         names = list(names)
-        unknown = [n for n in names if n not in self.bridge.hook_dict]
-        if unknown:
-            raise KeyError(f"unknown hook name(s) {unknown} for this {self.family.name} model; "
-                           f"e.g. {self.hook_names[:4]} (see .hook_names)")
+        check_hook_names(self.hook_names, names)
         return names
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
@@ -220,10 +238,19 @@ class HookedLM:
         return self.bridge(self._check_tokens(tokens))
 
     @torch.no_grad()
-    def run_with_cache(self, tokens: Int[Tensor, "batch seq"], names_filter: Sequence[str]) -> tuple[Tensor, Any]:
-        """Logits and a cache of exactly the hooks named (never the full cache: an 8B model's would not fit)."""
+    def run_with_cache(self, tokens: Int[Tensor, "batch seq"],
+                       names_filter: str | Sequence[str] | Callable[[str], bool] | None = None) -> tuple[Tensor, Any]:
+        """Logits and a cache of exactly the hooks named (never the full cache: an 8B model's would not fit).
+
+        ``names_filter`` is a hook name, a list of names or a predicate on names, as in TransformerLens.
+        """
+        if names_filter is None:
+            raise ValueError("run_with_cache needs names_filter (a hook name, a list of names or a predicate): "
+                             f"the full cache of a large model would not fit; e.g. {self.hook_names[:2]} (see .hook_names)")
         if isinstance(names_filter, str):
             names_filter = [names_filter]
+        elif callable(names_filter):
+            names_filter = [name for name in self.hook_names if names_filter(name)]
         return self.bridge.run_with_cache(self._check_tokens(tokens), names_filter=self.check_hook_names(names_filter))
 
     @torch.no_grad()
