@@ -21,7 +21,7 @@ from revlens.config import ATTENTION_DIRS, POSITIONALS, EncoderConfig
 from revlens.experiments import BASE_MODEL
 from revlens.objectives import OBJECTIVES
 
-DEFAULT_ATTENTION = {"mdm": "bidirectional", "bert": "bidirectional", "arm": "causal"}
+DEFAULT_ATTENTION = {"mdm": "bidirectional", "bert": "bidirectional", "arm": "causal", "inplace": "bidirectional"}
 
 
 def _positive_int(text: str) -> int:
@@ -123,6 +123,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from revlens.sweep import SweepSpec, run_sweep
 
+    data = json.loads(args.config.read_text())
+    if data.get("family") == "routing":  # the routing world's sweep (revlens.routing): one stack per cell
+        from revlens.routing import RoutingSweepSpec, run_routing_sweep
+
+        routing = RoutingSweepSpec.from_dict(data)
+        out = run_routing_sweep(routing, args.out or Path("reports") / f"sweep_{routing.name}.jsonl")
+        print(f"table written to {out}")
+        return 0
     spec = SweepSpec.load(args.config)
     out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl", jobs=args.jobs)
     print(f"table written to {out}")
