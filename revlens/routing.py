@@ -22,6 +22,12 @@ reverse            [M]@x B@x-d D@x-o1 D@x-o2 -> A           its mirror image: ev
 (``x = max(d, o1, o2)`` so ids start at 0.) The mask is always sequence index 0 and B index 1;
 only the position ids differ. Chance within the answer's alphabet is 1 / n_facts, and a model that
 cannot tell B from the distractors is right about a third of the time (1 / (1 + n_distractors)).
+
+Also here: the metrics of a trained model (:func:`routing_metrics`: accuracies, the same under a
+uniform mask pattern, where the mask attends), the route-vs-storage interventions
+(:func:`causal_split`), the closed form's matched-filter prediction of reverse accuracy
+(:func:`matched_filter_reverse_accuracy`) and the sweep (:class:`RoutingSweepSpec`,
+:func:`run_routing_sweep`; ``revlens sweep`` dispatches on ``"family": "routing"``).
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ class RoutingWorld:
         scores[torch.arange(len(facts)), facts] = 2.0  # the own fact sorts last
         others = scores.argsort(-1)[:, :N_DISTRACTORS]
         # distractor offsets: two distinct values of 1 .. 2d + 1 other than d
-        choices = torch.tensor([o for o in range(1, 2 * d + 2) if o != d])
+        choices = torch.tensor(distractor_offsets(d))
         order = torch.rand(len(facts), len(choices), generator=gen).argsort(-1)[:, :N_DISTRACTORS]
         return facts, others, choices[order]
 
@@ -161,6 +167,33 @@ class RoutingWorld:
                 "sentences_per_fact": self.sentences_per_fact}
 
 
+
+def distractor_offsets(delta: int) -> list[int]:
+    """The offsets a distractor may take for ``delta``: 1 .. 2 * delta + 1 without ``delta``."""
+    return [o for o in range(1, 2 * delta + 2) if o != delta]
+
+
+def matched_filter_reverse_accuracy(d_head: int, delta: int, base: float) -> float:
+    """Reverse accuracy of an idealised RoPE route that learned only the in-place offset.
+
+    Suppose training makes the mask-to-B score a matched filter for offset ``+delta``:
+    ``g(r) = sum_m cos(theta_m (r - delta))`` over the RoPE frequencies, which peaks at
+    ``r = delta`` for any set of distractors. The reverse prompt puts B at ``-delta`` and the
+    distractors at ``-o``; the filter scores them ``K(2 delta)`` and ``K(delta + o)`` with
+    ``K(s) = sum_m cos(theta_m s)`` -- ``K(2 delta) / (d / 2)`` is exactly tr R(2 delta) / d. The
+    route picks B when ``K(2 delta)`` beats both distractors; this returns the share of distractor
+    offset pairs (all equally likely, as in :class:`RoutingWorld`) where it does. It uses the
+    closed form and the world's geometry only, no trained model.
+    """
+    from revlens.positions import rope_frequencies
+
+    theta = rope_frequencies(d_head, base)
+    kernel = lambda s: float(torch.cos(s * theta).sum())  # noqa: E731
+    target = kernel(2 * delta)
+    beaten = {o: kernel(delta + o) < target for o in distractor_offsets(delta)}
+    pairs = [(o1, o2) for o1 in beaten for o2 in beaten if o1 < o2]
+    return sum(beaten[o1] and beaten[o2] for o1, o2 in pairs) / len(pairs)
+
 @torch.no_grad()
 def route_statistics(model, world: RoutingWorld) -> dict[str, float]:
     """Where the mask attends (layer 0, query = the mask) in each eval set, and how the two routes' scores agree.
@@ -202,6 +235,46 @@ def routing_metrics(model, world: RoutingWorld, objective: str) -> dict[str, flo
         **route_statistics(model, world),
     }
 
+
+
+@torch.no_grad()
+def causal_split(model, world: RoutingWorld) -> dict[str, float]:
+    """Route vs storage in the reverse query of a one-layer model, by two interventions.
+
+    ``reverse_acc``: the model's own reverse accuracy. ``route_patched_acc``: reverse accuracy after
+    writing, in every head, the mask-to-B pre-softmax score of the *in-place* prompt into the reverse
+    prompt (``blocks.0.attn.hook_attn_scores``, query = mask, key = B; the distractors keep their own
+    scores): if this restores the answer, what the reverse query lacked was the route, and the stored
+    B -> A mapping was there to be read. ``head{h}_ablated_acc``: reverse accuracy with head h's value
+    vectors zeroed (``blocks.0.attn.hook_v``): which heads carry the answer;
+    ``all_heads_ablated_acc``: every head's values zeroed, the floor.
+    """
+    from revlens.evaluation import answer_metrics
+
+    inplace, reverse = world.eval_set("inplace"), world.eval_set("reverse")
+    score_hook = "blocks.0.attn.hook_attn_scores"
+    _, cache = model.run_with_cache(inplace.prompts, positions=inplace.positions, names_filter=score_hook)
+    inplace_scores = cache[score_hook][:, :, A_SLOT, B_SLOT]
+
+    def accuracy(hooks) -> float:
+        logits = model.run_with_hooks(reverse.prompts, positions=reverse.positions, fwd_hooks=hooks)[:, A_SLOT]
+        return answer_metrics(logits, reverse)["acc"]
+
+    def patch_route(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        scores = scores.clone()
+        scores[:, :, A_SLOT, B_SLOT] = inplace_scores
+        return scores
+
+    out = {"reverse_acc": accuracy([]), "route_patched_acc": accuracy([(score_hook, patch_route)])}
+    for head in range(model.cfg.n_heads):
+        def ablate(v: Tensor, hook=None, head=head) -> Tensor:  # noqa: ARG001
+            v = v.clone()
+            v[:, :, head] = 0.0
+            return v
+
+        out[f"head{head}_ablated_acc"] = accuracy([("blocks.0.attn.hook_v", ablate)])
+    out["all_heads_ablated_acc"] = accuracy([("blocks.0.attn.hook_v", lambda v, hook=None: torch.zeros_like(v))])
+    return out
 
 # ---- the sweep ----------------------------------------------------------------------------------
 ROW_METRICS: tuple[str, ...] = tuple(
@@ -339,3 +412,24 @@ def read_table(path: str | Path):
     import pandas as pd
 
     return pd.read_json(path, lines=True)
+
+
+def correlation_ci(x: Sequence[float], y: Sequence[float], kind: str = "pearson", level: float = 0.95) -> tuple[float, float, float]:
+    """Pearson or Spearman correlation with a Fisher-z confidence interval: ``(r, low, high)``.
+
+    Pearson: se = 1 / sqrt(n - 3). Spearman: Fieller et al.'s se = sqrt(1.06 / (n - 3)).
+    """
+    import numpy as np
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 4:
+        raise ValueError(f"need two equal-length 1-d samples of at least 4 values, got {x.shape} and {y.shape}")
+    if kind == "pearson":
+        r, se = stats.pearsonr(x, y)[0], 1 / np.sqrt(len(x) - 3)
+    elif kind == "spearman":
+        r, se = stats.spearmanr(x, y)[0], np.sqrt(1.06 / (len(x) - 3))
+    else:
+        raise ValueError(f"unknown correlation {kind!r}; expected 'pearson' or 'spearman'")
+    z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + level / 2)
+    return float(r), float(np.tanh(z - q * se)), float(np.tanh(z + q * se))

@@ -178,3 +178,42 @@ def test_shipped_table_rows_reproduce(cell, delta, base):
     for key in ("reverse_attn_b", "reverse_attn_d", "inplace_attn_b"):
         assert row[key] == pytest.approx(shipped[key], abs=0.05), key
     assert row["closed_form"] == pytest.approx(shipped["closed_form"], abs=1e-12)
+
+
+def test_matched_filter_prediction_uses_the_closed_form():
+    from revlens.routing import matched_filter_reverse_accuracy
+    from revlens.theory import rope_score_correlation
+
+    import numpy as np
+
+    theta = 1e4 ** (-2.0 * np.arange(8) / 16)
+    kernel = lambda s: np.cos(s * theta).sum()  # noqa: E731
+    assert kernel(2 * 3) / 8 == pytest.approx(rope_score_correlation(16, 3, 1e4))  # the filter's B score is the closed form
+    # delta = 3: K(6) beats K(3 + o) for every distractor offset o; delta = 2: K(4) loses to K(2 + 4) = K(6)
+    assert all(kernel(6) > kernel(3 + o) for o in (1, 2, 4, 5, 6, 7)) and kernel(4) < kernel(6)
+    assert matched_filter_reverse_accuracy(16, 3, 1e4) == 1.0
+    assert matched_filter_reverse_accuracy(16, 2, 1e4) == 0.0
+    assert 0.0 <= matched_filter_reverse_accuracy(64, 12, 1e6) <= 1.0
+
+
+def test_correlation_ci_brackets_the_estimate():
+    from revlens.routing import correlation_ci
+
+    x = [0.1, 0.4, 0.35, 0.8, 0.7, 0.95]
+    for kind in ("pearson", "spearman"):
+        r, lo, hi = correlation_ci(x, [v + e for v, e in zip(x, (0.3, -0.2, 0.1, -0.3, 0.2, 0.0))], kind)
+        assert -1 < lo < r < hi < 1 and r > 0.5
+    with pytest.raises(ValueError, match="unknown correlation"):
+        correlation_ci(x, x, "kendall")
+
+
+def test_causal_split_patches_and_ablates():
+    from revlens.routing import causal_split
+
+    world = RoutingWorld.generate(n_facts=16, delta=2, seed=0, sentences_per_fact=8)
+    cfg = EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16)
+    (model,) = train_stack([Member(cfg, world, 0)], TrainConfig("inplace", steps=150, batch_size=64), progress=False)
+    out = causal_split(model, world)
+    assert out["reverse_acc"] == routing_metrics(model, world, "inplace")["reverse_acc"]
+    assert set(out) == {"reverse_acc", "route_patched_acc", "head0_ablated_acc", "head1_ablated_acc", "all_heads_ablated_acc"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
