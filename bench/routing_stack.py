@@ -10,6 +10,7 @@ reports wall times, the ratio and the largest weight difference (0: bit for bit)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main() -> None:
     for cell, delta, base, seed in picked:
         world = spec.world_for(delta, seed)
         members.append(Member(cell.model_cfg(world, base), world, seed))
-    train_cfg = spec.train.__class__(**{**spec.train.to_dict(), "objective": args.objective, "steps": args.steps})
+    train_cfg = dataclasses.replace(spec.train, objective=args.objective, steps=args.steps)
     models: dict[str, list] = {}
 
     def stacked() -> None:

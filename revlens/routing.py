@@ -346,6 +346,10 @@ class RoutingSweepSpec:
     def world_for(self, delta: int, seed: int) -> RoutingWorld:
         return RoutingWorld.generate(delta=delta, seed=seed, **self.world)
 
+    def train_for(self, cell: RoutingCell) -> TrainConfig:
+        """The file's training settings with the cell's objective (the file's own ``train`` has none)."""
+        return dataclasses.replace(self.train, objective=cell.objective)
+
 
 def row_key(row: dict[str, Any]) -> tuple[str, int, float, int]:
     return row["cell"], row["delta"], float(row["base"]), row["seed"]
@@ -361,8 +365,7 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, fl
     for _, delta, base, seed in jobs:
         world = spec.world_for(delta, seed)
         members.append(Member(cell.model_cfg(world, base), world, seed))
-    train_cfg = dataclasses.replace(spec.train, objective=cell.objective)
-    models = train_stack(members, train_cfg, progress=False)
+    models = train_stack(members, spec.train_for(cell), progress=False)
     rows = []
     for (_, delta, base, seed), member, model in zip(jobs, members, models):
         cfg = member.model_cfg
@@ -387,9 +390,12 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
         for number, line in enumerate(out.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    done.add(row_key(json.loads(line)))
+                    key = row_key(json.loads(line))
                 except (json.JSONDecodeError, KeyError) as err:
                     raise ValueError(f"{out}, line {number}: not a routing sweep row ({err})") from None
+                if key in done:  # e.g. two sweeps appended to one table at once
+                    raise ValueError(f"{out}, line {number}: duplicate row for (cell, delta, base, seed) = {key}")
+                done.add(key)
     todo = [job for job in spec.jobs() if (job[0].name, job[1], job[2], job[3]) not in done]
     chunks: list[list[tuple[RoutingCell, int, float, int]]] = []
     for job in todo:

@@ -162,6 +162,9 @@ def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
     out.write_text(lines[0] + "\nnot json\n")
     with pytest.raises(ValueError, match="line 2"):
         run_routing_sweep(spec, out, progress=False)
+    out.write_text(lines[0] + "\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match="line 2: duplicate row"):
+        run_routing_sweep(spec, out, progress=False)
 
 
 @pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4)])
