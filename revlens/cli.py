@@ -3,6 +3,7 @@
     revlens train --objective mdm --positional rotary --seed 0 --out runs/mdm0
     revlens evaluate runs/mdm0
     revlens sweep data/ablations_sweep.json --out data/ablations.jsonl
+    revlens sweep data/routing_sweep.json --out data/routing.jsonl    # notebook 06 (routing world)
     revlens small-pair           # retrains data/small_pair (LLaDA-arch MDM + matched LLaMA-arch ARM)
     revlens facts /models/LLaDA-8B-Base --device cuda   # forward/reverse accuracy on data/real_facts.json
     revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/

@@ -220,3 +220,20 @@ def test_causal_split_patches_and_ablates():
     assert out["reverse_acc"] == routing_metrics(model, world, "inplace")["reverse_acc"]
     assert set(out) == {"reverse_acc", "route_patched_acc", "head0_ablated_acc", "head1_ablated_acc", "all_heads_ablated_acc"}
     assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+def test_cli_sweep_dispatches_on_the_routing_family(tmp_path, capsys):
+    from revlens.cli import main
+
+    data = _spec(seeds=[0], train={"steps": 2, "batch_size": 8})
+    data["cells"] = [dict(data["cells"][4], deltas=[2, 3])]  # no positions, two offsets
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps(data))
+    out = tmp_path / "table.jsonl"
+    assert main(["sweep", str(config), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["cell"], r["delta"], r["positional"]) for r in rows] == [("nopos", 2, "none"), ("nopos", 3, "none")]
+    data["cells"][0]["deltas"] = [99]
+    config.write_text(json.dumps(data))
+    assert main(["sweep", str(config), "--out", str(out)]) == 2
+    assert "delta 99" in capsys.readouterr().err
