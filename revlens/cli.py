@@ -3,6 +3,7 @@
     revlens train --objective mdm --positional rotary --seed 0 --out runs/mdm0
     revlens evaluate runs/mdm0
     revlens sweep data/ablations_sweep.json --out data/ablations.jsonl
+    revlens sweep data/routing_sweep.json --out data/routing.jsonl    # notebook 06 (routing world)
     revlens small-pair           # retrains data/small_pair (LLaDA-arch MDM + matched LLaMA-arch ARM)
     revlens facts /models/LLaDA-8B-Base --device cuda   # forward/reverse accuracy on data/real_facts.json
     revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/
@@ -21,7 +22,7 @@ from revlens.config import ATTENTION_DIRS, POSITIONALS, EncoderConfig
 from revlens.experiments import BASE_MODEL
 from revlens.objectives import OBJECTIVES
 
-DEFAULT_ATTENTION = {"mdm": "bidirectional", "bert": "bidirectional", "arm": "causal"}
+DEFAULT_ATTENTION = {"mdm": "bidirectional", "bert": "bidirectional", "arm": "causal", "inplace": "bidirectional"}
 
 
 def _positive_int(text: str) -> int:
@@ -127,6 +128,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from revlens.sweep import SweepSpec, run_sweep
 
+    data = json.loads(args.config.read_text())
+    if data.get("family") == "routing":  # the routing world's sweep (revlens.routing): one stack per cell
+        from revlens.routing import RoutingSweepSpec, run_routing_sweep
+
+        routing = RoutingSweepSpec.from_dict(data)
+        out = run_routing_sweep(routing, args.out or Path("reports") / f"sweep_{routing.name}.jsonl")
+        print(f"table written to {out}")
+        return 0
     spec = SweepSpec.load(args.config)
     out = run_sweep(spec, args.out or Path("reports") / f"sweep_{spec.name}.jsonl", jobs=args.jobs, redo=args.redo)
     print(f"table written to {out}")

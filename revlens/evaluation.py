@@ -29,7 +29,8 @@ from revlens.objectives import READOUTS, Objective
 from revlens.readout import logits_at_masks, read_position, readable
 from revlens.world import EVAL_SETS, EvalSet, ReversalWorld
 
-StackedForward = Callable[[Tensor], Float[Tensor, "instance batch pos vocab"]]
+StackedForward = Callable[[Tensor, Tensor | None], Float[Tensor, "instance batch pos vocab"]]
+"""``forward(tokens, positions)``: logits of every instance; ``positions`` are the eval set's ids (or None)."""
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def evaluate(model: HookedEncoder, world: ReversalWorld, objective: Objective) -
     _check_vocabulary(model, world)
     was_training = model.training
     model.eval()
-    (metrics,) = _score(lambda tokens: model(tokens)[None], 1, model, world, objective)
+    (metrics,) = _score(lambda tokens, positions: _run(model, tokens, positions)[None], 1, model, world, objective)
     model.train(was_training)
     return metrics
 
@@ -54,10 +55,23 @@ def evaluate_instances(
     if any(len(p) != n_instances for p in params.values()):
         raise ValueError("every stacked parameter needs the same number of instances")
 
-    def forward(tokens: Tensor) -> Tensor:
-        return vmap(lambda p: functional_logits(model, p, tokens))(params)
+    def forward(tokens: Tensor, positions: Tensor | None) -> Tensor:
+        return vmap(lambda p: functional_logits(model, p, tokens, positions))(params)
 
     return _score(forward, n_instances, model, world, objective)
+
+
+def _run(model: HookedEncoder, tokens: Tensor, positions: Tensor | None, **kwargs) -> Tensor:
+    """``model(tokens)``, passing position ids only where the world has them (``kwargs``: run_with_hooks')."""
+    extra = {} if positions is None else {"positions": positions}
+    if kwargs:
+        return model.run_with_hooks(tokens, **extra, **kwargs)
+    return model(tokens, **extra)
+
+
+def eval_set_names(world: ReversalWorld) -> tuple[str, ...]:
+    """The world's evaluation sets (a routing world has its own; see :mod:`revlens.routing`)."""
+    return getattr(world, "eval_set_names", EVAL_SETS)
 
 
 def _check_vocabulary(model: HookedEncoder, world: ReversalWorld) -> None:
@@ -69,7 +83,7 @@ def _score(
     forward: StackedForward, n_instances: int, model: HookedEncoder, world: ReversalWorld, objective: Objective
 ) -> list[dict[str, float]]:
     metrics: list[dict[str, float]] = [{} for _ in range(n_instances)]
-    for name in EVAL_SETS:
+    for name in eval_set_names(world):
         for row, set_metrics in zip(metrics, _score_set(forward, n_instances, model, world, objective, name)):
             row.update(set_metrics)
     for row in metrics:
@@ -86,7 +100,9 @@ def _score_set(
     es = world.eval_set(name)
     if not readable(es.mask_pos, readout):
         return [{f"{name}_{key}": math.nan for key in ANSWER_METRICS} for _ in range(n_instances)]
-    all_logits = logits_at_masks(forward, es.prompts, world.mask_id, readout=readout, causal=causal)[:, :, 0]
+    all_logits = logits_at_masks(
+        lambda tokens: forward(tokens, es.positions), es.prompts, world.mask_id, readout=readout, causal=causal
+    )[:, :, 0]
     # instance by instance: the same reductions as alone
     return [{f"{name}_{k}": v for k, v in answer_metrics(logits, es).items()} for logits in all_logits]
 
@@ -142,7 +158,7 @@ def evaluate_under_control(
         es = world.eval_set(name)
         if readable(es.mask_pos, readout):
             hooks = attention_control_hooks(model, read_position(es.mask_pos, readout), control)
-            forward: StackedForward = lambda tokens, hooks=hooks: model.run_with_hooks(tokens, fwd_hooks=hooks)[None]
+            forward: StackedForward = lambda tokens, positions, hooks=hooks: _run(model, tokens, positions, fwd_hooks=hooks)[None]
         else:
             forward = None  # type: ignore[assignment]  # _score_set reports NaN without calling it
         (metrics,) = _score_set(forward, 1, model, world, objective, name)

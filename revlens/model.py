@@ -79,17 +79,29 @@ class Attention(nn.Module):
             return torch.einsum("bpm,phmd->bphd", x, weight[: x.shape[1]])
         return torch.einsum("bpm,hmd->bphd", x, weight)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, "batch pos"] | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``positions``: each token's position id (default: its index, 0 .. pos - 1)."""
         cfg, n = self.cfg, x.shape[1]
+        if positions is not None and cfg.untied_positions:
+            raise ValueError("per-position (untied) projections need tokens at positions 0 .. pos - 1, not position ids")
         q = self.hook_q(self._project(x, self.W_Q))
         k = self.hook_k(self._project(x, self.W_K))
         v = self.hook_v(self._project(x, self.W_V))
         if cfg.positional == "rotary":
-            q = self.hook_rot_q(apply_rope(q, self.rope_cos, self.rope_sin))
-            k = self.hook_rot_k(apply_rope(k, self.rope_cos, self.rope_sin))
+            if positions is None:
+                cos, sin = self.rope_cos, self.rope_sin
+            else:  # the tables gathered at each token's position id, [batch, pos, d_head]
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            q = self.hook_rot_q(apply_rope(q, cos, sin))
+            k = self.hook_rot_k(apply_rope(k, cos, sin))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.d_head)
         if cfg.positional == "alibi":
-            scores = scores + self.alibi[:, :n, :n]
+            if positions is None:
+                scores = scores + self.alibi[:, :n, :n]
+            else:
+                scores = scores + self.alibi[:, positions[:, :, None], positions[:, None, :]].transpose(0, 1)
         if cfg.attention_dir == "causal":
             scores = scores.masked_fill(~self.causal_mask[:n, :n], float("-inf"))
         scores = self.hook_attn_scores(scores)
@@ -123,10 +135,12 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_out", "resid_mid", *mlp_hooks, "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, resid: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, "batch pos"] | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
         keep = 1.0 if self.cfg.residual else 0.0
         resid = self.hook_resid_pre(resid)
-        resid = self.hook_resid_mid(keep * resid + self.hook_attn_out(self.attn(resid)))
+        resid = self.hook_resid_mid(keep * resid + self.hook_attn_out(self.attn(resid, positions)))
         if self.mlp is not None:
             resid = keep * resid + self.hook_mlp_out(self.mlp(resid))
         return self.hook_resid_post(resid)
@@ -155,31 +169,56 @@ class HookedEncoder(StrictHookedRootModule):
         return self.W_E.T if self.cfg.tie_embeddings else self.W_U_untied
 
     def forward(
-        self, tokens: Int[Tensor, "batch pos"], check_tokens: bool = True
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        check_tokens: bool = True,
+        positions: Int[Tensor, "batch pos"] | None = None,
+        read: int | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits at every position. ``check_tokens=False`` skips the data-dependent id check
-        (needed under ``vmap``; the training loop checks its sentences once instead)."""
+        (needed under ``vmap``; the training loop checks its sentences once instead).
+
+        ``positions`` gives each token a position id (default 0 .. pos - 1): gaps in the ids place
+        tokens far apart without filler tokens (RoPE, ALiBi and absolute positions read them).
+        ``read`` unembeds one sequence index only (logits ``[batch, 1, d_vocab]``): a loss that
+        reads one slot need not pay for the others."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds n_ctx={self.cfg.n_ctx}")
         if check_tokens:
             check_token_ids(tokens, self.cfg.d_vocab)
+        if positions is not None:
+            if positions.shape != tokens.shape:
+                raise ValueError(f"positions {tuple(positions.shape)} must have the tokens' shape {tuple(tokens.shape)}")
+            if check_tokens and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.cfg.n_ctx):
+                raise ValueError(f"position ids must lie in [0, n_ctx={self.cfg.n_ctx}), got {int(positions.min())}..{int(positions.max())}")
         resid = self.hook_embed(F.embedding(tokens, self.W_E))
         if self.cfg.positional == "absolute":
-            resid = resid + self.hook_pos_embed(self.W_pos[: tokens.shape[1]])
+            pos_embed = self.W_pos[: tokens.shape[1]] if positions is None else self.W_pos[positions]
+            resid = resid + self.hook_pos_embed(pos_embed)
         for block in self.blocks:
-            resid = block(resid)
+            resid = block(resid, positions)
+        if read is not None:
+            resid = resid[:, read : read + 1].contiguous()  # contiguous: 3x faster matmul backward under vmap
         return resid @ self.W_U
 
 
 def functional_logits(
-    model: HookedEncoder, params: dict[str, Tensor], tokens: Int[Tensor, "batch pos"]
+    model: HookedEncoder,
+    params: dict[str, Tensor],
+    tokens: Int[Tensor, "batch pos"],
+    positions: Int[Tensor, "batch pos"] | None = None,
+    read: int | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """``model``'s logits with ``params`` in place of its own weights: the function of the weights
     that ``torch.func`` transforms (``vmap`` over stacked instances, ``grad``). Token ids are not
-    checked here -- a data-dependent check cannot run under ``vmap`` -- so callers check them once."""
-    return functional_call(model, params, (tokens,), {"check_tokens": False})
+    checked here -- a data-dependent check cannot run under ``vmap`` -- so callers check them once.
+    ``params`` may also hold buffers (a RoPE table, say) to run the model with other ones;
+    ``positions`` and ``read`` are :meth:`HookedEncoder.forward`'s."""
+    if positions is None and read is None:
+        return functional_call(model, params, (tokens,), {"check_tokens": False})
+    return functional_call(model, params, (tokens,), {"check_tokens": False, "positions": positions, "read": read})
 
 
 def stack_parameters(models: Sequence[HookedEncoder]) -> dict[str, Tensor]:

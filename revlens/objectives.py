@@ -13,6 +13,11 @@ all of them:
 * ``bert``: mask each token with a fixed probability (15%) and weight masked positions by
   1 / (rate * seq_len) -- BERT-style masked language modelling, for the ablations.
 * ``arm``: next-token prediction; position i predicts token i + 1, weights 1 / (seq_len - 1).
+* ``inplace``: mask only sequence index 0 (the A slot of :mod:`revlens.routing` sentences) and
+  score it with weight 1: the "in-place only" arm, in which no training prediction reads a key
+  placed *before* the mask, so the reverse direction's route is never trained directly. (In
+  :class:`revlens.world.ReversalWorld` index 0 of a control sentence "B r A" is B; use it there
+  only knowing that.)
 
 The readout says where a model trained with an objective keeps its answer for a masked slot:
 ``same_position`` (LLaDA, our MDMs) or ``shifted`` (position i - 1 predicts token i: ARMs, Dream).
@@ -30,10 +35,12 @@ from torch import Tensor
 
 from revlens.config import check_choice
 
-Objective = Literal["mdm", "bert", "arm"]
+Objective = Literal["mdm", "bert", "arm", "inplace"]
 Readout = Literal["same_position", "shifted"]
-OBJECTIVES: tuple[str, ...] = ("mdm", "bert", "arm")
-READOUTS: dict[str, Readout] = {"mdm": "same_position", "bert": "same_position", "arm": "shifted"}
+OBJECTIVES: tuple[str, ...] = ("mdm", "bert", "arm", "inplace")
+READOUTS: dict[str, Readout] = {"mdm": "same_position", "bert": "same_position", "arm": "shifted", "inplace": "same_position"}
+INPLACE_SLOT = 0
+"""The one sequence index the ``inplace`` objective masks and scores."""
 BERT_MASK_RATE = 0.15
 MDM_MASK_EPS = 1e-3
 """LLaDA's floor on the masking probability, p = (1 - eps) t + eps."""
@@ -103,6 +110,10 @@ def sample_mask(
         return sample_mdm_mask(shape, generator, mask_eps)
     if objective == "bert":
         return torch.rand(shape, generator=generator) < BERT_MASK_RATE, torch.full((shape[0],), BERT_MASK_RATE)
+    if objective == "inplace":  # deterministic: draws nothing, rate 1 / seq_len gives the slot weight 1
+        mask = torch.zeros(shape, dtype=torch.bool)
+        mask[:, INPLACE_SLOT] = True
+        return mask, torch.full((shape[0],), 1.0 / shape[1])
     raise ValueError(f"objective {objective!r} does not mask tokens")
 
 

@@ -33,12 +33,17 @@ def rope_cos_sin(
 
 def apply_rope(
     x: Float[Tensor, "batch pos head d_head"],
-    cos: Float[Tensor, "pos d_head"],
-    sin: Float[Tensor, "pos d_head"],
+    cos: Float[Tensor, "*batch pos d_head"],
+    sin: Float[Tensor, "*batch pos d_head"],
 ) -> Float[Tensor, "batch pos head d_head"]:
-    """Rotate queries or keys by their position (rotate-half convention)."""
+    """Rotate queries or keys by their position (rotate-half convention).
+
+    ``cos``/``sin``: the tables for positions 0, 1, ... (``[pos, d_head]``, the first ``pos`` rows
+    are used), or already gathered per row at each token's position id (``[batch, pos, d_head]``)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    if cos.ndim == 3:
+        return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     n = x.shape[1]
     return x * cos[:n, None, :] + rotated * sin[:n, None, :]
 

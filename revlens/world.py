@@ -43,7 +43,8 @@ class EvalSet:
     """Prompts with one mask each, the mask's position and the expected token there.
 
     ``candidates`` is the answer's alphabet (every A entity for an A answer, every B entity for a
-    B answer): accuracy "within type" takes the argmax over these ids only.
+    B answer): accuracy "within type" takes the argmax over these ids only. ``positions`` are the
+    tokens' position ids where a world spaces them out (:mod:`revlens.routing`).
     """
 
     name: str
@@ -51,6 +52,8 @@ class EvalSet:
     mask_pos: int
     answers: Int[Tensor, " n"]
     candidates: Int[Tensor, " n_candidates"]
+    positions: Int[Tensor, "n seq"] | None = None
+    """Position ids of the prompt tokens (None: 0 .. seq - 1)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,441 @@
+"""The routing world: facts whose answer can only be found by attending to the right offset.
+
+In :class:`revlens.world.ReversalWorld` every prompt holds one entity, so *any* attention on it
+carries the fact and the route is never tested. Here every prompt holds the fact's B **and two
+distractors of B's type** (other facts' Bs), each at its own offset from the A slot; a model that
+attends to a distractor answers that distractor's A. Only position tells B from the distractors.
+
+Sentences are four tokens ``A B D1 D2`` with *position ids* (not filler tokens) carrying the
+geometry: A at 0, B at ``delta``, the distractors at two distinct offsets drawn from
+``1 .. 2 * delta + 1`` without ``delta`` (fresh draw per sentence). Every entity of a training
+sentence sits after A: no sentence places a fact's B (or any B) before the A slot, so nothing
+trains the -delta direction directly.
+
+=================  =======================================  ========================================
+name               prompt (positions) -> answer             meaning
+=================  =======================================  ========================================
+inplace            [M]@0 B@d D@o1 D@o2 -> A                 the trained query, fresh distractors
+reverse            [M]@x B@x-d D@x-o1 D@x-o2 -> A           its mirror image: everything before the
+                                                            mask, B at -d (never trained)
+=================  =======================================  ========================================
+
+(``x = max(d, o1, o2)`` so ids start at 0.) The mask is always sequence index 0 and B index 1;
+only the position ids differ. Chance within the answer's alphabet is 1 / n_facts, and a model that
+cannot tell B from the distractors is right about a third of the time (1 / (1 + n_distractors)).
+
+Also here: the metrics of a trained model (:func:`routing_metrics`: accuracies, the same under a
+uniform mask pattern, where the mask attends), the route-vs-storage interventions
+(:func:`causal_split`), the closed form's matched-filter prediction of reverse accuracy
+(:func:`matched_filter_reverse_accuracy`) and the sweep (:class:`RoutingSweepSpec`,
+:func:`run_routing_sweep`; ``revlens sweep`` dispatches on ``"family": "routing"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm import tqdm
+
+from revlens.config import EncoderConfig
+from revlens.training import TrainConfig
+from revlens.world import EvalSet
+
+MASK = "[M]"
+N_DISTRACTORS = 2
+ROUTING_EVAL_SETS: tuple[str, ...] = ("inplace", "reverse")
+A_SLOT, B_SLOT = 0, 1
+"""Sequence indices of the A slot (the mask in every eval prompt) and of the fact's B."""
+
+
+@dataclass(frozen=True)
+class RoutingWorld:
+    """Facts (A_i, B_i), an offset ``delta`` and seeded distractor draws (see the module docstring)."""
+
+    n_facts: int
+    delta: int
+    seed: int
+    sentences_per_fact: int
+    a_ids: tuple[int, ...]
+    b_ids: tuple[int, ...]
+
+    eval_set_names = ROUTING_EVAL_SETS
+    answer_slot = A_SLOT
+
+    @classmethod
+    def generate(cls, n_facts: int = 64, delta: int = 2, seed: int = 0, sentences_per_fact: int = 16) -> "RoutingWorld":
+        if not isinstance(n_facts, int) or n_facts < N_DISTRACTORS + 1:
+            raise ValueError(f"a routing world needs at least {N_DISTRACTORS + 1} facts, got n_facts={n_facts!r}")
+        if not isinstance(delta, int) or delta < 1:
+            raise ValueError(f"delta must be a positive integer offset, got {delta!r}")
+        if not isinstance(sentences_per_fact, int) or sentences_per_fact < 1:
+            raise ValueError(f"sentences_per_fact must be a positive integer, got {sentences_per_fact!r}")
+        gen = torch.Generator().manual_seed(seed)
+        a_ids = tuple(1 + i for i in torch.randperm(n_facts, generator=gen).tolist())
+        b_ids = tuple(1 + n_facts + i for i in torch.randperm(n_facts, generator=gen).tolist())
+        return cls(n_facts, delta, seed, sentences_per_fact, a_ids, b_ids)
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    @property
+    def vocab(self) -> list[str]:
+        return [MASK] + [f"A{i}" for i in range(self.n_facts)] + [f"B{i}" for i in range(self.n_facts)]
+
+    @property
+    def d_vocab(self) -> int:
+        return 1 + 2 * self.n_facts
+
+    @property
+    def mask_id(self) -> int:
+        return 0
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.n_facts
+
+    @property
+    def n_positions(self) -> int:
+        """Position ids used: 0 .. 2 * delta + 1."""
+        return 2 * self.delta + 2
+
+    def alphabet(self, kind: str) -> Int[Tensor, " n_facts"]:
+        first = {"A": 1, "B": 1 + self.n_facts}.get(kind)
+        if first is None:
+            raise ValueError(f"unknown alphabet {kind!r}; expected 'A' or 'B'")
+        return torch.arange(first, first + self.n_facts)
+
+    # ---- sentences ----------------------------------------------------------------------------
+    def _draw(self, n_per_fact: int, stream: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sentence: fact index, the two distractor facts, the two distractor offsets."""
+        gen = torch.Generator().manual_seed(self.seed * 1000 + stream)
+        n, d = self.n_facts, self.delta
+        facts = torch.arange(n).repeat_interleave(n_per_fact)
+        # distractor facts: two distinct facts other than the sentence's own
+        scores = torch.rand(len(facts), n, generator=gen)
+        scores[torch.arange(len(facts)), facts] = 2.0  # the own fact sorts last
+        others = scores.argsort(-1)[:, :N_DISTRACTORS]
+        # distractor offsets: two distinct values of 1 .. 2d + 1 other than d
+        choices = torch.tensor(distractor_offsets(d))
+        order = torch.rand(len(facts), len(choices), generator=gen).argsort(-1)[:, :N_DISTRACTORS]
+        return facts, others, choices[order]
+
+    def _tokens(self, facts: Tensor, distractors: Tensor, answer: Tensor) -> Tensor:
+        a, b = torch.tensor(self.a_ids), torch.tensor(self.b_ids)
+        return torch.stack([answer, b[facts], b[distractors[:, 0]], b[distractors[:, 1]]], 1)
+
+    def training_data(self) -> tuple[Int[Tensor, "n 4"], Int[Tensor, "n 4"]]:
+        """Tokens ``A B D1 D2`` and their position ids ``0, delta, o1, o2`` (``sentences_per_fact`` each)."""
+        facts, distractors, offsets = self._draw(self.sentences_per_fact, stream=0)
+        tokens = self._tokens(facts, distractors, torch.tensor(self.a_ids)[facts])
+        positions = torch.cat([torch.zeros_like(facts)[:, None], torch.full_like(facts, self.delta)[:, None], offsets], 1)
+        return tokens, positions
+
+    def training_sentences(self) -> Int[Tensor, "n 4"]:
+        return self.training_data()[0]
+
+    def eval_set(self, name: str) -> EvalSet:
+        """One of :data:`ROUTING_EVAL_SETS`, one prompt per fact with distractors never used in training."""
+        if name not in ROUTING_EVAL_SETS:
+            raise ValueError(f"unknown evaluation set {name!r}; expected one of {', '.join(ROUTING_EVAL_SETS)}")
+        facts, distractors, offsets = self._draw(1, stream=1)
+        tokens = self._tokens(facts, distractors, torch.full_like(facts, self.mask_id))
+        relative = torch.cat([torch.full_like(facts, self.delta)[:, None], offsets], 1)  # B, D1, D2 from the mask
+        if name == "inplace":
+            positions = torch.cat([torch.zeros_like(facts)[:, None], relative], 1)
+        else:
+            top = relative.max(1, keepdim=True).values
+            positions = torch.cat([top, top - relative], 1)
+        return EvalSet(name, tokens, A_SLOT, torch.tensor(self.a_ids)[facts], self.alphabet("A"), positions)
+
+    def decode(self, tokens: Int[Tensor, "... seq"], positions: Int[Tensor, "... seq"] | None = None) -> list[str]:
+        """Token ids to strings, ``token@position`` when positions are given."""
+        vocab = self.vocab
+        rows = tokens.reshape(-1, tokens.shape[-1]).tolist()
+        if positions is None:
+            return [" ".join(vocab[t] for t in row) for row in rows]
+        pos = positions.reshape(-1, positions.shape[-1]).tolist()
+        return [" ".join(f"{vocab[t]}@{p}" for t, p in zip(row, prow)) for row, prow in zip(rows, pos)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": "routing", "n_facts": self.n_facts, "delta": self.delta, "seed": self.seed,
+                "sentences_per_fact": self.sentences_per_fact}
+
+
+
+def distractor_offsets(delta: int) -> list[int]:
+    """The offsets a distractor may take for ``delta``: 1 .. 2 * delta + 1 without ``delta``."""
+    return [o for o in range(1, 2 * delta + 2) if o != delta]
+
+
+def matched_filter_reverse_accuracy(d_head: int, delta: int, base: float) -> float:
+    """Reverse accuracy of an idealised RoPE route that learned only the in-place offset.
+
+    Suppose training makes the mask-to-B score a matched filter for offset ``+delta``:
+    ``g(r) = sum_m cos(theta_m (r - delta))`` over the RoPE frequencies, which peaks at
+    ``r = delta`` for any set of distractors. The reverse prompt puts B at ``-delta`` and the
+    distractors at ``-o``; the filter scores them ``K(2 delta)`` and ``K(delta + o)`` with
+    ``K(s) = sum_m cos(theta_m s)`` -- ``K(2 delta) / (d / 2)`` is exactly tr R(2 delta) / d. The
+    route picks B when ``K(2 delta)`` beats both distractors; this returns the share of distractor
+    offset pairs (all equally likely, as in :class:`RoutingWorld`) where it does. It uses the
+    closed form and the world's geometry only, no trained model.
+    """
+    from revlens.positions import rope_frequencies
+
+    theta = rope_frequencies(d_head, base)
+    kernel = lambda s: float(torch.cos(s * theta).sum())  # noqa: E731
+    target = kernel(2 * delta)
+    beaten = {o: kernel(delta + o) < target for o in distractor_offsets(delta)}
+    pairs = [(o1, o2) for o1 in beaten for o2 in beaten if o1 < o2]
+    return sum(beaten[o1] and beaten[o2] for o1, o2 in pairs) / len(pairs)
+
+@torch.no_grad()
+def route_statistics(model, world: RoutingWorld) -> dict[str, float]:
+    """Where the mask attends (layer 0, query = the mask) in each eval set, and how the two routes' scores agree.
+
+    ``{set}_attn_b`` / ``{set}_attn_d``: mean attention weight on B / on a distractor (mean over
+    heads, prompts and the two distractors). ``{set}_attn_b_top``: the same on B for the head that
+    attends most to B in the *in-place* set (chosen there, so the reverse number is not selected on
+    itself). ``score_corr``: Pearson correlation over (prompt, head) of the mask-to-B pre-softmax
+    score in the in-place prompt and in its mirror image -- what tr R(2 delta) / d predicts at
+    initialisation for shared W_Q, W_K.
+    """
+    out: dict[str, float] = {}
+    scores = {}
+    top_head = None
+    for name in ROUTING_EVAL_SETS:
+        es = world.eval_set(name)
+        _, cache = model.run_with_cache(
+            es.prompts, positions=es.positions, names_filter=lambda n: n in ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")
+        )
+        pattern = cache["blocks.0.attn.hook_pattern"][:, :, A_SLOT]  # [batch, head, key]
+        scores[name] = cache["blocks.0.attn.hook_attn_scores"][:, :, A_SLOT, B_SLOT].flatten()
+        on_b = pattern[..., B_SLOT].mean(0)  # per head
+        if top_head is None:
+            top_head = int(on_b.argmax())
+        out[f"{name}_attn_b"] = on_b.mean().item()
+        out[f"{name}_attn_d"] = pattern[..., B_SLOT + 1 :].mean().item()
+        out[f"{name}_attn_b_top"] = on_b[top_head].item()
+    out["score_corr"] = torch.corrcoef(torch.stack([scores["inplace"], scores["reverse"]]))[0, 1].item()
+    return out
+
+
+def routing_metrics(model, world: RoutingWorld, objective: str) -> dict[str, float]:
+    """Answer metrics per eval set, the same under a uniform mask pattern, and :func:`route_statistics`."""
+    from revlens.evaluation import evaluate, evaluate_under_control
+
+    return {
+        **evaluate(model, world, objective),  # type: ignore[arg-type]
+        **evaluate_under_control(model, world, objective, "uniform", sets=ROUTING_EVAL_SETS),  # type: ignore[arg-type]
+        **route_statistics(model, world),
+    }
+
+
+
+@torch.no_grad()
+def causal_split(model, world: RoutingWorld) -> dict[str, float]:
+    """Route vs storage in the reverse query of a one-layer model, by two interventions.
+
+    ``reverse_acc``: the model's own reverse accuracy. ``route_patched_acc``: reverse accuracy after
+    writing, in every head, the mask-to-B pre-softmax score of the *in-place* prompt into the reverse
+    prompt (``blocks.0.attn.hook_attn_scores``, query = mask, key = B; the distractors keep their own
+    scores): if this restores the answer, what the reverse query lacked was the route, and the stored
+    B -> A mapping was there to be read. ``head{h}_ablated_acc``: reverse accuracy with head h's value
+    vectors zeroed (``blocks.0.attn.hook_v``): which heads carry the answer;
+    ``all_heads_ablated_acc``: every head's values zeroed, the floor.
+    """
+    from revlens.evaluation import answer_metrics
+
+    inplace, reverse = world.eval_set("inplace"), world.eval_set("reverse")
+    score_hook = "blocks.0.attn.hook_attn_scores"
+    _, cache = model.run_with_cache(inplace.prompts, positions=inplace.positions, names_filter=score_hook)
+    inplace_scores = cache[score_hook][:, :, A_SLOT, B_SLOT]
+
+    def accuracy(hooks) -> float:
+        logits = model.run_with_hooks(reverse.prompts, positions=reverse.positions, fwd_hooks=hooks)[:, A_SLOT]
+        return answer_metrics(logits, reverse)["acc"]
+
+    def patch_route(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        scores = scores.clone()
+        scores[:, :, A_SLOT, B_SLOT] = inplace_scores
+        return scores
+
+    out = {"reverse_acc": accuracy([]), "route_patched_acc": accuracy([(score_hook, patch_route)])}
+    for head in range(model.cfg.n_heads):
+        def ablate(v: Tensor, hook=None, head=head) -> Tensor:  # noqa: ARG001
+            v = v.clone()
+            v[:, :, head] = 0.0
+            return v
+
+        out[f"head{head}_ablated_acc"] = accuracy([("blocks.0.attn.hook_v", ablate)])
+    out["all_heads_ablated_acc"] = accuracy([("blocks.0.attn.hook_v", lambda v, hook=None: torch.zeros_like(v))])
+    return out
+
+# ---- the sweep ----------------------------------------------------------------------------------
+ROW_METRICS: tuple[str, ...] = tuple(
+    f"{s}_{m}" for s in ROUTING_EVAL_SETS for m in ("acc", "acc_in_type", "logp", "margin", "acc_uniform", "acc_in_type_uniform")
+) + tuple(f"{s}_{m}" for s in ROUTING_EVAL_SETS for m in ("attn_b", "attn_d", "attn_b_top")) + ("score_corr",)
+"""The metrics each sweep row keeps (see :func:`routing_metrics`)."""
+N_CTX = 66
+"""Position ids the sweep's models accept: enough for delta = 32 (ids up to 2 * 32 + 1)."""
+
+
+@dataclass(frozen=True)
+class RoutingCell:
+    """One arm of the routing sweep: an objective and model changes, at several offsets and RoPE bases."""
+
+    name: str
+    objective: str
+    model: dict[str, Any]
+    deltas: tuple[int, ...]
+    bases: tuple[float, ...] = (10000.0,)
+    group: str = ""
+
+    def model_cfg(self, world: RoutingWorld, base: float) -> EncoderConfig:
+        from revlens.experiments import BASE_MODEL
+
+        fields = {**BASE_MODEL, "attention_dir": "bidirectional", **self.model, "rotary_base": float(base)}
+        return EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, **fields)
+
+
+@dataclass(frozen=True)
+class RoutingSweepSpec:
+    """A routing sweep file (``"family": "routing"``): world size, training settings, seeds, cells.
+
+    Seed s trains model seed s on the world with seed s (own facts, own distractor draws)."""
+
+    name: str
+    world: dict[str, Any]
+    train: TrainConfig
+    seeds: tuple[int, ...]
+    cells: tuple[RoutingCell, ...]
+    stack_size: int = 50
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RoutingSweepSpec":
+        allowed = {"name", "family", "world", "train", "seeds", "cells", "stack_size"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"routing sweep file has unknown keys {sorted(unknown)}")
+        cells = []
+        for i, entry in enumerate(data.get("cells", [])):
+            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group"}
+            if extra or not {"name", "objective", "deltas"} <= set(entry):
+                raise ValueError(f"cell {i} ({entry.get('name')!r}) needs name, objective, deltas; unknown keys {sorted(extra)}")
+            bases = tuple(float(b) for b in entry.get("bases", (10000.0,)))
+            cells.append(RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
+                                     tuple(entry["deltas"]), bases, entry.get("group", "")))
+        if len({c.name for c in cells}) != len(cells) or not cells:
+            raise ValueError("a routing sweep needs cells with unique names")
+        for cell in cells:
+            if max(cell.deltas) * 2 + 2 > N_CTX:
+                raise ValueError(f"cell {cell.name!r}: delta {max(cell.deltas)} needs more than n_ctx={N_CTX} position ids")
+        train = TrainConfig(**{"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
+        return cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
+                   int(data.get("stack_size", 50)))
+
+    def jobs(self) -> list[tuple[RoutingCell, int, float, int]]:
+        """Every (cell, delta, base, seed) in file order."""
+        return [(c, d, b, s) for c in self.cells for d in c.deltas for b in c.bases for s in self.seeds]
+
+    def world_for(self, delta: int, seed: int) -> RoutingWorld:
+        return RoutingWorld.generate(delta=delta, seed=seed, **self.world)
+
+    def train_for(self, cell: RoutingCell) -> TrainConfig:
+        """The file's training settings with the cell's objective (the file's own ``train`` has none)."""
+        return dataclasses.replace(self.train, objective=cell.objective)
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, int, float, int]:
+    return row["cell"], row["delta"], float(row["base"]), row["seed"]
+
+
+def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, float, int]]) -> list[dict[str, Any]]:
+    """Train ``jobs`` (all of one cell) as one stack and return their table rows."""
+    from revlens.stack import Member, train_stack
+    from revlens.theory import rope_score_correlation
+
+    cell = jobs[0][0]
+    members = []
+    for _, delta, base, seed in jobs:
+        world = spec.world_for(delta, seed)
+        members.append(Member(cell.model_cfg(world, base), world, seed))
+    models = train_stack(members, spec.train_for(cell), progress=False)
+    rows = []
+    for (_, delta, base, seed), member, model in zip(jobs, members, models):
+        cfg = member.model_cfg
+        metrics = routing_metrics(model, member.world, cell.objective)
+        rotary = cfg.positional == "rotary"
+        rows.append({
+            "cell": cell.name, "group": cell.group, "objective": cell.objective, "positional": cfg.positional,
+            "d_head": cfg.d_head, "delta": delta, "base": base, "seed": seed,
+            "closed_form": float(rope_score_correlation(cfg.d_head, delta, base)) if rotary else None,
+            "distractor_guess": 1.0 / (1 + N_DISTRACTORS), "chance": member.world.chance,
+            **{k: round(metrics[k], 6) for k in ROW_METRICS},
+        })
+    return rows
+
+
+def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = True) -> Path:
+    """Train every (cell, delta, base, seed) not yet in ``out`` (JSON lines), a stack per cell chunk, appending rows."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.is_file():
+        for number, line in enumerate(out.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    key = row_key(json.loads(line))
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise ValueError(f"{out}, line {number}: not a routing sweep row ({err})") from None
+                if key in done:  # e.g. two sweeps appended to one table at once
+                    raise ValueError(f"{out}, line {number}: duplicate row for (cell, delta, base, seed) = {key}")
+                done.add(key)
+    todo = [job for job in spec.jobs() if (job[0].name, job[1], job[2], job[3]) not in done]
+    chunks: list[list[tuple[RoutingCell, int, float, int]]] = []
+    for job in todo:
+        if chunks and chunks[-1][0][0] is job[0] and len(chunks[-1]) < spec.stack_size:
+            chunks[-1].append(job)
+        else:
+            chunks.append([job])
+    bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="model", disable=not progress)
+    for chunk in chunks:
+        rows = train_rows(spec, chunk)
+        with out.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def read_table(path: str | Path):
+    """The sweep table as a DataFrame (one row per model)."""
+    import pandas as pd
+
+    return pd.read_json(path, lines=True)
+
+
+def correlation_ci(x: Sequence[float], y: Sequence[float], kind: str = "pearson", level: float = 0.95) -> tuple[float, float, float]:
+    """Pearson or Spearman correlation with a Fisher-z confidence interval: ``(r, low, high)``.
+
+    Pearson: se = 1 / sqrt(n - 3). Spearman: Fieller et al.'s se = sqrt(1.06 / (n - 3)).
+    """
+    import numpy as np
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 4:
+        raise ValueError(f"need two equal-length 1-d samples of at least 4 values, got {x.shape} and {y.shape}")
+    if kind == "pearson":
+        r, se = stats.pearsonr(x, y)[0], 1 / np.sqrt(len(x) - 3)
+    elif kind == "spearman":
+        r, se = stats.spearmanr(x, y)[0], np.sqrt(1.06 / (len(x) - 3))
+    else:
+        raise ValueError(f"unknown correlation {kind!r}; expected 'pearson' or 'spearman'")
+    z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + level / 2)
+    return float(r), float(np.tanh(z - q * se)), float(np.tanh(z + q * se))

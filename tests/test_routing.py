@@ -1,0 +1,239 @@
+"""The routing world, the in-place-only objective, position ids, the stacked trainer and the routing sweep."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from revlens.config import EncoderConfig
+from revlens.model import HookedEncoder
+from revlens.objectives import make_loss_batch, sample_loss_batches
+from revlens.routing import (
+    A_SLOT,
+    B_SLOT,
+    N_CTX,
+    RoutingSweepSpec,
+    RoutingWorld,
+    routing_metrics,
+    run_routing_sweep,
+    train_rows,
+)
+from revlens.stack import Member, train_stack
+from revlens.training import TrainConfig
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+DELTAS = (1, 2, 3, 8, 32)
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    return [RoutingWorld.generate(n_facts=16, delta=d, seed=s, sentences_per_fact=4) for d in DELTAS for s in (0, 1)]
+
+
+def test_inplace_objective_masks_only_the_a_slot():
+    sentences = torch.randint(1, 30, (50, 4))
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    batch = sample_loss_batches("inplace", sentences, 64, 0, gens)
+    assert (batch.inputs[..., A_SLOT] == 0).all() and (batch.inputs[..., 1:] != 0).all()
+    assert (batch.weights[..., A_SLOT] == 1.0).all() and (batch.weights[..., 1:] == 0).all()
+    single = make_loss_batch("inplace", sentences, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(single.inputs[:, 1:], sentences[:, 1:]) and (single.inputs[:, 0] == 0).all()
+
+
+def test_no_training_sentence_places_a_b_before_its_a(worlds):
+    for world in worlds:
+        tokens, positions = world.training_data()
+        a, b = torch.tensor(world.a_ids), torch.tensor(world.b_ids)
+        fact = (tokens[:, A_SLOT, None] == a).int().argmax(1)
+        assert torch.equal(tokens[:, B_SLOT], b[fact])  # slot 1 is the fact's own B
+        assert (positions[:, A_SLOT] == 0).all() and (positions[:, B_SLOT] == world.delta).all()
+        assert (positions[:, 1:] > positions[:, :1]).all()  # every B (own or distractor) after A
+
+
+def test_distractors_are_other_bs_at_other_offsets(worlds):
+    for world in worlds:
+        b_alphabet = world.alphabet("B")
+        for tokens, positions in [world.training_data(), *((es.prompts, es.positions) for es in map(world.eval_set, world.eval_set_names))]:
+            distractors = tokens[:, 2:]
+            assert torch.isin(distractors, b_alphabet).all()
+            assert (distractors != tokens[:, 1:2]).all() and (distractors[:, 0] != distractors[:, 1]).all()
+            offsets = (positions[:, 1:] - positions[:, :1]).abs()  # |offset| from the A slot / mask
+            assert (offsets[:, 0] == world.delta).all()
+            assert (offsets[:, 1:] != world.delta).all() and (offsets[:, 1] != offsets[:, 2]).all()
+            assert int(positions.max()) < world.n_positions <= N_CTX
+
+
+def test_reverse_prompt_mirrors_the_inplace_prompt():
+    world = RoutingWorld.generate(n_facts=16, delta=5, seed=2)
+    inplace, reverse = world.eval_set("inplace"), world.eval_set("reverse")
+    assert torch.equal(inplace.prompts, reverse.prompts) and torch.equal(inplace.answers, reverse.answers)
+    rel_in = inplace.positions - inplace.positions[:, :1]
+    rel_rev = reverse.positions - reverse.positions[:, :1]
+    assert torch.equal(rel_in, -rel_rev) and int(reverse.positions.min()) == 0
+    assert (reverse.positions[:, B_SLOT] < reverse.positions[:, A_SLOT]).all()  # B before the mask
+
+
+def test_world_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="delta"):
+        RoutingWorld.generate(delta=0)
+    with pytest.raises(ValueError, match="at least 3 facts"):
+        RoutingWorld.generate(n_facts=2)
+    with pytest.raises(ValueError, match="unknown evaluation set 'forward'"):
+        RoutingWorld.generate().eval_set("forward")
+
+
+@pytest.mark.parametrize("positional", ["rotary", "alibi", "absolute", "none"])
+def test_default_position_ids_change_nothing(positional):
+    torch.manual_seed(0)
+    model = HookedEncoder(EncoderConfig(d_vocab=20, n_ctx=8, d_model=16, n_heads=2, d_head=8, positional=positional))
+    tokens = torch.randint(20, (5, 4))
+    plain = model(tokens)
+    assert torch.equal(model(tokens, positions=torch.arange(4).expand(5, 4)), plain)
+    assert torch.equal(model(tokens, read=2), plain[:, 2:3])
+    with pytest.raises(ValueError, match="position ids must lie in"):
+        model(tokens, positions=torch.full((5, 4), 8))
+
+
+def test_uniform_control_comes_from_the_library_and_erases_the_offset():
+    """Under a uniform pattern a one-layer RoPE model sees the in-place prompt and its mirror as the
+    same bag of values (RoPE touches queries and keys only): the library's controlled metrics agree."""
+    world = RoutingWorld.generate(n_facts=16, delta=3, seed=0, sentences_per_fact=8)
+    cfg = EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16)
+    (model,) = train_stack([Member(cfg, world, 0)], TrainConfig("inplace", steps=150, batch_size=64), progress=False)
+    out = routing_metrics(model, world, "inplace")
+    assert out["inplace_acc"] == 1.0
+    assert out["inplace_logp_uniform"] == pytest.approx(out["reverse_logp_uniform"], abs=1e-5)
+    assert out["inplace_acc_uniform"] <= 0.5  # the route is needed: without it, a guess among B and distractors
+
+
+def test_stack_matches_each_member_alone_bit_for_bit():
+    """Members differing in offset (data), world seed (data) and RoPE base (buffers), trained as one
+    vmapped stack, end with exactly the weights each gets trained alone as a plain module."""
+    members = []
+    for delta, seed, base in [(1, 0, 100.0), (4, 1, 1e4), (16, 2, 1e6)]:
+        world = RoutingWorld.generate(n_facts=16, delta=delta, seed=seed, sentences_per_fact=4)
+        members.append(Member(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, rotary_base=base), world, seed))
+    for objective in ("inplace", "mdm"):
+        cfg = TrainConfig(objective, steps=30, batch_size=32)
+        stacked = train_stack(members, cfg, progress=False)
+        for member, model in zip(members, stacked):
+            (alone,) = train_stack([member], cfg, progress=False)
+            for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+                assert torch.equal(p, q), (objective, member.world.delta, name)  # bit for bit
+            assert torch.equal(model.blocks[0].attn.rope_cos, alone.blocks[0].attn.rope_cos)
+
+
+def test_stack_refuses_mismatched_members():
+    w = RoutingWorld.generate(n_facts=16, delta=2)
+    cfg = EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2)
+    with pytest.raises(ValueError, match="differ only in rotary_base"):
+        train_stack([Member(cfg, w, 0), Member(cfg.replace(attention_dir="causal"), w, 1)], TrainConfig("inplace", steps=1), progress=False)
+    with pytest.raises(ValueError, match="masked objectives"):
+        train_stack([Member(cfg, w, 0)], TrainConfig("arm", steps=1), progress=False)
+
+
+def _spec(**changes):
+    data = json.loads((DATA / "routing_sweep.json").read_text())
+    data.update(changes)
+    return data
+
+
+def test_sweep_spec_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown keys"):
+        RoutingSweepSpec.from_dict(_spec(colour="red"))
+    bad = _spec()
+    bad["cells"][0]["deltas"] = [40]
+    with pytest.raises(ValueError, match="delta 40"):
+        RoutingSweepSpec.from_dict(bad)
+
+
+def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
+    data = _spec(seeds=[0], train={"steps": 2, "batch_size": 8})
+    data["cells"] = [dict(data["cells"][0], deltas=[1, 2], bases=[1e4]), dict(data["cells"][3], deltas=[2])]
+    spec = RoutingSweepSpec.from_dict(data)
+    out = tmp_path / "t.jsonl"
+    run_routing_sweep(spec, out, progress=False)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    run_routing_sweep(spec, out, progress=False)
+    assert out.read_text().splitlines() == lines  # nothing re-run
+    out.write_text(lines[0] + "\nnot json\n")
+    with pytest.raises(ValueError, match="line 2"):
+        run_routing_sweep(spec, out, progress=False)
+    out.write_text(lines[0] + "\n" + lines[0] + "\n")
+    with pytest.raises(ValueError, match="line 2: duplicate row"):
+        run_routing_sweep(spec, out, progress=False)
+
+
+@pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4)])
+def test_shipped_table_rows_reproduce(cell, delta, base):
+    """Retrain one shipped model alone: accuracies within 2 prompts of 64 and route weights within
+    0.05 of the table (the table trained it in a stack: float round-off, not bits, differ)."""
+    spec = RoutingSweepSpec.from_dict(json.loads((DATA / "routing_sweep.json").read_text()))
+    rows = [json.loads(line) for line in (DATA / "routing.jsonl").read_text().splitlines()]
+    (shipped,) = [r for r in rows if (r["cell"], r["delta"], r["base"], r["seed"]) == (cell, delta, base, 0)]
+    (job,) = [j for j in spec.jobs() if (j[0].name, j[1], j[2], j[3]) == (cell, delta, base, 0)]
+    (row,) = train_rows(spec, [job])
+    for key in ("inplace_acc", "reverse_acc", "inplace_acc_uniform", "reverse_acc_in_type"):
+        assert row[key] == pytest.approx(shipped[key], abs=2 / 64 + 1e-9), key
+    for key in ("reverse_attn_b", "reverse_attn_d", "inplace_attn_b"):
+        assert row[key] == pytest.approx(shipped[key], abs=0.05), key
+    assert row["closed_form"] == pytest.approx(shipped["closed_form"], abs=1e-12)
+
+
+def test_matched_filter_prediction_uses_the_closed_form():
+    from revlens.routing import matched_filter_reverse_accuracy
+    from revlens.theory import rope_score_correlation
+
+    import numpy as np
+
+    theta = 1e4 ** (-2.0 * np.arange(8) / 16)
+    kernel = lambda s: np.cos(s * theta).sum()  # noqa: E731
+    assert kernel(2 * 3) / 8 == pytest.approx(rope_score_correlation(16, 3, 1e4))  # the filter's B score is the closed form
+    # delta = 3: K(6) beats K(3 + o) for every distractor offset o; delta = 2: K(4) loses to K(2 + 4) = K(6)
+    assert all(kernel(6) > kernel(3 + o) for o in (1, 2, 4, 5, 6, 7)) and kernel(4) < kernel(6)
+    assert matched_filter_reverse_accuracy(16, 3, 1e4) == 1.0
+    assert matched_filter_reverse_accuracy(16, 2, 1e4) == 0.0
+    assert 0.0 <= matched_filter_reverse_accuracy(64, 12, 1e6) <= 1.0
+
+
+def test_correlation_ci_brackets_the_estimate():
+    from revlens.routing import correlation_ci
+
+    x = [0.1, 0.4, 0.35, 0.8, 0.7, 0.95]
+    for kind in ("pearson", "spearman"):
+        r, lo, hi = correlation_ci(x, [v + e for v, e in zip(x, (0.3, -0.2, 0.1, -0.3, 0.2, 0.0))], kind)
+        assert -1 < lo < r < hi < 1 and r > 0.5
+    with pytest.raises(ValueError, match="unknown correlation"):
+        correlation_ci(x, x, "kendall")
+
+
+def test_causal_split_patches_and_ablates():
+    from revlens.routing import causal_split
+
+    world = RoutingWorld.generate(n_facts=16, delta=2, seed=0, sentences_per_fact=8)
+    cfg = EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16)
+    (model,) = train_stack([Member(cfg, world, 0)], TrainConfig("inplace", steps=150, batch_size=64), progress=False)
+    out = causal_split(model, world)
+    assert out["reverse_acc"] == routing_metrics(model, world, "inplace")["reverse_acc"]
+    assert set(out) == {"reverse_acc", "route_patched_acc", "head0_ablated_acc", "head1_ablated_acc", "all_heads_ablated_acc"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+def test_cli_sweep_dispatches_on_the_routing_family(tmp_path, capsys):
+    from revlens.cli import main
+
+    data = _spec(seeds=[0], train={"steps": 2, "batch_size": 8})
+    data["cells"] = [dict(data["cells"][4], deltas=[2, 3])]  # no positions, two offsets
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps(data))
+    out = tmp_path / "table.jsonl"
+    assert main(["sweep", str(config), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["cell"], r["delta"], r["positional"]) for r in rows] == [("nopos", 2, "none"), ("nopos", 3, "none")]
+    data["cells"][0]["deltas"] = [99]
+    config.write_text(json.dumps(data))
+    assert main(["sweep", str(config), "--out", str(out)]) == 2
+    assert "delta 99" in capsys.readouterr().err
