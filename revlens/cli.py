@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("small-pair", help="train the small LLaDA-architecture MDM and matched ARM notebook 05 uses")
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
     sp.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
+    sp.add_argument("--switch-seeds", type=_positive_int, default=None,
+                    help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl")
+    sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
 
     fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
     fa.add_argument("model", help="local folder with config.json + safetensors (or a hub name when online)")
@@ -146,10 +149,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_small_pair(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from revlens.lm.small_pair import SMALL_PAIR_DIR, PairConfig, train_small_pair
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, PairConfig, regenerate, train_small_pair
 
     pc = PairConfig() if args.steps is None else dataclasses.replace(PairConfig(), steps=args.steps)
-    out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
+    if args.switch_seeds:
+        out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc)
+    else:
+        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
     print(f"small pair written to {out}")
     return 0
 

@@ -154,3 +154,23 @@ def test_dream_scoring_reads_each_answer_token_one_position_early():
     second = lm(prompt)[0, enc.answer_start].log_softmax(-1)[enc.answer[1]]
     (row,) = answer_scores(lm, [q])
     assert row["logp"] == pytest.approx(float(first + second), abs=1e-5)
+
+
+def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
+    import json as json_
+
+    from revlens.lm.small_pair import SWITCHES, train_switches
+
+    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=20)
+    table = train_switches(tmp_path, (0,), pc)
+    assert set(table.switch) == set(SWITCHES) and set(table.seed) == {0}
+    assert {"forward", "reverse", "inplace"} == set(table.direction) and set(table.model) == {"llada"}
+    assert table.correct.isin([True, False]).all() and (table.logp <= 0).all()
+    assert len(table) == len(SWITCHES) * 3 * 40  # 20 people x 2 templates, three directions
+    configs = {p.parent.parent.name: json_.loads((p.parent / "training.json").read_text())["config"]
+               for p in tmp_path.glob("*/seed0/world.json")}
+    assert configs["entity-masking_reworded-reverse"]["masking"] == "entity"
+    assert configs["token-masking_same-words-reverse"]["wording"] == "same_words"
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/llada/model.safetensors")}
+    train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp

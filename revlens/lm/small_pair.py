@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 from jaxtyping import Int
 from safetensors.torch import save_file
@@ -196,3 +197,56 @@ def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "lla
     record = json.loads(path.read_text())
     record["accuracy"] = pair_accuracy(folder, models)
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+SWITCHES: dict[str, dict[str, str]] = {
+    "token masking, reworded reverse": {},  # the shipped configuration
+    "entity masking, reworded reverse": {"masking": "entity"},
+    "token masking, same-words reverse": {"wording": "same_words"},
+}
+"""Trainer switches measured against the shipped MDM: whole-entity masking, and reverse templates that keep
+the forward sentence's words (each changes one thing; the facts, split and forward sentences are the same)."""
+
+
+def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> pd.DataFrame:
+    """Every fact of ``folder``'s world scored by its models: model, fact, direction, split, correct, logp."""
+    from revlens.lm import HookedLM
+    from revlens.lm.analysis import score_table
+
+    folder = Path(folder)
+    world = FactSet.load(folder / "world.json")
+    tables = [score_table(HookedLM.from_pretrained(folder / name), world).assign(model=name) for name in models]
+    columns = ["model", "fact", "direction", "split", "correct", "logp"]
+    return pd.concat(tables, ignore_index=True)[columns].assign(logp=lambda t: t.logp.round(4))
+
+
+def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = PairConfig(),
+                   switches: dict[str, dict[str, str]] = SWITCHES) -> pd.DataFrame:
+    """Train the MDM of every switch x seed under ``root/<switch>/seed<k>`` (reusing finished runs) and return
+    one row per switch, seed, fact and direction (``correct``, ``logp``: gold log-probability)."""
+    rows = []
+    for name, change in switches.items():
+        for seed in seeds:
+            folder = Path(root) / name.replace(", ", "_").replace(" ", "-") / f"seed{seed}"
+            if not (folder / "llada" / "model.safetensors").exists():
+                train_small_pair(folder, replace(base, seed=seed, **change), ("llada",))
+            rows.append(pair_scores(folder, ("llada",)).assign(switch=name, seed=seed))
+    return pd.concat(rows, ignore_index=True)
+
+
+def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
+               seeds: tuple[int, ...] = (0,), pc: PairConfig = PairConfig()) -> Path:
+    """Everything notebook 05 ships: the pair in ``out_dir`` and ``out_dir/switches.jsonl`` (switch MDMs under ``runs``).
+
+    The shipped MDM is the first switch's seed-``pc.seed`` run, so it is copied rather than trained twice.
+    """
+    import shutil
+
+    out = train_small_pair(out_dir, pc)
+    base = Path(runs) / next(iter(SWITCHES)).replace(", ", "_").replace(" ", "-") / f"seed{pc.seed}"
+    (base / "llada").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(out / "llada", base / "llada", dirs_exist_ok=True)
+    shutil.copy(out / "world.json", base / "world.json")
+    table = train_switches(runs, seeds, pc)
+    table.to_json(out / "switches.jsonl", orient="records", lines=True)
+    return out
