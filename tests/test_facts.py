@@ -174,3 +174,19 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/llada/model.safetensors")}
     train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_switch_table_intervals_over_seeds_or_facts():
+    import pandas as pd
+
+    from revlens.lm.small_pair import switch_table
+
+    rows = [{"switch": s, "seed": seed, "fact": f, "direction": d, "split": "forward_only", "correct": c, "logp": -1.0 * c}
+            for s, seeds in (("one seed", (0,)), ("two seeds", (0, 1)))
+            for seed in seeds for f, c in enumerate([True, False, True, True])
+            for d in ("forward", "inplace", "reverse")]
+    table = switch_table(pd.DataFrame(rows))
+    assert table.loc["one seed", "interval over"] == "facts" and table.loc["two seeds", "interval over"] == "seeds"
+    assert table.loc["one seed", "reverse acc"].startswith("0.75 ± ")
+    assert table.loc["two seeds", "reverse acc"] == "0.75 ± 0.00"  # identical seeds: no spread
+    assert table.loc["two seeds", "reverse acc, control facts"] == "n/a"

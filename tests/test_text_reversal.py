@@ -124,13 +124,13 @@ def test_same_words_wording_keeps_the_forward_words():
 
 def test_short_end_to_end_run(tmp_path):
     pair = PairConfig(steps=0, d_model=16, n_heads=2, mlp_hidden_size=32, batch_size=8)
-    results = run_text_reversal(FIXTURE, tmp_path / "run", HarnessConfig(pair=pair, max_steps=6, eval_every=2, patience=1))
+    results = run_text_reversal(FIXTURE, tmp_path / "run", HarnessConfig(pair=pair, max_steps=4, eval_every=2, patience=1))
     assert set(results.file) == set(TEST_FILES)
     assert {"accuracy", "mean gold logp", "mean gold rank", "candidates", "n"} <= set(results.metric)
     models = set(results.model)
     assert {"MDM (LLaDA arch.)", "ARM (LLaMA arch.)"} <= models
     record = json.loads((tmp_path / "run" / "training.json").read_text())
-    assert 2 <= record["models"]["llada"]["steps"] <= 6 and record["models"]["llada"]["history"]
+    assert record["models"]["llada"]["steps"] in (2, 4) and record["models"]["llada"]["history"]
     ranks = results[results.metric == "mean gold rank"].value
     cands = results[results.metric == "candidates"].value
     assert (ranks >= 1).all() and (ranks.values <= cands.values).all()

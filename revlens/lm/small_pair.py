@@ -250,3 +250,24 @@ def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/sm
     table = train_switches(runs, seeds, pc)
     table.to_json(out / "switches.jsonl", orient="records", lines=True)
     return out
+
+
+def switch_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per switch: seeds, accuracy per query on forward-only facts (+ reverse on control facts) and the
+    reverse gold log-probability, as "mean ± 95% half-width": over seeds when there are several, else over facts."""
+    from revlens.experiments import mean_ci
+
+    cells = {("forward", "forward_only"): "forward acc", ("inplace", "forward_only"): "in-place acc",
+             ("reverse", "forward_only"): "reverse acc", ("reverse", "control"): "reverse acc, control facts"}
+    out = {}
+    for switch, rows in scores.groupby("switch", sort=False):
+        seeds = sorted(rows.seed.unique())
+        row: dict[str, object] = {"seeds": len(seeds), "interval over": "seeds" if len(seeds) > 1 else "facts"}
+        for key, name in list(cells.items()) + [(("reverse", "forward_only"), "reverse gold logp")]:
+            metric = "logp" if name.endswith("logp") else "correct"
+            sel = rows[(rows.direction == key[0]) & (rows.split == key[1])]
+            values = sel.groupby("seed")[metric].mean() if len(seeds) > 1 else sel[metric].astype(float)
+            mean, half = mean_ci(values)
+            row[name] = "n/a" if pd.isna(mean) else f"{mean:.2f} ± {half:.2f}"
+        out[switch] = row
+    return pd.DataFrame(out).T
