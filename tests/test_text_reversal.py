@@ -138,3 +138,22 @@ def test_short_end_to_end_run(tmp_path):
     assert (n == 16).all()
     rows = [json.loads(line) for line in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == len(models) * sum(len(read_examples(FIXTURE / f)) for f in TEST_FILES)
+
+
+def test_training_continues_to_a_fixed_step(tmp_path):
+    from revlens.lm.text_reversal import train_until_flat, training_buckets
+
+    layout = read_layout(FIXTURE)
+    tok = build_text_tokenizer([t for f in TRAIN_FILES for ex in layout[f] for t in (ex.prompt, ex.completion)])
+    buckets = training_buckets(layout, tok)
+    assert sum(len(b.tokens) for b in buckets) == 48 and all((b.tokens[:, 0] == tok.bos_token_id).all() for b in buckets)
+    hc = HarnessConfig(pair=PairConfig(steps=0, d_model=16, n_heads=2, mlp_hidden_size=32, batch_size=4),
+                       max_steps=2, eval_every=2)
+    model, opt, step, _ = train_until_flat("llama", buckets, layout, tok, hc, tmp_path / "a")
+    assert step == 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, _, step, history = train_until_flat("llama", buckets, layout, tok, hc, tmp_path / "b", start=(model, opt, step),
+                                           stop_at=5)
+    assert step == 5 and [h["step"] for h in history] == [4, 5]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "b" / "model.safetensors").exists()
