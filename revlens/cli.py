@@ -6,6 +6,7 @@
     revlens sweep data/routing_sweep.json --out data/routing.jsonl    # notebook 06 (routing world)
     revlens small-pair           # retrains data/small_pair (LLaDA-arch MDM + matched LLaMA-arch ARM)
     revlens facts /models/LLaDA-8B-Base --device cuda   # forward/reverse accuracy on data/real_facts.json
+    revlens text-reversal DATA_DIR --out runs/text   # MDM vs ARM on a reversal dataset (Berglund et al. layout)
     revlens reproduce            # runs notebooks/NN_*.ipynb headless, writes reports/
 """
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("small-pair", help="train the small LLaDA-architecture MDM and matched ARM notebook 05 uses")
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
     sp.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
+    sp.add_argument("--switch-seeds", type=_positive_int, default=None,
+                    help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl")
+    sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
 
     fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
     fa.add_argument("model", help="local folder with config.json + safetensors (or a hub name when online)")
@@ -79,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cast the stored weights (default: keep them)")
     fa.add_argument("--rule", choices=("startswith", "exact", "substring"), default="startswith")
     fa.add_argument("--out", type=Path, default=None, help="also write every scored query as JSON lines")
+
+    tx = sub.add_parser("text-reversal", help="train a small MDM and a matched ARM on a reversal dataset folder "
+                        "(Berglund et al. layout) and score every test file")
+    tx.add_argument("data", type=Path, help="folder with p2d_/d2p_/both_prompts_train.jsonl and the test files")
+    tx.add_argument("--out", type=Path, required=True, help="run folder: results.csv, scores.jsonl, checkpoints")
+    tx.add_argument("--layers", type=_positive_int, default=2)
+    tx.add_argument("--d-model", type=_positive_int, default=128)
+    tx.add_argument("--heads", type=_positive_int, default=4)
+    tx.add_argument("--seed", type=int, default=0)
+    tx.add_argument("--max-steps", type=_positive_int, default=40000, help="cap on steps per model")
+    tx.add_argument("--eval-every", type=_positive_int, default=250, help="steps between validation evaluations")
+    tx.add_argument("--patience", type=_positive_int, default=4,
+                    help="stop after this many evaluations without a better validation accuracy")
 
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
@@ -145,10 +162,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_small_pair(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from revlens.lm.small_pair import SMALL_PAIR_DIR, PairConfig, train_small_pair
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, PairConfig, regenerate, train_small_pair
 
     pc = PairConfig() if args.steps is None else dataclasses.replace(PairConfig(), steps=args.steps)
-    out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
+    if args.switch_seeds:
+        out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc)
+    else:
+        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
     print(f"small pair written to {out}")
     return 0
 
@@ -174,6 +194,19 @@ def cmd_facts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_text_reversal(args: argparse.Namespace) -> int:
+    from revlens.lm.small_pair import PairConfig
+    from revlens.lm.text_reversal import HarnessConfig, run_text_reversal
+
+    pair = PairConfig(steps=0, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
+                      mlp_hidden_size=3 * args.d_model, seed=args.seed)
+    hc = HarnessConfig(pair=pair, max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience)
+    results = run_text_reversal(args.data, args.out, hc)
+    print(results.pivot_table(index=["file", "model"], columns="metric", values="value", sort=False).round(3).to_string())
+    print(f"rule: startswith after normalisation (see revlens.lm.text_reversal); run written to {args.out}")
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from revlens.reports import notebook_paths, run_suite
 
@@ -193,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "evaluate": cmd_evaluate, "sweep": cmd_sweep, "small-pair": cmd_small_pair,
-               "facts": cmd_facts, "reproduce": cmd_reproduce}[
+               "facts": cmd_facts, "text-reversal": cmd_text_reversal, "reproduce": cmd_reproduce}[
         args.command
     ]
     try:

@@ -202,17 +202,34 @@ def encode_query(lm, query: Query) -> EncodedQuery:
 
 
 @torch.no_grad()
+def _masked_gold_logp(lm, prompts: Tensor, answers: Tensor, start: int) -> Tensor:
+    """Log-probability of unmasking the gold answer left to right, one group (on CPU)."""
+    n = answers.shape[1]
+    rows = torch.arange(prompts.shape[0])
+    gold_logp = torch.zeros(prompts.shape[0])
+    teacher = prompts.clone()
+    for j in range(n):
+        logp = lm.mask_logits(teacher)[:, 0].float().log_softmax(-1).cpu()  # the leftmost open mask
+        gold_logp += logp[rows, answers[:, j]]
+        teacher[:, start + j] = answers[:, j]
+    return gold_logp
+
+
+@torch.no_grad()
+def _causal_gold_logp(lm, prompts: Tensor, answers: Tensor) -> Tensor:
+    """Teacher-forced log-probability of the gold answer after the prompt, one group (on CPU)."""
+    n, p = answers.shape[1], prompts.shape[1]
+    logits = lm(torch.cat([prompts, answers], dim=1))[:, p - 1 : p - 1 + n].float().log_softmax(-1).cpu()
+    return logits.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
+
+
+@torch.no_grad()
 def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int) -> tuple[Tensor, Tensor]:
     """Greedy fill (most confident mask first) and left-to-right gold log-probability, one group (on CPU)."""
     n = answers.shape[1]
     slots = torch.arange(start, start + n)
     rows = torch.arange(prompts.shape[0])
-    gold_logp = torch.zeros(prompts.shape[0])
-    teacher = prompts.clone()
-    for j in range(n):  # unmask the gold answer left to right
-        logp = lm.mask_logits(teacher)[:, 0].float().log_softmax(-1).cpu()  # the leftmost open mask
-        gold_logp += logp[rows, answers[:, j]]
-        teacher[:, slots[j]] = answers[:, j]
+    gold_logp = _masked_gold_logp(lm, prompts, answers, start)
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
         masks = (filled == lm.mask_token_id)[:, slots]
@@ -227,12 +244,33 @@ def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int) -> tuple[Ten
 def _score_causal(lm, prompts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
     """Greedy continuation and teacher-forced gold log-probability, one group (on CPU)."""
     n, p = answers.shape[1], prompts.shape[1]
-    logits = lm(torch.cat([prompts, answers], dim=1))[:, p - 1 : p - 1 + n].float().log_softmax(-1).cpu()
-    gold_logp = logits.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
+    gold_logp = _causal_gold_logp(lm, prompts, answers)
     tokens = prompts
     for _ in range(n):
         tokens = torch.cat([tokens, lm(tokens)[:, -1].argmax(-1, keepdim=True).cpu()], dim=1)
     return tokens[:, p:], gold_logp
+
+
+def _shape_groups(encoded: list[EncodedQuery]) -> dict[tuple[int, int, int], list[int]]:
+    """Query indices grouped by (prompt length, answer length, answer start): each group is one batch."""
+    groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+    for i, e in enumerate(encoded):
+        groups[(len(e.prompt), len(e.answer), e.answer_start)].append(i)
+    return groups
+
+
+def answer_logprobs(lm, queries: list[Query]) -> Tensor:
+    """The exact gold log-probability of every query (as in :func:`answer_scores`, without decoding)."""
+    encoded = [encode_query(lm, q) for q in queries]
+    out = torch.zeros(len(queries))
+    for (_, _, start), members in _shape_groups(encoded).items():
+        prompts = torch.tensor([encoded[i].prompt for i in members])
+        answers = torch.tensor([encoded[i].answer for i in members])
+        if lm.family.masked:
+            out[members] = _masked_gold_logp(lm, prompts, answers, start)
+        else:
+            out[members] = _causal_gold_logp(lm, prompts, answers)
+    return out
 
 
 def answer_scores(lm, queries: list[Query], rule: Rule = "startswith") -> list[dict]:
@@ -242,11 +280,8 @@ def answer_scores(lm, queries: list[Query], rule: Rule = "startswith") -> list[d
     """
     check_choice("rule", rule, RULES)
     encoded = [encode_query(lm, q) for q in queries]
-    groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
-    for i, e in enumerate(encoded):
-        groups[(len(e.prompt), len(e.answer), e.answer_start)].append(i)
     rows: list[dict] = [{} for _ in queries]
-    for (_, _, start), members in groups.items():
+    for (_, _, start), members in _shape_groups(encoded).items():
         prompts = torch.tensor([encoded[i].prompt for i in members])
         answers = torch.tensor([encoded[i].answer for i in members])
         if lm.family.masked:

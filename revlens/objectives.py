@@ -88,6 +88,13 @@ def check_mask_eps(eps: float) -> None:
         raise ValueError(f"mask_eps must be a number in [0, 1), got {eps!r}")
 
 
+def _masking_probability(n: int, generator: torch.Generator, eps: float) -> Float[Tensor, " n"]:
+    """t ~ U(0, 1] per sentence and the floored masking probability p = (1 - eps) t + eps."""
+    check_mask_eps(eps)
+    t = 1.0 - torch.rand(n, generator=generator)  # (0, 1]
+    return (1.0 - eps) * t + eps if eps else t
+
+
 def sample_mdm_mask(
     shape: tuple[int, int], generator: torch.Generator, eps: float = MDM_MASK_EPS
 ) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
@@ -95,11 +102,24 @@ def sample_mdm_mask(
 
     Returns the mask and the masking probability p (the rate the loss divides by).
     """
-    check_mask_eps(eps)
-    t = 1.0 - torch.rand(shape[0], generator=generator)  # (0, 1]
-    p = (1.0 - eps) * t + eps if eps else t
+    p = _masking_probability(shape[0], generator, eps)
     mask = torch.rand(shape, generator=generator) < p[:, None]
     return mask, p
+
+
+def sample_span_mask(
+    units: Int[Tensor, "batch seq"], generator: torch.Generator, eps: float = MDM_MASK_EPS
+) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+    """Masked diffusion with whole spans: like :func:`sample_mdm_mask`, but tokens sharing a unit id are
+    masked together (one Bernoulli(p) per unit), e.g. every token of a two-word name at once.
+
+    ``units[b, i]`` is the id (in ``[0, seq)``) of the span token i belongs to; a token alone in its span
+    has its own id. Each token is still masked with probability p, so the 1 / (p * seq_len) weights keep
+    their meaning; only the joint distribution changes (whole-entity masking, as in DiffER).
+    """
+    p = _masking_probability(units.shape[0], generator, eps)
+    unit_masked = torch.rand(units.shape, generator=generator) < p[:, None]
+    return unit_masked.gather(1, units), p
 
 
 def sample_mask(

@@ -71,11 +71,26 @@ def test_reports_write_only_when_a_report_folder_is_set(tmp_path, monkeypatch):
 def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     from revlens.lm import HookedLM
 
-    assert main(["small-pair", "--steps", "2", "--out", str(tmp_path / "pair")]) == 0
+    assert main(["small-pair", "--steps", "2", "--out", str(tmp_path / "pair"), "--switch-seeds", "1",
+                 "--runs", str(tmp_path / "runs")]) == 0
     assert "small pair written to" in capsys.readouterr().out
     record = json.loads((tmp_path / "pair" / "training.json").read_text())
     assert record["config"]["steps"] == 2 and "llama reverse forward_only" in record["accuracy"]
     assert HookedLM.from_pretrained(tmp_path / "pair" / "llama").family.name == "llama"
+    switches = [json.loads(line) for line in (tmp_path / "pair" / "switches.jsonl").read_text().splitlines()]
+    assert len({r["switch"] for r in switches}) == 3 and {r["seed"] for r in switches} == {0}
+    # the shipped MDM is the first switch's seed-0 run: copied, not trained twice
+    shipped = (tmp_path / "pair" / "llada" / "model.safetensors").read_bytes()
+    assert (tmp_path / "runs" / "token-masking_reworded-reverse" / "seed0" / "llada" / "model.safetensors").read_bytes() == shipped
+
+
+def test_text_reversal_command(tmp_path, capsys):
+    assert main(["text-reversal", "tests/data/reversal_layout", "--out", str(tmp_path / "run"), "--layers", "1",
+                 "--d-model", "16", "--heads", "2", "--max-steps", "2", "--eval-every", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "p2d_reverse_prompts_test.jsonl" in printed and "mean gold rank" in printed
+    assert main(["text-reversal", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a folder" in capsys.readouterr().err
 
 
 def test_facts_command_scores_both_directions(tmp_path, capsys):

@@ -199,3 +199,39 @@ def test_a_fact_file_that_is_not_json_names_the_line(tmp_path):
 def test_the_shipped_fact_set_loads():
     facts = FactSet.load(Path(__file__).parents[1] / "data" / "real_facts.json")
     assert facts.facts and all(f.a.strip() and f.b.strip() for f in facts.facts)
+
+
+def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
+    import json as json_
+
+    from revlens.lm.small_pair import SWITCHES, train_switches
+
+    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=20)
+    table = train_switches(tmp_path, (0,), pc)
+    assert set(table.switch) == set(SWITCHES) and set(table.seed) == {0}
+    assert {"forward", "reverse", "inplace"} == set(table.direction) and set(table.model) == {"llada"}
+    assert table.correct.isin([True, False]).all() and (table.logp <= 0).all()
+    assert len(table) == len(SWITCHES) * 3 * 40  # 20 people x 2 templates, three directions
+    configs = {p.parent.parent.name: json_.loads((p.parent / "training.json").read_text())["config"]
+               for p in tmp_path.glob("*/seed0/world.json")}
+    assert configs["entity-masking_reworded-reverse"]["masking"] == "entity"
+    assert configs["token-masking_same-words-reverse"]["wording"] == "same_words"
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/llada/model.safetensors")}
+    train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_switch_table_intervals_over_seeds_or_facts():
+    import pandas as pd
+
+    from revlens.lm.small_pair import switch_table
+
+    rows = [{"switch": s, "seed": seed, "fact": f, "direction": d, "split": "forward_only", "correct": c, "logp": -1.0 * c}
+            for s, seeds in (("one seed", (0,)), ("two seeds", (0, 1)))
+            for seed in seeds for f, c in enumerate([True, False, True, True])
+            for d in ("forward", "inplace", "reverse")]
+    table = switch_table(pd.DataFrame(rows))
+    assert table.loc["one seed", "interval over"] == "facts" and table.loc["two seeds", "interval over"] == "seeds"
+    assert table.loc["one seed", "reverse acc"].startswith("0.75 ± ")
+    assert table.loc["two seeds", "reverse acc"] == "0.75 ± 0.00"  # identical seeds: no spread
+    assert table.loc["two seeds", "reverse acc, control facts"] == "n/a"

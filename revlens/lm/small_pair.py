@@ -13,118 +13,170 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
+from jaxtyping import Int
 from safetensors.torch import save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from revlens.config import check_choice
 from revlens.facts import FactSet
-from revlens.lm.corpus import build_tokenizer, make_world, save_tokenizer, training_sentences
+from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import MDM_MASK_EPS, make_loss_batch, weighted_token_loss
+from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
+
+
+MASKINGS = ("token", "entity")
+OBJECTIVE = {"llada": "mdm", "llama": "arm"}
 
 
 @dataclass(frozen=True)
 class PairConfig:
     d_model: int = 128
-    n_layers: int = 2  # a 4-layer MDM did not memorise the facts in 6000 steps (the ARM did); see data/README.md
+    n_layers: int = 2
     n_heads: int = 4
     mlp_hidden_size: int = 384
     rope_theta: float = 10000.0
-    steps: int = 8000
+    steps: int = 8000  # MDM steps (masked models need several times an ARM's steps to memorise)
+    arm_steps: int | None = None  # ARM steps; None = ``steps``
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
     seed: int = 0
     n_facts: int = 240
     mask_eps: float = MDM_MASK_EPS  # LLaDA's floor on the masking probability
+    masking: str = "token"  # "token": independent per token; "entity": each name/title masked whole
+    wording: str = "reworded"  # reverse templates, see revlens.lm.corpus.make_world
+
+    def __post_init__(self) -> None:
+        check_choice("masking", self.masking, MASKINGS)
+        check_choice("wording", self.wording, tuple(WORDINGS))
+
+    def steps_for(self, objective: str) -> int:
+        return self.arm_steps if objective == "arm" and self.arm_steps is not None else self.steps
 
 
-def _llada_config(pc: PairConfig, vocab_size: int, tok) -> LLaDAConfig:
+def _llada_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64) -> LLaDAConfig:
     return LLaDAConfig(d_model=pc.d_model, n_heads=pc.n_heads, n_layers=pc.n_layers,
                        mlp_hidden_size=pc.mlp_hidden_size, vocab_size=vocab_size, rope_theta=pc.rope_theta,
-                       max_sequence_length=64, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
+                       max_sequence_length=max_len, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
 
 
-def _llama_config(pc: PairConfig, vocab_size: int, tok):
+def _llama_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=pc.d_model, intermediate_size=pc.mlp_hidden_size,
                        num_hidden_layers=pc.n_layers, num_attention_heads=pc.n_heads, num_key_value_heads=pc.n_heads,
-                       rope_theta=pc.rope_theta, max_position_embeddings=64, rms_norm_eps=1e-5,
+                       rope_theta=pc.rope_theta, max_position_embeddings=max_len, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
 
 
-def length_buckets(sentences: list[str], tok) -> list[torch.Tensor]:
-    """Tokenised sentences grouped by length, so batches need no padding."""
-    by_len: dict[int, list[list[int]]] = defaultdict(list)
-    for s in sentences:
-        ids = tok(s)["input_ids"]
-        by_len[len(ids)].append(ids)
-    return [torch.tensor(v) for _, v in sorted(by_len.items())]
+@dataclass(frozen=True)
+class Bucket:
+    """Tokenised sentences of one length, with each token's entity-span id (see ``entity_units``)."""
+
+    tokens: Int[Tensor, "n seq"]
+    units: Int[Tensor, "n seq"]
 
 
-def train_model(model: torch.nn.Module, objective: str, buckets: list[torch.Tensor], mask_id: int,
+def length_buckets(world: FactSet, tok) -> list[Bucket]:
+    """The world's training sentences tokenised and grouped by length, so batches need no padding."""
+    by_len: dict[int, list[tuple[list[int], list[int]]]] = defaultdict(list)
+    for i, template in training_statements(world):
+        fact = world.facts[i]
+        ids = tok(world.sentence(i, template))["input_ids"]
+        entities = [tok(e, add_special_tokens=False)["input_ids"] for e in (fact.a, fact.b)]
+        by_len[len(ids)].append((ids, entity_units(ids, entities)))
+    return [Bucket(torch.tensor([ids for ids, _ in v]), torch.tensor([u for _, u in v])) for _, v in sorted(by_len.items())]
+
+
+def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], mask_id: int,
                 pc: PairConfig, desc: str) -> list[float]:
-    """AdamW on batches drawn from one length bucket at a time (bucket chosen in proportion to its size)."""
+    """AdamW on batches drawn from one length bucket at a time (bucket chosen in proportion to its size).
+
+    With ``pc.masking == "entity"`` the masked objective masks each entity's tokens together.
+    """
+    steps = pc.steps_for(objective)
     gen = torch.Generator().manual_seed(pc.seed)
-    sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+    sizes = torch.tensor([len(b.tokens) for b in buckets], dtype=torch.float)
     opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pc.lr, total_steps=pc.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pc.lr, total_steps=steps, pct_start=0.05)
     losses = []
     model.train()
-    for _ in tqdm(range(pc.steps), desc=desc, mininterval=5):
-        bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
-        rows = torch.randint(len(bucket), (pc.batch_size,), generator=gen)
-        batch = make_loss_batch(objective, bucket[rows], mask_id, gen, pc.mask_eps)
-        loss = weighted_token_loss(model(batch.inputs).logits, batch.targets, batch.weights)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for _ in tqdm(range(steps), desc=desc, mininterval=5):
+        losses.append(optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt))
         sched.step()
-        losses.append(loss.item())
     model.eval()
     return losses
 
 
-def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = PairConfig()) -> Path:
-    """Train both models and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``)."""
-    from transformers import LlamaForCausalLM
+def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket], sizes: Tensor, mask_id: int,
+                   pc: PairConfig, gen: torch.Generator, opt: torch.optim.Optimizer) -> float:
+    """One AdamW step on a batch from one length bucket (drawn in proportion to ``sizes``); returns the loss."""
+    bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
+    rows = torch.randint(len(bucket.tokens), (pc.batch_size,), generator=gen)
+    if objective == "mdm" and pc.masking == "entity":
+        mask, rate = sample_span_mask(bucket.units[rows], gen, pc.mask_eps)
+        batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
+    else:
+        batch = make_loss_batch(objective, bucket.tokens[rows], mask_id, gen, pc.mask_eps)
+    loss = weighted_token_loss(model(batch.inputs).logits, batch.targets, batch.weights)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
 
+
+def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = PairConfig(),
+                     models: tuple[str, ...] = ("llada", "llama")) -> Path:
+    """Train the pair (or only ``models``) and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``)."""
     out = Path(out_dir)
     tok = build_tokenizer()
-    world: FactSet = make_world(pc.n_facts, seed=pc.seed)
-    buckets = length_buckets(training_sentences(world), tok)
-    vocab_size = len(tok)
-    record = {"config": asdict(pc), "n_sentences": int(sum(len(b) for b in buckets))}
-    torch.manual_seed(pc.seed)
-    llada_cfg = _llada_config(pc, vocab_size, tok)
-    mdm = LLaDAModelLM(llada_cfg)
-    mdm.init_weights()
-    torch.manual_seed(pc.seed)
-    arm = LlamaForCausalLM(_llama_config(pc, vocab_size, tok))
-    for name, model, objective, config in (("llada", mdm, "mdm", llada_cfg.to_dict()),
-                                           ("llama", arm, "arm", arm.config.to_dict())):
+    world: FactSet = make_world(pc.n_facts, seed=pc.seed, wording=pc.wording)
+    buckets = length_buckets(world, tok)
+    record = {"config": asdict(pc), "n_sentences": int(sum(len(b.tokens) for b in buckets))}
+    for name in models:
+        objective = OBJECTIVE[name]
+        model = new_model(name, pc, tok)
         losses = train_model(model, objective, buckets, tok.mask_token_id, pc, f"train {name} ({objective})")
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-        save_tokenizer(folder)
-        record[f"{name}_final_loss"] = sum(losses[-100:]) / 100
+        save_model(model, out / name, tok)
+        record[f"{name}_steps"] = pc.steps_for(objective)
+        record[f"{name}_final_loss"] = sum(losses[-100:]) / len(losses[-100:])
     world.save(out / "world.json")
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    record_accuracy(out)
+    record_accuracy(out, models)
     return out
 
 
-def pair_accuracy(folder: str | Path) -> dict[str, float]:
+def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
+    """config.json + model.safetensors + tokenizer files, the layout :class:`revlens.lm.HookedLM` loads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
+    tok.save_pretrained(str(folder))
+
+
+def new_model(family: str, pc: PairConfig, tok, max_len: int = 64) -> torch.nn.Module:
+    """A freshly initialised LLaDA-architecture MDM (``llada``) or LLaMA-architecture ARM (``llama``), seeded by ``pc.seed``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(pc.seed)
+    if family == "llama":
+        return LlamaForCausalLM(_llama_config(pc, len(tok), tok, max_len))
+    model = LLaDAModelLM(_llada_config(pc, len(tok), tok, max_len))
+    model.init_weights()
+    return model
+
+
+def pair_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> dict[str, float]:
     """Accuracy of the pair in ``folder`` per model, direction and split (startswith rule), loaded from disk."""
     from revlens.lm import HookedLM
     from revlens.lm.analysis import score_table
@@ -132,16 +184,90 @@ def pair_accuracy(folder: str | Path) -> dict[str, float]:
     folder = Path(folder)
     world = FactSet.load(folder / "world.json")
     out = {}
-    for name in ("llada", "llama"):
+    for name in models:
         table = score_table(HookedLM.from_pretrained(folder / name), world)
         for (direction, split), acc in table.groupby(["direction", "split"]).correct.mean().items():
             out[f"{name} {direction} {split}"] = round(float(acc), 4)
     return out
 
 
-def record_accuracy(folder: str | Path) -> None:
+def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> None:
     """Add the reloaded pair's accuracies to ``training.json`` (the shipped numbers tests check)."""
     path = Path(folder) / "training.json"
     record = json.loads(path.read_text())
-    record["accuracy"] = pair_accuracy(folder)
+    record["accuracy"] = pair_accuracy(folder, models)
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+SWITCHES: dict[str, dict[str, str]] = {
+    "token masking, reworded reverse": {},  # the shipped configuration
+    "entity masking, reworded reverse": {"masking": "entity"},
+    "token masking, same-words reverse": {"wording": "same_words"},
+}
+"""Trainer switches measured against the shipped MDM: whole-entity masking, and reverse templates that keep
+the forward sentence's words (each changes one thing; the facts, split and forward sentences are the same)."""
+
+
+def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> pd.DataFrame:
+    """Every fact of ``folder``'s world scored by its models: model, fact, direction, split, correct, logp."""
+    from revlens.lm import HookedLM
+    from revlens.lm.analysis import score_table
+
+    folder = Path(folder)
+    world = FactSet.load(folder / "world.json")
+    tables = [score_table(HookedLM.from_pretrained(folder / name), world).assign(model=name) for name in models]
+    columns = ["model", "fact", "direction", "split", "correct", "logp"]
+    return pd.concat(tables, ignore_index=True)[columns].assign(logp=lambda t: t.logp.round(4))
+
+
+def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = PairConfig(),
+                   switches: dict[str, dict[str, str]] = SWITCHES) -> pd.DataFrame:
+    """Train the MDM of every switch x seed under ``root/<switch>/seed<k>`` (reusing finished runs) and return
+    one row per switch, seed, fact and direction (``correct``, ``logp``: gold log-probability)."""
+    rows = []
+    for name, change in switches.items():
+        for seed in seeds:
+            folder = Path(root) / name.replace(", ", "_").replace(" ", "-") / f"seed{seed}"
+            if not (folder / "llada" / "model.safetensors").exists():
+                train_small_pair(folder, replace(base, seed=seed, **change), ("llada",))
+            rows.append(pair_scores(folder, ("llada",)).assign(switch=name, seed=seed))
+    return pd.concat(rows, ignore_index=True)
+
+
+def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
+               seeds: tuple[int, ...] = (0,), pc: PairConfig = PairConfig()) -> Path:
+    """Everything notebook 05 ships: the pair in ``out_dir`` and ``out_dir/switches.jsonl`` (switch MDMs under ``runs``).
+
+    The shipped MDM is the first switch's seed-``pc.seed`` run, so it is copied rather than trained twice.
+    """
+    import shutil
+
+    out = train_small_pair(out_dir, pc)
+    base = Path(runs) / next(iter(SWITCHES)).replace(", ", "_").replace(" ", "-") / f"seed{pc.seed}"
+    (base / "llada").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(out / "llada", base / "llada", dirs_exist_ok=True)
+    shutil.copy(out / "world.json", base / "world.json")
+    table = train_switches(runs, seeds, pc)
+    table.to_json(out / "switches.jsonl", orient="records", lines=True)
+    return out
+
+
+def switch_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per switch: seeds, accuracy per query on forward-only facts (+ reverse on control facts) and the
+    reverse gold log-probability, as "mean ± 95% half-width": over seeds when there are several, else over facts."""
+    from revlens.experiments import mean_ci
+
+    cells = {("forward", "forward_only"): "forward acc", ("inplace", "forward_only"): "in-place acc",
+             ("reverse", "forward_only"): "reverse acc", ("reverse", "control"): "reverse acc, control facts"}
+    out = {}
+    for switch, rows in scores.groupby("switch", sort=False):
+        seeds = sorted(rows.seed.unique())
+        row: dict[str, object] = {"seeds": len(seeds), "interval over": "seeds" if len(seeds) > 1 else "facts"}
+        for key, name in list(cells.items()) + [(("reverse", "forward_only"), "reverse gold logp")]:
+            metric = "logp" if name.endswith("logp") else "correct"
+            sel = rows[(rows.direction == key[0]) & (rows.split == key[1])]
+            values = sel.groupby("seed")[metric].mean() if len(seeds) > 1 else sel[metric].astype(float)
+            mean, half = mean_ci(values)
+            row[name] = "n/a" if pd.isna(mean) else f"{mean:.2f} ± {half:.2f}"
+        out[switch] = row
+    return pd.DataFrame(out).T
