@@ -137,5 +137,5 @@ class RouteLogger:
             "route_weight_fwd": float(rc.forward.weights.mean()),
             "route_weight_rev": float(rc.reverse.weights.mean()),
             # the head that looks at B most in the reverse prompt (a saturated head hides in the mean)
-            "route_weight_rev_max_head": float(rc.reverse.weights.mean(-1).max()),
+            "route_weight_rev_max_head": float(rc.reverse.weights.mean(0).max()),  # weights: [fact, layer, head]
         }
