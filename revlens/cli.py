@@ -143,9 +143,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from revlens.config import load_json
     from revlens.sweep import SweepSpec, run_sweep
 
-    data = json.loads(args.config.read_text())
+    data = load_json(args.config)
     if data.get("family") == "routing":  # the routing world's sweep (revlens.routing): one stack per cell
         from revlens.routing import RoutingSweepSpec, run_routing_sweep
 

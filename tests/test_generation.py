@@ -273,7 +273,7 @@ def test_bad_arguments_are_refused_with_clear_messages(models):
         kwargs = {"tokens": x, **kwargs}
         with pytest.raises(ValueError, match=message):
             generate(lm, **kwargs)
-    with pytest.raises(KeyError, match="unknown hook name"):
+    with pytest.raises(ValueError, match="unknown hook name 'blocks.0.hook_attention'; did you mean"):
         generate(lm, x, 2, cache_names=["blocks.0.hook_attention"])
     uneven = x.clone()
     uneven[0, 1] = MASK_ID
