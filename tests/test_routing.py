@@ -91,7 +91,8 @@ def test_default_position_ids_change_nothing(positional):
     tokens = torch.randint(20, (5, 4))
     plain = model(tokens)
     assert torch.equal(model(tokens, positions=torch.arange(4).expand(5, 4)), plain)
-    assert torch.equal(model(tokens, read=2), plain[:, 2:3])
+    # unembedding one row instead of four may block the matmul differently: equal to float32 rounding
+    torch.testing.assert_close(model(tokens, read=2), plain[:, 2:3], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="position ids must lie in"):
         model(tokens, positions=torch.full((5, 4), 8))
 
