@@ -1,5 +1,6 @@
 """Each ablation switch does what it says, and the sweep runner is resumable."""
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from revlens.config import EncoderConfig
 from revlens.objectives import BERT_MASK_RATE, make_loss_batch
 from revlens.sweep import SweepSpec, read_rows, run_sweep
 from revlens.training import init_model
+from tests.sweeps import TINY
 
 
 def cfg(**kw) -> EncoderConfig:
@@ -62,16 +64,7 @@ def test_depth_width_and_residual_switches():
 
 
 def tiny_spec() -> SweepSpec:
-    return SweepSpec.from_dict({
-        "name": "tiny",
-        "world": {"n_facts": 12, "n_control": 3, "seed": 0},
-        "train": {"steps": 20, "batch_size": 16, "log_every": 10},
-        "seeds": [0, 1],
-        "settings": [
-            {"name": "MDM", "objective": "mdm", "group": "g", "model": {"d_model": 16, "n_heads": 2, "d_head": 8}},
-            {"name": "ARM", "objective": "arm", "group": "g", "model": {"d_model": 16, "n_heads": 2, "d_head": 8, "attention_dir": "causal"}},
-        ],
-    })
+    return SweepSpec.from_dict(copy.deepcopy(TINY))
 
 
 def test_sweep_is_resumable_and_tidy(tmp_path):
