@@ -45,6 +45,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from revlens.config import EncoderConfig
+from revlens.theory import pearson, spearman
 from revlens.training import TrainConfig
 from revlens.world import EvalSet
 
@@ -421,21 +422,23 @@ def read_table(path: str | Path):
 
 
 def correlation_ci(x: Sequence[float], y: Sequence[float], kind: str = "pearson", level: float = 0.95) -> tuple[float, float, float]:
-    """Pearson or Spearman correlation with a Fisher-z confidence interval: ``(r, low, high)``.
+    """Pearson or Spearman (average ranks) correlation with a Fisher-z confidence interval: ``(r, low, high)``.
 
     Pearson: se = 1 / sqrt(n - 3). Spearman: Fieller et al.'s se = sqrt(1.06 / (n - 3)).
     """
+    from statistics import NormalDist
+
     import numpy as np
-    from scipy import stats
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 4:
         raise ValueError(f"need two equal-length 1-d samples of at least 4 values, got {x.shape} and {y.shape}")
+    tx, ty = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     if kind == "pearson":
-        r, se = stats.pearsonr(x, y)[0], 1 / np.sqrt(len(x) - 3)
+        r, se = pearson(tx, ty).item(), 1 / np.sqrt(len(x) - 3)
     elif kind == "spearman":
-        r, se = stats.spearmanr(x, y)[0], np.sqrt(1.06 / (len(x) - 3))
+        r, se = spearman(tx, ty).item(), np.sqrt(1.06 / (len(x) - 3))
     else:
         raise ValueError(f"unknown correlation {kind!r}; expected 'pearson' or 'spearman'")
-    z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + level / 2)
+    z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), NormalDist().inv_cdf(0.5 + level / 2)
     return float(r), float(np.tanh(z - q * se)), float(np.tanh(z + q * se))
