@@ -262,8 +262,13 @@ class AlignmentLogger:
             row[f"cos_{block}"] = float(d["cos"])
             row[f"dot_{block}"] = float(d["dot"])
         per_fact = {b: d["cos"] for b, d in block_products(model, g_fwd, g_rev, batch_dims=1).items()}
+        # control: fact i's forward gradient against fact i+1's reverse gradient. If this is as high as the
+        # matched cosine, the alignment is a direction all facts share, not a fact-specific one.
+        g_rev_other = {n: g.roll(1, dims=0) for n, g in g_rev.items()}
+        mismatched = block_products(model, g_fwd, g_rev_other, batch_dims=1)
         for block, cos in per_fact.items():
             row[f"fact_cos_{block}_mean"] = float(cos.nanmean())
+            row[f"fact_cos_{block}_mismatched_mean"] = float(mismatched[block]["cos"].nanmean())
         row["fact_cos_all_frac_pos"] = float((per_fact["all"] > 0).float().mean())
         for check in first_order_check(model, self.fwd, self.rev, self.etas):
             row[f"fo_pred_{check.eta:g}"] = check.predicted

@@ -91,3 +91,16 @@ def test_trained_mdm_stores_b_to_a_and_logger_reports(trained_mdm, trained_arm, 
     row = AlignmentLogger(small_world, "mdm")(0, trained_mdm.model)
     assert {"cos_storage", "cos_route", "cos_embedding", "cos_all", "fo_pred_0.01", "storage_BA_gap_sd"} <= set(row)
     assert per_fact_losses(trained_mdm.model, toy_loss_queries(small_world, "mdm")[0]).mean() < 0.5
+
+
+def test_logger_mismatched_control_pairs_each_fact_with_another_facts_reverse(trained_mdm, small_world):
+    """The control cosine is fact i's forward gradient against fact i-1's reverse gradient, not its own."""
+    logger = AlignmentLogger(small_world, "mdm")
+    row = logger(0, trained_mdm.model)
+    g_fwd, g_rev = per_fact_grads(trained_mdm.model, logger.fwd), per_fact_grads(trained_mdm.model, logger.rev)
+    shifted = {n: torch.cat([g[-1:], g[:-1]]) for n, g in g_rev.items()}
+    expected = block_products(trained_mdm.model, g_fwd, shifted, batch_dims=1)["all"]["cos"].nanmean()
+    matched = block_products(trained_mdm.model, g_fwd, g_rev, batch_dims=1)["all"]["cos"].nanmean()
+    assert row["fact_cos_all_mismatched_mean"] == pytest.approx(float(expected), abs=1e-6)
+    assert row["fact_cos_all_mean"] == pytest.approx(float(matched), abs=1e-6)
+    assert abs(float(expected) - float(matched)) > 1e-3  # the two are different pairings
