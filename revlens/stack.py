@@ -13,6 +13,9 @@ sees the data it would see trained alone. Trained alone (one member) it runs as 
 call with no ``vmap``; the stacked weights equal that bit for bit (``tests/test_routing.py``, for
 members differing in offset, world seed and RoPE base, both objectives).
 
+The ``arm`` objective (next-token prediction, for a causal model only) draws no masks: position i
+is scored on token i + 1 of the sentence as its position ids order it.
+
 The ``inplace`` objective reads one slot, so only that slot is unembedded (``read``): the logits
 cost a quarter of a full four-token unembedding.
 """
@@ -32,11 +35,11 @@ from tqdm import tqdm
 
 from revlens.config import EncoderConfig
 from revlens.model import HookedEncoder, functional_logits, stack_parameters
-from revlens.objectives import INPLACE_SLOT, masked_batch, sample_mask, weighted_token_loss
+from revlens.objectives import INPLACE_SLOT, masked_batch, next_token_batch, sample_mask, weighted_token_loss
 from revlens.optim import AdamW
 from revlens.training import TrainConfig, init_model
 
-STACKABLE_OBJECTIVES: tuple[str, ...] = ("inplace", "mdm", "bert")
+STACKABLE_OBJECTIVES: tuple[str, ...] = ("inplace", "mdm", "bert", "arm")
 
 
 class PositionedWorld(Protocol):
@@ -83,7 +86,10 @@ def _check_members(members: Sequence[Member], models: Sequence[HookedEncoder], d
 def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True) -> list[HookedEncoder]:
     """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode."""
     if train_cfg.objective not in STACKABLE_OBJECTIVES:
-        raise ValueError(f"train_stack trains masked objectives {STACKABLE_OBJECTIVES}, got {train_cfg.objective!r}")
+        raise ValueError(f"train_stack trains the objectives {STACKABLE_OBJECTIVES}, got {train_cfg.objective!r}")
+    if members and (train_cfg.objective == "arm") != (members[0].model_cfg.attention_dir == "causal"):
+        raise ValueError("the next-token objective 'arm' trains a causal model (attention_dir='causal'), and only it: "
+                         "a bidirectional model would see the token it predicts")
     models = [init_model(m.model_cfg, m.seed) for m in members]
     data = [m.world.training_data() for m in members]
     _check_members(members, models, data)
@@ -118,11 +124,15 @@ def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: boo
         rows, masks, rates = [], [], []
         for generator in generators:
             rows.append(torch.randint(n_sentences, (train_cfg.batch_size,), generator=generator))
-            mask, rate = sample_mask(train_cfg.objective, (train_cfg.batch_size, seq), generator, train_cfg.mask_eps)
-            masks.append(mask)
-            rates.append(rate)
+            if train_cfg.objective != "arm":
+                mask, rate = sample_mask(train_cfg.objective, (train_cfg.batch_size, seq), generator, train_cfg.mask_eps)
+                masks.append(mask)
+                rates.append(rate)
         index = torch.stack(rows)
-        batch = masked_batch(tokens[instance, index], torch.stack(masks), torch.stack(rates), mask_id)
+        if train_cfg.objective == "arm":
+            batch = next_token_batch(tokens[instance, index])
+        else:
+            batch = masked_batch(tokens[instance, index], torch.stack(masks), torch.stack(rates), mask_id)
         inputs, targets, weights = batch.inputs, batch.targets, batch.weights
         if read is not None:
             targets, weights = targets[..., read : read + 1], weights[..., read : read + 1]
