@@ -335,7 +335,7 @@ def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> 
 
 HELD_OUT: tuple[tuple[str, int], ...] = (("dm1", -1), ("dp1", +1))
 """Held-out evaluation offsets: ``(suffix, change)``, B at ``delta + change`` in the eval prompts."""
-HELD_OUT_METRICS: tuple[str, ...] = ("inplace_acc", "reverse_acc", "inplace_attn_b", "reverse_attn_b", "reverse_attn_d")
+HELD_OUT_METRICS: tuple[str, ...] = ("inplace_acc", "reverse_acc", "forward_acc", "inplace_attn_b", "reverse_attn_b", "reverse_attn_d")
 
 
 def held_out_offsets(delta: int) -> dict[str, int]:
@@ -443,6 +443,8 @@ class RoutingCell:
     bases: tuple[float, ...] = (10000.0,)
     group: str = ""
     layout: str = "gaps"
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Changes to the sweep's training settings for this cell (e.g. more steps)."""
     stack_size: int | None = None
     """Models per stack for this cell (default: the sweep's). Untied projections gather one matrix per
     token, which trains faster one model at a time than vmapped (``bench/routing_stack.py --cell``)."""
@@ -475,7 +477,7 @@ class RoutingSweepSpec:
             raise ValueError(f"routing sweep file has unknown keys {sorted(unknown)}")
         cells = []
         for i, entry in enumerate(data.get("cells", [])):
-            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "stack_size"}
+            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size"}
             if extra or not {"name", "objective", "deltas"} <= set(entry):
                 raise ValueError(f"cell {i} ({entry.get('name')!r}) needs name, objective, deltas; unknown keys {sorted(extra)}")
             bases = tuple(float(b) for b in entry.get("bases", (10000.0,)))
@@ -483,7 +485,7 @@ class RoutingSweepSpec:
             if layout not in LAYOUTS:
                 raise ValueError(f"cell {i} ({entry['name']!r}): unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
             cells.append(RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
-                                     tuple(entry["deltas"]), bases, entry.get("group", ""), layout,
+                                     tuple(entry["deltas"]), bases, entry.get("group", ""), layout, dict(entry.get("train", {})),
                                      None if entry.get("stack_size") is None else int(entry["stack_size"])))
         if len({c.name for c in cells}) != len(cells) or not cells:
             raise ValueError("a routing sweep needs cells with unique names")
@@ -494,8 +496,16 @@ class RoutingSweepSpec:
                 raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' goes with a causal model "
                                  "(\"model\": {\"attention_dir\": \"causal\"}) and only with it")
         train = TrainConfig(**{"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
-        return cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
+        spec = cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
                    int(data.get("stack_size", 50)))
+        for cell in cells:  # a bad training override fails now, not after the other cells have trained
+            if "objective" in cell.train:
+                raise ValueError(f"cell {cell.name!r}: set the objective with the cell's 'objective', not in its 'train'")
+            try:
+                spec.train_for(cell)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"cell {cell.name!r}: bad 'train' override: {err}") from None
+        return spec
 
     def jobs(self) -> list[tuple[RoutingCell, int, float, int]]:
         """Every (cell, delta, base, seed) in file order."""
@@ -505,8 +515,9 @@ class RoutingSweepSpec:
         return RoutingWorld.generate(delta=delta, seed=seed, layout=layout, **self.world)
 
     def train_for(self, cell: RoutingCell) -> TrainConfig:
-        """The file's training settings with the cell's objective (the file's own ``train`` has none)."""
-        return dataclasses.replace(self.train, objective=cell.objective)
+        """The file's training settings with the cell's objective (the file's own ``train`` has none) and
+        the cell's own changes."""
+        return dataclasses.replace(self.train, objective=cell.objective, **cell.train)
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, int, float, int]:

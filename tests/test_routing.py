@@ -158,6 +158,21 @@ def test_sweep_spec_errors_name_the_problem():
     bad["cells"][0]["deltas"] = [40]
     with pytest.raises(ValueError, match="delta 40"):
         RoutingSweepSpec.from_dict(bad)
+    bad = _spec()
+    bad["cells"][0]["train"] = {"stepz": 3}
+    with pytest.raises(ValueError, match="cell 'core': bad 'train' override"):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["train"] = {"objective": "mdm"}
+    with pytest.raises(ValueError, match="with the cell's 'objective'"):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["train"], bad["cells"][0]["objective"] = {}, "arm"
+    with pytest.raises(ValueError, match="goes with a causal model"):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["objective"], bad["cells"][0]["layout"] = "inplace", "spaces"
+    with pytest.raises(ValueError, match="unknown layout 'spaces'"):
+        RoutingSweepSpec.from_dict(bad)
+    arm = next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "arm")
+    assert RoutingSweepSpec.from_dict(_spec()).train_for(arm).steps == 1200 and arm.layout == "fillers"
 
 
 def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
