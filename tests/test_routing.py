@@ -193,7 +193,7 @@ def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
         run_routing_sweep(spec, out, progress=False)
 
 
-@pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4)])
+@pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4), ("fillers", 3, 1e4)])
 def test_shipped_table_rows_reproduce(cell, delta, base):
     """Retrain one shipped model alone: accuracies within 2 prompts of 64 and route weights within
     0.05 of the table (the table trained it in a stack: float round-off, not bits, differ)."""
@@ -202,7 +202,7 @@ def test_shipped_table_rows_reproduce(cell, delta, base):
     (shipped,) = [r for r in rows if (r["cell"], r["delta"], r["base"], r["seed"]) == (cell, delta, base, 0)]
     (job,) = [j for j in spec.jobs() if (j[0].name, j[1], j[2], j[3]) == (cell, delta, base, 0)]
     (row,) = train_rows(spec, [job])
-    for key in ("inplace_acc", "reverse_acc", "inplace_acc_uniform", "reverse_acc_in_type"):
+    for key in ("inplace_acc", "reverse_acc", "inplace_acc_uniform", "reverse_acc_in_type", "inplace_acc_dp1", "reverse_acc_dm1"):
         assert row[key] == pytest.approx(shipped[key], abs=2 / 64 + 1e-9), key
     for key in ("reverse_attn_b", "reverse_attn_d", "inplace_attn_b"):
         assert row[key] == pytest.approx(shipped[key], abs=0.05), key
