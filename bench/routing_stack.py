@@ -1,8 +1,8 @@
 """Benchmark: the routing sweep's stacked training vs training the same settings one at a time.
 
 The members differ in offset (data), world seed (data) and RoPE base (buffers) -- the shape of the
-routing sweep's core cell (``--cell`` takes another cell's; a fillers cell needs one offset per stack,
-so pick ``--members`` of one offset). Both ways run in the same process on the same members; the script
+routing sweep's core cell (``--cell`` takes another cell's; from a filler-layout cell, whose sentence
+length grows with the offset, the members of its first offset). Both ways run in the same process on the same members; the script
 reports wall times, the ratio and the largest weight difference (0: bit for bit).
 
     python bench/routing_stack.py [--members 30] [--steps 100] [--cell core]
@@ -36,6 +36,8 @@ def main() -> None:
     core = [job for job in spec.jobs() if job[0].name == args.cell]
     if not core:
         parser.error(f"no cell {args.cell!r} in {SPEC}")
+    if core[0][0].layout == "fillers":  # sentences of one length stack: one offset
+        core = [job for job in core if job[1] == core[0][1]]
     # spread over offsets, bases and seeds rather than the first offset's models only
     picked = core[:: max(1, len(core) // args.members)][: args.members]
     members = []

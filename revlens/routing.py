@@ -9,7 +9,9 @@ Sentences are four tokens ``A B D1 D2`` with *position ids* (not filler tokens) 
 geometry: A at 0, B at ``delta``, the distractors at two distinct offsets drawn from
 ``1 .. 2 * delta + 1`` without ``delta`` (fresh draw per sentence). Every entity of a training
 sentence sits after A: no sentence places a fact's B (or any B) before the A slot, so nothing
-trains the -delta direction directly.
+trains the -delta direction directly. ``layout="fillers"`` writes the same sentences out in full,
+``2 * delta + 2`` tokens at positions ``0 .. 2 * delta + 1`` with a filler token ``[F]`` at every
+empty position (text that runs left to right, for a next-token model).
 
 =================  =======================================  ========================================
 name               prompt (positions) -> answer             meaning
@@ -17,16 +19,22 @@ name               prompt (positions) -> answer             meaning
 inplace            [M]@0 B@d D@o1 D@o2 -> A                 the trained query, fresh distractors
 reverse            [M]@x B@x-d D@x-o1 D@x-o2 -> A           its mirror image: everything before the
                                                             mask, B at -d (never trained)
+forward (fillers)  A@0 ... [M]@d -> B                       a training sentence cut at B's slot: a
+                                                            next-token model's trained query
 =================  =======================================  ========================================
 
-(``x = max(d, o1, o2)`` so ids start at 0.) The mask is always sequence index 0 and B index 1;
-only the position ids differ. Chance within the answer's alphabet is 1 / n_facts, and a model that
-cannot tell B from the distractors is right about a third of the time (1 / (1 + n_distractors)).
+With gaps, ``x = max(d, o1, o2)`` so ids start at 0, the mask is sequence index 0 and B index 1, and
+only the position ids differ; with fillers the reverse mask is the last token (``x = 2d + 1``), so a
+next-token model predicts A as the next token. ``dataclasses.replace(world, eval_delta=d')`` builds
+the same queries with B at a held-out offset ``d'`` (distractors drawn as for ``d'``). Chance within
+the answer's alphabet is 1 / n_facts, and a model that cannot tell B from the distractors is right
+about a third of the time (1 / (1 + n_distractors)).
 
 Also here: the metrics of a trained model (:func:`routing_metrics`: accuracies, the same under a
-uniform mask pattern, where the mask attends), the route-vs-storage interventions
-(:func:`causal_split`), the closed form's matched-filter prediction of reverse accuracy
-(:func:`matched_filter_reverse_accuracy`) and the sweep (:class:`RoutingSweepSpec`,
+uniform pattern at the readout position, where it attends, the same at held-out offsets), the
+route-vs-storage interventions and their controls (:func:`causal_split`), the closed form's
+matched-filter prediction of accuracy (:func:`matched_filter_reverse_accuracy`), the nearest-key
+baseline (:func:`nearest_key_share`) and the sweep (:class:`RoutingSweepSpec`,
 :func:`run_routing_sweep`; ``revlens sweep`` dispatches on ``"family": "routing"``).
 """
 
@@ -77,8 +85,6 @@ class RoutingWorld:
     b_ids: tuple[int, ...]
     layout: str = "gaps"
     eval_delta: int | None = None
-
-    answer_slot = A_SLOT
 
     @classmethod
     def generate(
