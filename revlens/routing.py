@@ -34,8 +34,9 @@ Also here: the metrics of a trained model (:func:`routing_metrics`: accuracies, 
 uniform pattern at the readout position, where it attends, the same at held-out offsets), the
 route-vs-storage interventions and their controls (:func:`causal_split`), the closed form's
 matched-filter prediction of accuracy (:func:`matched_filter_reverse_accuracy`), the nearest-key
-baseline (:func:`nearest_key_share`) and the sweep (:class:`RoutingSweepSpec`,
-:func:`run_routing_sweep`; ``revlens sweep`` dispatches on ``"family": "routing"``).
+and trained-offset baselines (:func:`nearest_key_share`, :func:`trained_offset_share`) and the
+sweep (:class:`RoutingSweepSpec`, :func:`run_routing_sweep`; ``revlens sweep`` dispatches on
+``"family": "routing"``).
 """
 
 from __future__ import annotations
@@ -215,7 +216,9 @@ class RoutingWorld:
         return es, arranged, a[distractors]
 
     def eval_set(self, name: str) -> EvalSet:
-        """One of :attr:`eval_set_names`, one prompt per fact with distractors never used in training."""
+        """One of :attr:`eval_set_names`, one prompt per fact. Its distractors are a fresh draw (their own
+        random stream), not a training sentence's; a (fact, distractor) pair, even with the same offset,
+        may also occur in some training sentence, since training draws many per fact."""
         return self.eval_prompts(name)[0]
 
     def decode(self, tokens: Int[Tensor, "... seq"], positions: Int[Tensor, "... seq"] | None = None) -> list[str]:
@@ -248,14 +251,23 @@ def distractor_offsets(delta: int) -> list[int]:
     return [o for o in range(1, 2 * delta + 2) if o != delta]
 
 
-def _pair_share(wins: dict[int, bool]) -> float:
-    """Share of the equally likely distractor offset pairs (o1 < o2) in which both distractors lose."""
+def _pair_share(wins: dict[int, bool], ties: dict[int, bool] | None = None) -> float:
+    """Share of the equally likely distractor offset pairs (o1 < o2) in which B wins: both distractors
+    lose (``wins``). With ``ties`` (offsets whose distractor scores exactly B's score), a pair where no
+    distractor beats B and k tie with it counts 1 / (1 + k), an even split of the tie."""
+    ties = ties or {}
+
+    def share(pair: tuple[int, int]) -> float:
+        if not all(wins[o] or ties.get(o, False) for o in pair):
+            return 0.0
+        return 1 / (1 + sum(ties.get(o, False) for o in pair))
+
     pairs = [(o1, o2) for o1 in wins for o2 in wins if o1 < o2]
-    return sum(wins[o1] and wins[o2] for o1, o2 in pairs) / len(pairs)
+    return sum(share(pair) for pair in pairs) / len(pairs)
 
 
 def matched_filter_reverse_accuracy(
-    d_head: int, delta: int, base: float, eval_delta: int | None = None, query: str = "reverse"
+    d_head: int, delta: int, base: float, eval_delta: int | None = None, query: str = "reverse", ties: str = "lose"
 ) -> float:
     """Accuracy of an idealised RoPE route that learned only the in-place offset ``delta``.
 
@@ -272,6 +284,11 @@ def matched_filter_reverse_accuracy(
     ``K(delta + o)``. ``query="inplace"`` scores the in-place prompt instead: ``K(d' - delta)``
     against ``K(o - delta)``. It uses the closed form and the world's geometry only, no trained
     model and no measured accuracy.
+
+    Ties: B must score *strictly* more than every distractor (``ties="lose"``, the default: a
+    distractor that scores exactly B's score wins). They happen at held-out in-place offsets, where a
+    distractor at ``delta -/+ 1`` scores ``K(-/+1) = K(+/-1)``, B's score at ``delta +/- 1``;
+    ``ties="split"`` splits each tie evenly instead.
     """
     from revlens.positions import rope_frequencies
 
@@ -281,8 +298,20 @@ def matched_filter_reverse_accuracy(
     sign = {"reverse": 1, "inplace": -1}.get(query)
     if sign is None:
         raise ValueError(f"unknown query {query!r}; expected 'reverse' or 'inplace'")
+    if ties not in ("lose", "split"):
+        raise ValueError(f"unknown tie rule {ties!r}; expected 'lose' or 'split'")
     score = lambda r: kernel(delta + sign * r)  # noqa: E731  (B or a distractor at offset r from the mask)
-    return _pair_share({o: score(o) < score(target) for o in distractor_offsets(target)})
+    offsets = distractor_offsets(target)
+    tied = {o: math.isclose(score(o), score(target), rel_tol=1e-9, abs_tol=1e-9) for o in offsets}
+    wins = {o: score(o) < score(target) and not tied[o] for o in offsets}
+    return _pair_share(wins, tied if ties == "split" else None)
+
+
+def trained_offset_share(delta: int, eval_delta: int) -> float:
+    """The baseline "a distractor on the trained offset wins, otherwise B" for the in-place query with B
+    at ``eval_delta``: the share of distractor offset pairs with no distractor at ``delta``. It knows
+    only that the route prefers offset ``delta``, not the RoPE kernel's shape."""
+    return _pair_share({o: o != delta for o in distractor_offsets(eval_delta)})
 
 
 def nearest_key_share(delta: int) -> float:
@@ -307,10 +336,11 @@ def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> 
     ``{set}_attn_b`` / ``{set}_attn_d``: mean attention weight on B / on a distractor (mean over
     heads, prompts and the two distractors). ``{set}_attn_b_top``: the same on B for the head that
     attends most to B in the *in-place* set (chosen there, so the reverse number is not selected on
-    itself). ``score_corr``: Pearson correlation over (prompt, head) of the mask-to-B pre-softmax
-    score in the in-place prompt and in its mirror image -- what tr R(2 delta) / d predicts at
-    initialisation for shared W_Q, W_K. NaN where a set has no readout position (the in-place
-    query of a next-token model).
+    itself). ``score_corr``: per head, the Pearson correlation over prompts (facts) of the mask-to-B
+    pre-softmax score in the in-place prompt and in its mirror image, averaged over heads -- the
+    within-head agreement of the two routes' scores that tr R(2 delta) / d describes for shared
+    W_Q, W_K at initialisation (pooling heads would let differences between heads dominate). NaN
+    where a set has no readout position (the in-place query of a next-token model).
     """
     out: dict[str, float] = {}
     scores = {}
@@ -326,7 +356,7 @@ def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> 
         )
         batch = torch.arange(len(es.prompts))
         pattern = cache["blocks.0.attn.hook_pattern"][:, :, row]  # [batch, head, key]
-        scores[name] = cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index].flatten()
+        scores[name] = cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index]  # [batch, head]
         on_b = pattern[batch, :, arranged.b_index].mean(0)  # per head
         on_d = pattern.gather(2, arranged.d_index[:, None, :].expand(-1, pattern.shape[1], -1))
         if top_head is None and name == "inplace":
@@ -335,7 +365,11 @@ def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> 
         out[f"{name}_attn_d"] = on_d.mean().item()
         out[f"{name}_attn_b_top"] = math.nan if top_head is None else on_b[top_head].item()
     pair = [scores.get(n) for n in ROUTING_EVAL_SETS]
-    out["score_corr"] = math.nan if any(p is None for p in pair) else torch.corrcoef(torch.stack(pair))[0, 1].item()
+    if any(p is None for p in pair):
+        out["score_corr"] = math.nan
+    else:
+        per_head = [torch.corrcoef(torch.stack([pair[0][:, h], pair[1][:, h]]))[0, 1] for h in range(pair[0].shape[1])]
+        out["score_corr"] = torch.stack(per_head).nanmean().item()
     return out
 
 
@@ -378,7 +412,12 @@ def causal_split(model, world: RoutingWorld) -> dict[str, float]:
     writing, in every head, the mask-to-B pre-softmax score of the *in-place* prompt into the reverse
     prompt (``blocks.0.attn.hook_attn_scores``, query = mask, key = B; the distractors keep their own
     scores): if this restores the answer, what the reverse query lacked was the route, and the stored
-    B -> A mapping was there to be read. Specificity control: ``decoy_patched_acc`` /
+    B -> A mapping was there to be read. ``row_patched_acc``: the in-place prompt's whole mask row
+    written in (the scores on the mask itself, B and both distractors, each onto the same token's key;
+    with fillers the filler keys keep theirs): where the B-only patch restores part of the answer, the
+    difference is what the distractors' scores carry. In a one-layer, attention-only RoPE model on the
+    gap layout the two prompts hold the same tokens, so this patch makes the mask's output the in-place
+    prompt's: it must give in-place accuracy, a check of the patch rather than a finding. Specificity control: ``decoy_patched_acc`` /
     ``decoy_patched_decoy_acc`` write the same score onto the first *distractor's* key instead (B keeps
     its own): a route patch that works through the key it targets gives that distractor's A
     (``..._decoy_acc``), not B's. ``head{h}_ablated_acc``: reverse accuracy with head h's value
@@ -393,7 +432,12 @@ def causal_split(model, world: RoutingWorld) -> dict[str, float]:
     score_hook, value_hook = "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_v"
     _, cache = model.run_with_cache(inplace.prompts, positions=inplace.positions, names_filter=score_hook)
     batch = torch.arange(len(inplace.prompts))
-    inplace_scores = cache[score_hook][batch, :, inplace.mask_pos, in_keys.b_index]  # [batch, head]
+    inplace_row = cache[score_hook][:, :, inplace.mask_pos]  # [batch, head, key]
+    inplace_scores = inplace_row[batch, :, in_keys.b_index]  # [batch, head]
+    def entities(keys: Arranged, mask_pos: int) -> Int[Tensor, "batch 4"]:  # the mask, B, D1, D2
+        return torch.cat([torch.full_like(keys.b_index, mask_pos)[:, None], keys.b_index[:, None], keys.d_index], 1)
+
+    in_entities, rev_entities = entities(in_keys, inplace.mask_pos), entities(rev_keys, reverse.mask_pos)
     decoy = dataclasses.replace(reverse, answers=decoy_answers[:, 0])
 
     def accuracies(hooks, sets=(reverse,)) -> list[float]:
@@ -408,6 +452,12 @@ def causal_split(model, world: RoutingWorld) -> dict[str, float]:
 
         return (score_hook, hook)
 
+    def patch_row(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        scores = scores.clone()
+        for column in range(in_entities.shape[1]):
+            scores[batch, :, reverse.mask_pos, rev_entities[:, column]] = inplace_row[batch, :, in_entities[:, column]]
+        return scores
+
     def ablate(heads: Sequence[int]):
         def hook(v: Tensor, hook=None) -> Tensor:  # noqa: ARG001
             v = v.clone()
@@ -418,7 +468,8 @@ def causal_split(model, world: RoutingWorld) -> dict[str, float]:
 
     route = patch(rev_keys.b_index)
     every = range(model.cfg.n_heads)
-    out = {"reverse_acc": accuracies([])[0], "route_patched_acc": accuracies([route])[0]}
+    out = {"reverse_acc": accuracies([])[0], "route_patched_acc": accuracies([route])[0],
+           "row_patched_acc": accuracies([(score_hook, patch_row)])[0]}
     out["decoy_patched_acc"], out["decoy_patched_decoy_acc"] = accuracies([patch(rev_keys.d_index[:, 0])], (reverse, decoy))
     for prefix, base in (("", []), ("patched_", [route])):
         for head in every:
@@ -501,6 +552,9 @@ class RoutingSweepSpec:
             if (cell.objective == "arm") != (cell.model.get("attention_dir") == "causal"):
                 raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' goes with a causal model "
                                  "(\"model\": {\"attention_dir\": \"causal\"}) and only with it")
+            if cell.objective == "arm" and cell.layout != "fillers":
+                raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' needs \"layout\": \"fillers\" "
+                                 "(text in position order); with gaps the next sequence index is not the next position")
         train = TrainConfig(**{"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
         spec = cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
                    int(data.get("stack_size", 50)))
@@ -619,3 +673,37 @@ def correlation_ci(x: Sequence[float], y: Sequence[float], kind: str = "pearson"
         raise ValueError(f"unknown correlation {kind!r}; expected 'pearson' or 'spearman'")
     z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), NormalDist().inv_cdf(0.5 + level / 2)
     return float(r), float(np.tanh(z - q * se)), float(np.tanh(z + q * se))
+
+
+def bootstrap_correlation(
+    prediction: Sequence[float], measured: Sequence[Sequence[float]], over: str = "cells",
+    n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Pearson correlation of a per-cell prediction with the cell means of ``measured`` ([cell, seed])
+    and a percentile bootstrap interval: ``(r, low, high)``.
+
+    ``over="cells"`` resamples cells with replacement; ``over="seeds"`` resamples the seed columns
+    (one draw shared by every cell, as a seed is one training run per cell). Unlike a Fisher-z
+    interval it does not assume bivariate normality, which a predictor that is mostly 0 or 1 breaks.
+    Resamples in which either side is constant are skipped.
+    """
+    import numpy as np
+
+    x, y = np.asarray(prediction, dtype=float), np.asarray(measured, dtype=float)
+    if y.ndim != 2 or x.shape != y.shape[:1] or len(x) < 4:
+        raise ValueError(f"need a prediction per cell and a [cell, seed] table for at least 4 cells, got {x.shape} and {y.shape}")
+    if over not in ("cells", "seeds"):
+        raise ValueError(f"unknown resampling {over!r}; expected 'cells' or 'seeds'")
+    r = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
+    gen = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        if over == "cells":
+            pick = gen.integers(len(x), size=len(x))
+            xs, ys = x[pick], y[pick].mean(1)
+        else:
+            xs, ys = x, y[:, gen.integers(y.shape[1], size=y.shape[1])].mean(1)
+        if xs.std() > 0 and ys.std() > 0:
+            draws.append(r(xs, ys))
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return r(x, y.mean(1)), float(low), float(high)

@@ -13,8 +13,10 @@ sees the data it would see trained alone. Trained alone (one member) it runs as 
 call with no ``vmap``; the stacked weights equal that bit for bit (``tests/test_routing.py``, for
 members differing in offset, world seed and RoPE base, both objectives).
 
-The ``arm`` objective (next-token prediction, for a causal model only) draws no masks: position i
-is scored on token i + 1 of the sentence as its position ids order it.
+The ``arm`` objective (next-token prediction, for a causal model only) draws no masks: sequence
+index i is scored on the token at index i + 1. That is "the next token" only when every sentence's
+position ids run ``0, 1, 2, ...`` in sequence order (e.g. the routing world's filler layout);
+:func:`train_stack` refuses other position ids (the gap layout's ``0, delta, o1, o2``) for it.
 
 The ``inplace`` objective reads one slot, so only that slot is unembedded (``read``): the logits
 cost a quarter of a full four-token unembedding.
@@ -93,6 +95,12 @@ def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: boo
     models = [init_model(m.model_cfg, m.seed) for m in members]
     data = [m.world.training_data() for m in members]
     _check_members(members, models, data)
+    if train_cfg.objective == "arm":
+        for member, (_, positions) in zip(members, data):
+            if not torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions)):
+                raise ValueError(f"member with seed {member.seed}: the next-token objective 'arm' needs position ids "
+                                 "0, 1, 2, ... in sequence order (the token after index i is the next one); these "
+                                 "sentences' ids are not (use the filler layout, layout='fillers')")
     tokens = torch.stack([t for t, _ in data])  # [instance, n, seq]
     positions = torch.stack([p for _, p in data])
     mask_id = members[0].world.mask_id

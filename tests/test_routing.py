@@ -143,6 +143,8 @@ def test_stack_refuses_mismatched_members():
         train_stack([Member(cfg, w, 0)], TrainConfig("arm", steps=1), progress=False)
     with pytest.raises(ValueError, match="trains a causal model"):
         train_stack([Member(cfg.replace(attention_dir="causal"), w, 0)], TrainConfig("inplace", steps=1), progress=False)
+    with pytest.raises(ValueError, match="needs position ids 0, 1, 2"):  # gap sentences are not in position order
+        train_stack([Member(cfg.replace(attention_dir="causal"), w, 0)], TrainConfig("arm", steps=1), progress=False)
 
 
 def _spec(**changes):
@@ -168,7 +170,10 @@ def test_sweep_spec_errors_name_the_problem():
     bad["cells"][0]["train"], bad["cells"][0]["objective"] = {}, "arm"
     with pytest.raises(ValueError, match="goes with a causal model"):
         RoutingSweepSpec.from_dict(bad)
-    bad["cells"][0]["objective"], bad["cells"][0]["layout"] = "inplace", "spaces"
+    bad["cells"][0]["model"] = {"attention_dir": "causal"}
+    with pytest.raises(ValueError, match="needs \"layout\": \"fillers\""):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["objective"], bad["cells"][0]["model"], bad["cells"][0]["layout"] = "inplace", {}, "spaces"
     with pytest.raises(ValueError, match="unknown layout 'spaces'"):
         RoutingSweepSpec.from_dict(bad)
     arm = next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "arm")
@@ -245,7 +250,9 @@ def test_causal_split_patches_and_ablates():
     out = causal_split(model, world)
     assert out["reverse_acc"] == routing_metrics(model, world, "inplace")["reverse_acc"]
     ablations = {f"{p}{h}_ablated_acc" for p in ("", "patched_") for h in ("head0", "head1", "all_heads")}
-    assert set(out) == {"reverse_acc", "route_patched_acc", "decoy_patched_acc", "decoy_patched_decoy_acc"} | ablations
+    assert set(out) == {"reverse_acc", "route_patched_acc", "row_patched_acc", "decoy_patched_acc", "decoy_patched_decoy_acc"} | ablations
+    # the whole mask row patched: the reverse prompt holds the in-place prompt's tokens, so its answers are the in-place ones
+    assert out["row_patched_acc"] == routing_metrics(model, world, "inplace")["inplace_acc"]
     assert all(0.0 <= v <= 1.0 for v in out.values())
     # the patch acts through the key it targets: on a distractor's key it gives that distractor's A
     assert out["decoy_patched_decoy_acc"] > 0.5 > out["decoy_patched_acc"]
@@ -380,3 +387,34 @@ def test_stack_matches_alone_for_the_left_to_right_and_untied_arms():
             (alone,) = train_stack([member], cfg, progress=False)
             for (name, p), q in zip(model.named_parameters(), alone.parameters()):
                 assert torch.equal(p, q), (objective, name)
+
+
+def test_tie_rule_trained_offset_baseline_and_bootstrap():
+    from revlens.routing import bootstrap_correlation, trained_offset_share
+
+    import numpy as np
+
+    # delta 3 evaluated in place at 4: the distractor at 2 scores K(-1) = K(1), exactly B's score
+    offsets = distractor_offsets(4)
+    theta = 1e4 ** (-2.0 * np.arange(8) / 16)
+    kernel = lambda s: np.cos(s * theta).sum()  # noqa: E731
+    loses = {o: kernel(o - 3) > kernel(1) + 1e-9 for o in offsets}
+    tied = {o: abs(kernel(o - 3) - kernel(1)) < 1e-9 for o in offsets}
+    assert tied[2] and loses[3]
+    pairs = [(a, b) for a in offsets for b in offsets if a < b]
+    split = np.mean([0.0 if loses[a] or loses[b] else 1 / (1 + tied[a] + tied[b]) for a, b in pairs])
+    assert matched_filter_reverse_accuracy(16, 3, 1e4, 4, "inplace", ties="split") == pytest.approx(split)
+    assert matched_filter_reverse_accuracy(16, 3, 1e4, 4, "inplace") < split  # strict rule: a tie is a loss for B
+    with pytest.raises(ValueError, match="tie rule"):
+        matched_filter_reverse_accuracy(16, 3, 1e4, ties="coin")
+    # "a distractor on the trained offset wins": pairs of offsets of 4 without 3
+    assert trained_offset_share(3, 4) == pytest.approx(np.mean([3 not in p for p in pairs]))
+    assert trained_offset_share(3, 3) == 1.0
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 1, 12)
+    y = x[:, None] + rng.normal(0, 0.1, (12, 5))
+    for over in ("cells", "seeds"):
+        r, lo, hi = bootstrap_correlation(x, y, over=over)
+        assert lo <= r <= hi and r == pytest.approx(np.corrcoef(x, y.mean(1))[0, 1])
+    with pytest.raises(ValueError, match="resampling"):
+        bootstrap_correlation(x, y, over="facts")
