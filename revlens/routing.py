@@ -502,6 +502,8 @@ class RoutingCell:
     layout: str = "gaps"
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Changes to the sweep's training settings for this cell (e.g. more steps)."""
+    shift_positions: bool = False
+    """Train with a random shift added to each sentence's position ids (``train_stack(shift_positions=True)``)."""
     stack_size: int | None = None
     """Models per stack for this cell (default: the sweep's). Untied projections gather one matrix per
     token, which trains faster one model at a time than vmapped (``bench/routing_stack.py --cell``)."""
@@ -534,7 +536,8 @@ class RoutingSweepSpec:
             raise ValueError(f"routing sweep file has unknown keys {sorted(unknown)}")
         cells = []
         for i, entry in enumerate(data.get("cells", [])):
-            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size"}
+            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size",
+                                  "shift_positions"}
             if extra or not {"name", "objective", "deltas"} <= set(entry):
                 raise ValueError(f"cell {i} ({entry.get('name')!r}) needs name, objective, deltas; unknown keys {sorted(extra)}")
             bases = tuple(float(b) for b in entry.get("bases", (10000.0,)))
@@ -543,6 +546,7 @@ class RoutingSweepSpec:
                 raise ValueError(f"cell {i} ({entry['name']!r}): unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
             cells.append(RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
                                      tuple(entry["deltas"]), bases, entry.get("group", ""), layout, dict(entry.get("train", {})),
+                                     bool(entry.get("shift_positions", False)),
                                      None if entry.get("stack_size") is None else int(entry["stack_size"])))
         if len({c.name for c in cells}) != len(cells) or not cells:
             raise ValueError("a routing sweep needs cells with unique names")
@@ -594,7 +598,7 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, fl
     for _, delta, base, seed in jobs:
         world = spec.world_for(delta, seed, cell.layout)
         members.append(Member(cell.model_cfg(world, base), world, seed))
-    models = train_stack(members, spec.train_for(cell), progress=False)
+    models = train_stack(members, spec.train_for(cell), progress=False, shift_positions=cell.shift_positions)
     rows = []
     for (_, delta, base, seed), member, model in zip(jobs, members, models):
         cfg = member.model_cfg

@@ -85,8 +85,15 @@ def _check_members(members: Sequence[Member], models: Sequence[HookedEncoder], d
             raise ValueError(f"member with seed {member.seed}: position or token ids beyond n_ctx / d_vocab")
 
 
-def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True) -> list[HookedEncoder]:
-    """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode."""
+def train_stack(
+    members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True, shift_positions: bool = False
+) -> list[HookedEncoder]:
+    """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode.
+
+    ``shift_positions``: add to each drawn sentence's position ids a random shift, uniform over those that
+    keep its ids below ``n_ctx`` (drawn from the member's generator), so every position id is trained as
+    every role (e.g. the mask's query at every id, not only at 0). Offsets within a sentence are unchanged.
+    """
     if train_cfg.objective not in STACKABLE_OBJECTIVES:
         raise ValueError(f"train_stack trains the objectives {STACKABLE_OBJECTIVES}, got {train_cfg.objective!r}")
     if members and (train_cfg.objective == "arm") != (members[0].model_cfg.attention_dir == "causal"):
@@ -126,12 +133,16 @@ def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: boo
     optimiser = AdamW(list(params.values()), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     generators = [torch.Generator().manual_seed(m.seed) for m in members]
     n_sentences, seq = tokens.shape[1:]
+    n_ctx = members[0].model_cfg.n_ctx
     instance = torch.arange(len(members))[:, None]
     bar = tqdm(range(train_cfg.steps), disable=not progress, desc=f"{train_cfg.objective} stack x{len(members)}", mininterval=2.0)
     for _ in bar:
-        rows, masks, rates = [], [], []
+        rows, masks, rates, shifts = [], [], [], []
         for generator in generators:
             rows.append(torch.randint(n_sentences, (train_cfg.batch_size,), generator=generator))
+            if shift_positions:
+                room = n_ctx - positions[len(shifts), rows[-1]].amax(-1)  # shifts 0 .. room - 1 keep ids < n_ctx
+                shifts.append((torch.rand(train_cfg.batch_size, generator=generator) * room).long())
             if train_cfg.objective != "arm":
                 mask, rate = sample_mask(train_cfg.objective, (train_cfg.batch_size, seq), generator, train_cfg.mask_eps)
                 masks.append(mask)
@@ -144,7 +155,10 @@ def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: boo
         inputs, targets, weights = batch.inputs, batch.targets, batch.weights
         if read is not None:
             targets, weights = targets[..., read : read + 1], weights[..., read : read + 1]
-        loss = losses(inputs, positions[instance, index], targets, weights)
+        batch_positions = positions[instance, index]
+        if shift_positions:
+            batch_positions = batch_positions + torch.stack(shifts)[..., None]
+        loss = losses(inputs, batch_positions, targets, weights)
         optimiser.step(torch.autograd.grad(loss.sum(), list(params.values())))
     if len(members) > 1:
         with torch.no_grad():

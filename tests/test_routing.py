@@ -418,3 +418,20 @@ def test_tie_rule_trained_offset_baseline_and_bootstrap():
         assert lo <= r <= hi and r == pytest.approx(np.corrcoef(x, y.mean(1))[0, 1])
     with pytest.raises(ValueError, match="resampling"):
         bootstrap_correlation(x, y, over="facts")
+
+
+def test_shifted_positions_train_every_query_position():
+    """``shift_positions``: stacked = alone bit for bit, training differs from unshifted, the sweep cell parses."""
+    worlds = [RoutingWorld.generate(n_facts=16, delta=d, seed=0, sentences_per_fact=4) for d in (2, 16)]
+    members = [Member(EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, untied_positions=("q", "k")), w, 0)
+               for w in worlds]
+    cfg = TrainConfig("inplace", steps=20, batch_size=16)
+    stacked = train_stack(members, cfg, progress=False, shift_positions=True)
+    for member, model in zip(members, stacked):
+        (alone,) = train_stack([member], cfg, progress=False, shift_positions=True)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), alone.parameters()))
+    (plain,) = train_stack(members[:1], cfg, progress=False)
+    w_q = dict(stacked[0].named_parameters())["blocks.0.attn.W_Q"]
+    assert not torch.equal(w_q, dict(plain.named_parameters())["blocks.0.attn.W_Q"])
+    shifted = next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk-shift")
+    assert shifted.shift_positions and not next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk").shift_positions
