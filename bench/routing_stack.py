@@ -48,12 +48,13 @@ def main() -> None:
     if args.objective is not None:
         train_cfg = dataclasses.replace(train_cfg, objective=args.objective)
     models: dict[str, list] = {}
+    shift = picked[0][0].shift_positions
 
     def stacked() -> None:
-        models["stacked"] = train_stack(members, train_cfg, progress=False)
+        models["stacked"] = train_stack(members, train_cfg, progress=False, shift_positions=shift)
 
     def one_at_a_time() -> None:
-        models["alone"] = [train_stack([m], train_cfg, progress=False)[0] for m in members]
+        models["alone"] = [train_stack([m], train_cfg, progress=False, shift_positions=shift)[0] for m in members]
 
     t_stacked, _ = best_of(stacked, repeats=1)
     t_alone, _ = best_of(one_at_a_time, repeats=1)
