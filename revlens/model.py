@@ -74,21 +74,25 @@ class Attention(nn.Module):
         for name in ("q", "k", "v", *rotary_hooks, "attn_scores", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def _project(self, x: Float[Tensor, "batch pos d_model"], weight: Tensor) -> Tensor:
-        if weight.ndim == 4:  # untied: one matrix per position
+    def _project(
+        self, x: Float[Tensor, "batch pos d_model"], weight: Tensor, positions: Int[Tensor, "batch pos"] | None
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """``x`` through ``weight``; an untied weight (``[n_ctx, head, d_model, d_head]``) is indexed by
+        each token's position id (default its sequence index), so a gap position uses its own matrix."""
+        if weight.ndim == 3:
+            return torch.einsum("bpm,hmd->bphd", x, weight)
+        if positions is None:
             return torch.einsum("bpm,phmd->bphd", x, weight[: x.shape[1]])
-        return torch.einsum("bpm,hmd->bphd", x, weight)
+        return torch.einsum("bpm,bphmd->bphd", x, weight[positions])
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], positions: Int[Tensor, "batch pos"] | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
         """``positions``: each token's position id (default: its index, 0 .. pos - 1)."""
         cfg, n = self.cfg, x.shape[1]
-        if positions is not None and cfg.untied_positions:
-            raise ValueError("per-position (untied) projections need tokens at positions 0 .. pos - 1, not position ids")
-        q = self.hook_q(self._project(x, self.W_Q))
-        k = self.hook_k(self._project(x, self.W_K))
-        v = self.hook_v(self._project(x, self.W_V))
+        q = self.hook_q(self._project(x, self.W_Q, positions))
+        k = self.hook_k(self._project(x, self.W_K, positions))
+        v = self.hook_v(self._project(x, self.W_V, positions))
         if cfg.positional == "rotary":
             if positions is None:
                 cos, sin = self.rope_cos, self.rope_sin

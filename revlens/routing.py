@@ -9,7 +9,9 @@ Sentences are four tokens ``A B D1 D2`` with *position ids* (not filler tokens) 
 geometry: A at 0, B at ``delta``, the distractors at two distinct offsets drawn from
 ``1 .. 2 * delta + 1`` without ``delta`` (fresh draw per sentence). Every entity of a training
 sentence sits after A: no sentence places a fact's B (or any B) before the A slot, so nothing
-trains the -delta direction directly.
+trains the -delta direction directly. ``layout="fillers"`` writes the same sentences out in full,
+``2 * delta + 2`` tokens at positions ``0 .. 2 * delta + 1`` with a filler token ``[F]`` at every
+empty position (text that runs left to right, for a next-token model).
 
 =================  =======================================  ========================================
 name               prompt (positions) -> answer             meaning
@@ -17,23 +19,31 @@ name               prompt (positions) -> answer             meaning
 inplace            [M]@0 B@d D@o1 D@o2 -> A                 the trained query, fresh distractors
 reverse            [M]@x B@x-d D@x-o1 D@x-o2 -> A           its mirror image: everything before the
                                                             mask, B at -d (never trained)
+forward (fillers)  A@0 ... [M]@d -> B                       a training sentence cut at B's slot: a
+                                                            next-token model's trained query
 =================  =======================================  ========================================
 
-(``x = max(d, o1, o2)`` so ids start at 0.) The mask is always sequence index 0 and B index 1;
-only the position ids differ. Chance within the answer's alphabet is 1 / n_facts, and a model that
-cannot tell B from the distractors is right about a third of the time (1 / (1 + n_distractors)).
+With gaps, ``x = max(d, o1, o2)`` so ids start at 0, the mask is sequence index 0 and B index 1, and
+only the position ids differ; with fillers the reverse mask is the last token (``x = 2d + 1``), so a
+next-token model predicts A as the next token. ``dataclasses.replace(world, eval_delta=d')`` builds
+the same queries with B at a held-out offset ``d'`` (distractors drawn as for ``d'``). Chance within
+the answer's alphabet is 1 / n_facts, and a model that cannot tell B from the distractors is right
+about a third of the time (1 / (1 + n_distractors)).
 
 Also here: the metrics of a trained model (:func:`routing_metrics`: accuracies, the same under a
-uniform mask pattern, where the mask attends), the route-vs-storage interventions
-(:func:`causal_split`), the closed form's matched-filter prediction of reverse accuracy
-(:func:`matched_filter_reverse_accuracy`) and the sweep (:class:`RoutingSweepSpec`,
-:func:`run_routing_sweep`; ``revlens sweep`` dispatches on ``"family": "routing"``).
+uniform pattern at the readout position, where it attends, the same at held-out offsets), the
+route-vs-storage interventions and their controls (:func:`causal_split`), the closed form's
+matched-filter prediction of accuracy (:func:`matched_filter_reverse_accuracy`), the nearest-key
+and trained-offset baselines (:func:`nearest_key_share`, :func:`trained_offset_share`) and the
+sweep (:class:`RoutingSweepSpec`, :func:`run_routing_sweep`; ``revlens sweep`` dispatches on
+``"family": "routing"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +60,8 @@ from revlens.training import TrainConfig
 from revlens.world import EvalSet
 
 MASK = "[M]"
+FILL = "[F]"
+LAYOUTS: tuple[str, ...] = ("gaps", "fillers")
 N_DISTRACTORS = 2
 ROUTING_EVAL_SETS: tuple[str, ...] = ("inplace", "reverse")
 A_SLOT, B_SLOT = 0, 1
@@ -58,7 +70,13 @@ A_SLOT, B_SLOT = 0, 1
 
 @dataclass(frozen=True)
 class RoutingWorld:
-    """Facts (A_i, B_i), an offset ``delta`` and seeded distractor draws (see the module docstring)."""
+    """Facts (A_i, B_i), an offset ``delta`` and seeded distractor draws (see the module docstring).
+
+    ``layout``: ``"gaps"`` (four tokens, offsets are gaps in the position ids) or ``"fillers"``
+    (``2 * delta + 2`` tokens at positions 0, 1, 2, ..., a filler token at every empty position).
+    ``eval_delta``: the offset of B in the *evaluation* prompts (default ``delta``); training data
+    always use ``delta``. ``dataclasses.replace(world, eval_delta=d)`` evaluates at a held-out offset.
+    """
 
     n_facts: int
     delta: int
@@ -66,35 +84,54 @@ class RoutingWorld:
     sentences_per_fact: int
     a_ids: tuple[int, ...]
     b_ids: tuple[int, ...]
-
-    eval_set_names = ROUTING_EVAL_SETS
-    answer_slot = A_SLOT
+    layout: str = "gaps"
+    eval_delta: int | None = None
 
     @classmethod
-    def generate(cls, n_facts: int = 64, delta: int = 2, seed: int = 0, sentences_per_fact: int = 16) -> "RoutingWorld":
+    def generate(
+        cls, n_facts: int = 64, delta: int = 2, seed: int = 0, sentences_per_fact: int = 16, layout: str = "gaps"
+    ) -> "RoutingWorld":
         if not isinstance(n_facts, int) or n_facts < N_DISTRACTORS + 1:
             raise ValueError(f"a routing world needs at least {N_DISTRACTORS + 1} facts, got n_facts={n_facts!r}")
         if not isinstance(delta, int) or delta < 1:
             raise ValueError(f"delta must be a positive integer offset, got {delta!r}")
         if not isinstance(sentences_per_fact, int) or sentences_per_fact < 1:
             raise ValueError(f"sentences_per_fact must be a positive integer, got {sentences_per_fact!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
         gen = torch.Generator().manual_seed(seed)
         a_ids = tuple(1 + i for i in torch.randperm(n_facts, generator=gen).tolist())
         b_ids = tuple(1 + n_facts + i for i in torch.randperm(n_facts, generator=gen).tolist())
-        return cls(n_facts, delta, seed, sentences_per_fact, a_ids, b_ids)
+        return cls(n_facts, delta, seed, sentences_per_fact, a_ids, b_ids, layout)
+
+    def __post_init__(self) -> None:
+        if self.eval_delta is not None and (not isinstance(self.eval_delta, int) or self.eval_delta < 1):
+            raise ValueError(f"eval_delta must be a positive integer offset, got {self.eval_delta!r}")
+
+    @property
+    def eval_set_names(self) -> tuple[str, ...]:
+        """``inplace`` and ``reverse``; with fillers also ``forward`` (a left-to-right model's query)."""
+        return ROUTING_EVAL_SETS + (("forward",) if self.layout == "fillers" else ())
 
     # ---- vocabulary -------------------------------------------------------------------------
     @property
     def vocab(self) -> list[str]:
-        return [MASK] + [f"A{i}" for i in range(self.n_facts)] + [f"B{i}" for i in range(self.n_facts)]
+        fill = [FILL] if self.layout == "fillers" else []
+        return [MASK] + [f"A{i}" for i in range(self.n_facts)] + [f"B{i}" for i in range(self.n_facts)] + fill
 
     @property
     def d_vocab(self) -> int:
-        return 1 + 2 * self.n_facts
+        return len(self.vocab)
 
     @property
     def mask_id(self) -> int:
         return 0
+
+    @property
+    def fill_id(self) -> int:
+        if self.layout != "fillers":
+            raise ValueError("a world with gaps in its position ids has no filler token")
+        return 1 + 2 * self.n_facts
 
     @property
     def chance(self) -> float:
@@ -102,8 +139,8 @@ class RoutingWorld:
 
     @property
     def n_positions(self) -> int:
-        """Position ids used: 0 .. 2 * delta + 1."""
-        return 2 * self.delta + 2
+        """Position ids used by training and evaluation: 0 .. 2 * max(delta, eval_delta) + 1."""
+        return 2 * max(self.delta, self.eval_delta or self.delta) + 2
 
     def alphabet(self, kind: str) -> Int[Tensor, " n_facts"]:
         first = {"A": 1, "B": 1 + self.n_facts}.get(kind)
@@ -112,47 +149,77 @@ class RoutingWorld:
         return torch.arange(first, first + self.n_facts)
 
     # ---- sentences ----------------------------------------------------------------------------
-    def _draw(self, n_per_fact: int, stream: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _draw(self, n_per_fact: int, stream: int, delta: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per sentence: fact index, the two distractor facts, the two distractor offsets."""
         gen = torch.Generator().manual_seed(self.seed * 1000 + stream)
-        n, d = self.n_facts, self.delta
+        n = self.n_facts
         facts = torch.arange(n).repeat_interleave(n_per_fact)
         # distractor facts: two distinct facts other than the sentence's own
         scores = torch.rand(len(facts), n, generator=gen)
         scores[torch.arange(len(facts)), facts] = 2.0  # the own fact sorts last
         others = scores.argsort(-1)[:, :N_DISTRACTORS]
-        # distractor offsets: two distinct values of 1 .. 2d + 1 other than d
-        choices = torch.tensor(distractor_offsets(d))
+        # distractor offsets: two distinct values of 1 .. 2 delta + 1 other than delta
+        choices = torch.tensor(distractor_offsets(delta))
         order = torch.rand(len(facts), len(choices), generator=gen).argsort(-1)[:, :N_DISTRACTORS]
         return facts, others, choices[order]
 
-    def _tokens(self, facts: Tensor, distractors: Tensor, answer: Tensor) -> Tensor:
-        a, b = torch.tensor(self.a_ids), torch.tensor(self.b_ids)
-        return torch.stack([answer, b[facts], b[distractors[:, 0]], b[distractors[:, 1]]], 1)
+    def _arrange(self, first: Tensor, facts: Tensor, distractors: Tensor, offsets: Tensor, delta: int, mirrored: bool) -> Arranged:
+        """Place ``first`` (A or the mask), B at offset ``delta`` and the distractors at ``offsets``
+        after it (``mirrored``: before it, as in a mirror)."""
+        b = torch.tensor(self.b_ids)
+        entities = torch.stack([b[facts], b[distractors[:, 0]], b[distractors[:, 1]]], 1)  # B, D1, D2
+        relative = torch.cat([torch.full_like(facts, delta)[:, None], offsets], 1)  # from the A slot
+        n = len(facts)
+        if self.layout == "gaps":
+            tokens = torch.cat([first[:, None], entities], 1)
+            top = relative.max(1, keepdim=True).values if mirrored else torch.zeros_like(relative[:, :1])
+            positions = torch.cat([top, top - relative if mirrored else relative], 1)
+            index = torch.arange(1, 1 + 1 + N_DISTRACTORS).expand(n, -1)
+            return Arranged(tokens, positions, A_SLOT, index[:, 0], index[:, 1:])
+        length = 2 * delta + 2
+        slot = length - 1 if mirrored else 0
+        index = slot - relative if mirrored else relative
+        tokens = torch.full((n, length), self.fill_id)
+        tokens[:, slot] = first
+        tokens.scatter_(1, index, entities)
+        return Arranged(tokens, torch.arange(length).expand(n, -1).clone(), slot, index[:, 0], index[:, 1:])
 
-    def training_data(self) -> tuple[Int[Tensor, "n 4"], Int[Tensor, "n 4"]]:
-        """Tokens ``A B D1 D2`` and their position ids ``0, delta, o1, o2`` (``sentences_per_fact`` each)."""
-        facts, distractors, offsets = self._draw(self.sentences_per_fact, stream=0)
-        tokens = self._tokens(facts, distractors, torch.tensor(self.a_ids)[facts])
-        positions = torch.cat([torch.zeros_like(facts)[:, None], torch.full_like(facts, self.delta)[:, None], offsets], 1)
-        return tokens, positions
+    def training_data(self) -> tuple[Int[Tensor, "n seq"], Int[Tensor, "n seq"]]:
+        """Sentences ``A B D1 D2`` with B at offset ``delta`` (``sentences_per_fact`` each) and their
+        position ids: ``0, delta, o1, o2`` with gaps, ``0 .. 2 delta + 1`` with fillers."""
+        facts, distractors, offsets = self._draw(self.sentences_per_fact, 0, self.delta)
+        arranged = self._arrange(torch.tensor(self.a_ids)[facts], facts, distractors, offsets, self.delta, mirrored=False)
+        return arranged.tokens, arranged.positions
 
-    def training_sentences(self) -> Int[Tensor, "n 4"]:
+    def training_sentences(self) -> Int[Tensor, "n seq"]:
         return self.training_data()[0]
 
+    def eval_prompts(self, name: str) -> tuple[EvalSet, Arranged, Int[Tensor, "n 2"]]:
+        """The eval set ``name``, where its B and distractors sit (sequence indices) and the
+        distractors' own answers (their facts' A, or for ``forward`` their B)."""
+        if name not in self.eval_set_names:
+            raise ValueError(f"unknown evaluation set {name!r}; expected one of {', '.join(self.eval_set_names)}")
+        delta = self.eval_delta or self.delta
+        # held-out offsets draw their own distractors (stream 1 is the trained offset's)
+        facts, distractors, offsets = self._draw(1, 1 if delta == self.delta else 100 + delta, delta)
+        a, b = torch.tensor(self.a_ids), torch.tensor(self.b_ids)
+        mask = torch.full_like(facts, self.mask_id)
+        if name == "forward":  # A, then everything before B, then the mask in B's slot (fillers only)
+            arranged = self._arrange(a[facts], facts, distractors, offsets, delta, mirrored=False)
+            tokens = arranged.tokens[:, : delta + 1].clone()
+            tokens[:, delta] = self.mask_id
+            arranged = Arranged(tokens, arranged.positions[:, : delta + 1], delta, arranged.b_index, arranged.d_index)
+            es = EvalSet(name, tokens, delta, b[facts], self.alphabet("B"), arranged.positions)
+            return es, arranged, b[distractors]
+        arranged = self._arrange(mask, facts, distractors, offsets, delta, mirrored=name == "reverse")
+        es = EvalSet(name, arranged.tokens, arranged.answer_slot, a[facts], self.alphabet("A"), arranged.positions)
+        return es, arranged, a[distractors]
+
     def eval_set(self, name: str) -> EvalSet:
-        """One of :data:`ROUTING_EVAL_SETS`, one prompt per fact with distractors never used in training."""
-        if name not in ROUTING_EVAL_SETS:
-            raise ValueError(f"unknown evaluation set {name!r}; expected one of {', '.join(ROUTING_EVAL_SETS)}")
-        facts, distractors, offsets = self._draw(1, stream=1)
-        tokens = self._tokens(facts, distractors, torch.full_like(facts, self.mask_id))
-        relative = torch.cat([torch.full_like(facts, self.delta)[:, None], offsets], 1)  # B, D1, D2 from the mask
-        if name == "inplace":
-            positions = torch.cat([torch.zeros_like(facts)[:, None], relative], 1)
-        else:
-            top = relative.max(1, keepdim=True).values
-            positions = torch.cat([top, top - relative], 1)
-        return EvalSet(name, tokens, A_SLOT, torch.tensor(self.a_ids)[facts], self.alphabet("A"), positions)
+        """One of :attr:`eval_set_names`, one prompt per fact. Its distractors are a fresh draw (their own
+        random stream), not a training sentence's; a (fact, distractor) pair, even with the same offset,
+        may also occur in some training sentence, since training draws many per fact."""
+        return self.eval_prompts(name)[0]
 
     def decode(self, tokens: Int[Tensor, "... seq"], positions: Int[Tensor, "... seq"] | None = None) -> list[str]:
         """Token ids to strings, ``token@position`` when positions are given."""
@@ -165,8 +232,18 @@ class RoutingWorld:
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": "routing", "n_facts": self.n_facts, "delta": self.delta, "seed": self.seed,
-                "sentences_per_fact": self.sentences_per_fact}
+                "sentences_per_fact": self.sentences_per_fact, "layout": self.layout}
 
+
+@dataclass(frozen=True)
+class Arranged:
+    """Prompts or sentences of a routing world and where their parts sit (sequence indices)."""
+
+    tokens: Int[Tensor, "n seq"]
+    positions: Int[Tensor, "n seq"]
+    answer_slot: int
+    b_index: Int[Tensor, " n"]
+    d_index: Int[Tensor, "n 2"]
 
 
 def distractor_offsets(delta: int) -> list[int]:
@@ -174,8 +251,25 @@ def distractor_offsets(delta: int) -> list[int]:
     return [o for o in range(1, 2 * delta + 2) if o != delta]
 
 
-def matched_filter_reverse_accuracy(d_head: int, delta: int, base: float) -> float:
-    """Reverse accuracy of an idealised RoPE route that learned only the in-place offset.
+def _pair_share(wins: dict[int, bool], ties: dict[int, bool] | None = None) -> float:
+    """Share of the equally likely distractor offset pairs (o1 < o2) in which B wins: both distractors
+    lose (``wins``). With ``ties`` (offsets whose distractor scores exactly B's score), a pair where no
+    distractor beats B and k tie with it counts 1 / (1 + k), an even split of the tie."""
+    ties = ties or {}
+
+    def share(pair: tuple[int, int]) -> float:
+        if not all(wins[o] or ties.get(o, False) for o in pair):
+            return 0.0
+        return 1 / (1 + sum(ties.get(o, False) for o in pair))
+
+    pairs = [(o1, o2) for o1 in wins for o2 in wins if o1 < o2]
+    return sum(share(pair) for pair in pairs) / len(pairs)
+
+
+def matched_filter_reverse_accuracy(
+    d_head: int, delta: int, base: float, eval_delta: int | None = None, query: str = "reverse", ties: str = "lose"
+) -> float:
+    """Accuracy of an idealised RoPE route that learned only the in-place offset ``delta``.
 
     Suppose training makes the mask-to-B score a matched filter for offset ``+delta``:
     ``g(r) = sum_m cos(theta_m (r - delta))`` over the RoPE frequencies, which peaks at
@@ -183,107 +277,216 @@ def matched_filter_reverse_accuracy(d_head: int, delta: int, base: float) -> flo
     distractors at ``-o``; the filter scores them ``K(2 delta)`` and ``K(delta + o)`` with
     ``K(s) = sum_m cos(theta_m s)`` -- ``K(2 delta) / (d / 2)`` is exactly tr R(2 delta) / d. The
     route picks B when ``K(2 delta)`` beats both distractors; this returns the share of distractor
-    offset pairs (all equally likely, as in :class:`RoutingWorld`) where it does. It uses the
-    closed form and the world's geometry only, no trained model.
+    offset pairs (all equally likely, as in :class:`RoutingWorld`) where it does.
+
+    ``eval_delta`` evaluates the same filter on prompts built for another offset ``d'`` (B at
+    ``-d'``, distractor offsets those of ``d'``): B scores ``K(delta + d')``, a distractor
+    ``K(delta + o)``. ``query="inplace"`` scores the in-place prompt instead: ``K(d' - delta)``
+    against ``K(o - delta)``. It uses the closed form and the world's geometry only, no trained
+    model and no measured accuracy.
+
+    Ties: B must score *strictly* more than every distractor (``ties="lose"``, the default: a
+    distractor that scores exactly B's score wins). They happen at held-out in-place offsets, where a
+    distractor at ``delta -/+ 1`` scores ``K(-/+1) = K(+/-1)``, B's score at ``delta +/- 1``;
+    ``ties="split"`` splits each tie evenly instead.
     """
     from revlens.positions import rope_frequencies
 
     theta = rope_frequencies(d_head, base)
     kernel = lambda s: float(torch.cos(s * theta).sum())  # noqa: E731
-    target = kernel(2 * delta)
-    beaten = {o: kernel(delta + o) < target for o in distractor_offsets(delta)}
-    pairs = [(o1, o2) for o1 in beaten for o2 in beaten if o1 < o2]
-    return sum(beaten[o1] and beaten[o2] for o1, o2 in pairs) / len(pairs)
+    target = eval_delta or delta
+    sign = {"reverse": 1, "inplace": -1}.get(query)
+    if sign is None:
+        raise ValueError(f"unknown query {query!r}; expected 'reverse' or 'inplace'")
+    if ties not in ("lose", "split"):
+        raise ValueError(f"unknown tie rule {ties!r}; expected 'lose' or 'split'")
+    score = lambda r: kernel(delta + sign * r)  # noqa: E731  (B or a distractor at offset r from the mask)
+    offsets = distractor_offsets(target)
+    tied = {o: math.isclose(score(o), score(target), rel_tol=1e-9, abs_tol=1e-9) for o in offsets}
+    wins = {o: score(o) < score(target) and not tied[o] for o in offsets}
+    return _pair_share(wins, tied if ties == "split" else None)
+
+
+def trained_offset_share(delta: int, eval_delta: int) -> float:
+    """The baseline "a distractor on the trained offset wins, otherwise B" for the in-place query with B
+    at ``eval_delta``: the share of distractor offset pairs with no distractor at ``delta``. It knows
+    only that the route prefers offset ``delta``, not the RoPE kernel's shape."""
+    return _pair_share({o: o != delta for o in distractor_offsets(eval_delta)})
+
+
+def nearest_key_share(delta: int) -> float:
+    """The baseline "the mask attends to the key nearest to it": the share of distractor offset pairs
+    in which B (at ``delta``) is nearer to the mask than both distractors. The same for the in-place
+    and the reverse prompt (mirror images); a function of the world's geometry alone."""
+    return _pair_share({o: o > delta for o in distractor_offsets(delta)})
+
+
+def _query_row(es: EvalSet, objective: str) -> int:
+    from revlens.objectives import READOUTS
+    from revlens.readout import read_position
+
+    return int(read_position(es.mask_pos, READOUTS[objective]))
+
 
 @torch.no_grad()
-def route_statistics(model, world: RoutingWorld) -> dict[str, float]:
-    """Where the mask attends (layer 0, query = the mask) in each eval set, and how the two routes' scores agree.
+def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> dict[str, float]:
+    """Where the answer's readout position attends (layer 0) in each eval set, and how the two routes' scores agree.
 
+    The readout position is the mask's (the one before it for a next-token model).
     ``{set}_attn_b`` / ``{set}_attn_d``: mean attention weight on B / on a distractor (mean over
     heads, prompts and the two distractors). ``{set}_attn_b_top``: the same on B for the head that
     attends most to B in the *in-place* set (chosen there, so the reverse number is not selected on
-    itself). ``score_corr``: Pearson correlation over (prompt, head) of the mask-to-B pre-softmax
-    score in the in-place prompt and in its mirror image -- what tr R(2 delta) / d predicts at
-    initialisation for shared W_Q, W_K.
+    itself). ``score_corr``: per head, the Pearson correlation over prompts (facts) of the mask-to-B
+    pre-softmax score in the in-place prompt and in its mirror image, averaged over heads -- the
+    within-head agreement of the two routes' scores that tr R(2 delta) / d describes for shared
+    W_Q, W_K at initialisation (pooling heads would let differences between heads dominate). NaN
+    where a set has no readout position (the in-place query of a next-token model).
     """
     out: dict[str, float] = {}
     scores = {}
     top_head = None
     for name in ROUTING_EVAL_SETS:
-        es = world.eval_set(name)
+        es, arranged, _ = world.eval_prompts(name)
+        row = _query_row(es, objective)
+        if row < 0:
+            out.update({f"{name}_{m}": math.nan for m in ("attn_b", "attn_d", "attn_b_top")})
+            continue
         _, cache = model.run_with_cache(
             es.prompts, positions=es.positions, names_filter=lambda n: n in ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")
         )
-        pattern = cache["blocks.0.attn.hook_pattern"][:, :, A_SLOT]  # [batch, head, key]
-        scores[name] = cache["blocks.0.attn.hook_attn_scores"][:, :, A_SLOT, B_SLOT].flatten()
-        on_b = pattern[..., B_SLOT].mean(0)  # per head
-        if top_head is None:
+        batch = torch.arange(len(es.prompts))
+        pattern = cache["blocks.0.attn.hook_pattern"][:, :, row]  # [batch, head, key]
+        scores[name] = cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index]  # [batch, head]
+        on_b = pattern[batch, :, arranged.b_index].mean(0)  # per head
+        on_d = pattern.gather(2, arranged.d_index[:, None, :].expand(-1, pattern.shape[1], -1))
+        if top_head is None and name == "inplace":
             top_head = int(on_b.argmax())
         out[f"{name}_attn_b"] = on_b.mean().item()
-        out[f"{name}_attn_d"] = pattern[..., B_SLOT + 1 :].mean().item()
-        out[f"{name}_attn_b_top"] = on_b[top_head].item()
-    out["score_corr"] = torch.corrcoef(torch.stack([scores["inplace"], scores["reverse"]]))[0, 1].item()
+        out[f"{name}_attn_d"] = on_d.mean().item()
+        out[f"{name}_attn_b_top"] = math.nan if top_head is None else on_b[top_head].item()
+    pair = [scores.get(n) for n in ROUTING_EVAL_SETS]
+    if any(p is None for p in pair):
+        out["score_corr"] = math.nan
+    else:
+        per_head = [torch.corrcoef(torch.stack([pair[0][:, h], pair[1][:, h]]))[0, 1] for h in range(pair[0].shape[1])]
+        out["score_corr"] = torch.stack(per_head).nanmean().item()
     return out
 
 
+HELD_OUT: tuple[tuple[str, int], ...] = (("dm1", -1), ("dp1", +1))
+"""Held-out evaluation offsets: ``(suffix, change)``, B at ``delta + change`` in the eval prompts."""
+HELD_OUT_METRICS: tuple[str, ...] = ("inplace_acc", "reverse_acc", "forward_acc", "inplace_attn_b", "reverse_attn_b", "reverse_attn_d")
+
+
+def held_out_offsets(delta: int) -> dict[str, int]:
+    """``{suffix: offset}`` of the held-out offsets that exist for ``delta`` and fit :data:`N_CTX`."""
+    return {suffix: delta + change for suffix, change in HELD_OUT if delta + change >= 1 and 2 * (delta + change) + 2 <= N_CTX}
+
+
 def routing_metrics(model, world: RoutingWorld, objective: str) -> dict[str, float]:
-    """Answer metrics per eval set, the same under a uniform mask pattern, and :func:`route_statistics`."""
+    """Answer metrics per eval set, the same under a uniform mask pattern, :func:`route_statistics`,
+    and at the held-out offsets ``delta -/+ 1`` (suffixes ``_dm1`` / ``_dp1``; NaN where none exists)."""
     from revlens.evaluation import evaluate, evaluate_under_control
 
-    return {
+    out = {
         **evaluate(model, world, objective),  # type: ignore[arg-type]
-        **evaluate_under_control(model, world, objective, "uniform", sets=ROUTING_EVAL_SETS),  # type: ignore[arg-type]
-        **route_statistics(model, world),
+        **evaluate_under_control(model, world, objective, "uniform", sets=world.eval_set_names),  # type: ignore[arg-type]
+        **route_statistics(model, world, objective),
     }
-
+    offsets = held_out_offsets(world.delta)
+    for suffix, _ in HELD_OUT:
+        if suffix in offsets:
+            shifted = dataclasses.replace(world, eval_delta=offsets[suffix])
+            metrics = {**evaluate(model, shifted, objective), **route_statistics(model, shifted, objective)}  # type: ignore[arg-type]
+        else:
+            metrics = {}
+        out.update({f"{key}_{suffix}": metrics.get(key, math.nan) for key in HELD_OUT_METRICS})
+    return out
 
 
 @torch.no_grad()
 def causal_split(model, world: RoutingWorld) -> dict[str, float]:
-    """Route vs storage in the reverse query of a one-layer model, by two interventions.
+    """Route vs storage in the reverse query of a one-layer model, by interventions and their controls.
 
     ``reverse_acc``: the model's own reverse accuracy. ``route_patched_acc``: reverse accuracy after
     writing, in every head, the mask-to-B pre-softmax score of the *in-place* prompt into the reverse
     prompt (``blocks.0.attn.hook_attn_scores``, query = mask, key = B; the distractors keep their own
     scores): if this restores the answer, what the reverse query lacked was the route, and the stored
-    B -> A mapping was there to be read. ``head{h}_ablated_acc``: reverse accuracy with head h's value
-    vectors zeroed (``blocks.0.attn.hook_v``): which heads carry the answer;
-    ``all_heads_ablated_acc``: every head's values zeroed, the floor.
+    B -> A mapping was there to be read. ``row_patched_acc``: the in-place prompt's whole mask row
+    written in (the scores on the mask itself, B and both distractors, each onto the same token's key;
+    with fillers the filler keys keep theirs): where the B-only patch restores part of the answer, the
+    difference is what the distractors' scores carry. In a one-layer, attention-only RoPE model on the
+    gap layout the two prompts hold the same tokens, so this patch makes the mask's output the in-place
+    prompt's: it must give in-place accuracy, a check of the patch rather than a finding. Specificity control: ``decoy_patched_acc`` /
+    ``decoy_patched_decoy_acc`` write the same score onto the first *distractor's* key instead (B keeps
+    its own): a route patch that works through the key it targets gives that distractor's A
+    (``..._decoy_acc``), not B's. ``head{h}_ablated_acc``: reverse accuracy with head h's value
+    vectors zeroed (``blocks.0.attn.hook_v``); ``all_heads_ablated_acc``: every head's values zeroed,
+    the floor; ``patched_head{h}_ablated_acc`` / ``patched_all_heads_ablated_acc``: the same on the
+    route-patched prompt (does the patched answer go through the same heads' values?).
     """
     from revlens.evaluation import answer_metrics
 
-    inplace, reverse = world.eval_set("inplace"), world.eval_set("reverse")
-    score_hook = "blocks.0.attn.hook_attn_scores"
+    inplace, in_keys, _ = world.eval_prompts("inplace")
+    reverse, rev_keys, decoy_answers = world.eval_prompts("reverse")
+    score_hook, value_hook = "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_v"
     _, cache = model.run_with_cache(inplace.prompts, positions=inplace.positions, names_filter=score_hook)
-    inplace_scores = cache[score_hook][:, :, A_SLOT, B_SLOT]
+    batch = torch.arange(len(inplace.prompts))
+    inplace_row = cache[score_hook][:, :, inplace.mask_pos]  # [batch, head, key]
+    inplace_scores = inplace_row[batch, :, in_keys.b_index]  # [batch, head]
+    def entities(keys: Arranged, mask_pos: int) -> Int[Tensor, "batch 4"]:  # the mask, B, D1, D2
+        return torch.cat([torch.full_like(keys.b_index, mask_pos)[:, None], keys.b_index[:, None], keys.d_index], 1)
 
-    def accuracy(hooks) -> float:
-        logits = model.run_with_hooks(reverse.prompts, positions=reverse.positions, fwd_hooks=hooks)[:, A_SLOT]
-        return answer_metrics(logits, reverse)["acc"]
+    in_entities, rev_entities = entities(in_keys, inplace.mask_pos), entities(rev_keys, reverse.mask_pos)
+    decoy = dataclasses.replace(reverse, answers=decoy_answers[:, 0])
 
-    def patch_route(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+    def accuracies(hooks, sets=(reverse,)) -> list[float]:
+        logits = model.run_with_hooks(reverse.prompts, positions=reverse.positions, fwd_hooks=hooks)[:, reverse.mask_pos]
+        return [answer_metrics(logits, es)["acc"] for es in sets]
+
+    def patch(key: Tensor):
+        def hook(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            scores = scores.clone()
+            scores[batch, :, reverse.mask_pos, key] = inplace_scores
+            return scores
+
+        return (score_hook, hook)
+
+    def patch_row(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
         scores = scores.clone()
-        scores[:, :, A_SLOT, B_SLOT] = inplace_scores
+        for column in range(in_entities.shape[1]):
+            scores[batch, :, reverse.mask_pos, rev_entities[:, column]] = inplace_row[batch, :, in_entities[:, column]]
         return scores
 
-    out = {"reverse_acc": accuracy([]), "route_patched_acc": accuracy([(score_hook, patch_route)])}
-    for head in range(model.cfg.n_heads):
-        def ablate(v: Tensor, hook=None, head=head) -> Tensor:  # noqa: ARG001
+    def ablate(heads: Sequence[int]):
+        def hook(v: Tensor, hook=None) -> Tensor:  # noqa: ARG001
             v = v.clone()
-            v[:, :, head] = 0.0
+            v[:, :, list(heads)] = 0.0
             return v
 
-        out[f"head{head}_ablated_acc"] = accuracy([("blocks.0.attn.hook_v", ablate)])
-    out["all_heads_ablated_acc"] = accuracy([("blocks.0.attn.hook_v", lambda v, hook=None: torch.zeros_like(v))])
+        return (value_hook, hook)
+
+    route = patch(rev_keys.b_index)
+    every = range(model.cfg.n_heads)
+    out = {"reverse_acc": accuracies([])[0], "route_patched_acc": accuracies([route])[0],
+           "row_patched_acc": accuracies([(score_hook, patch_row)])[0]}
+    out["decoy_patched_acc"], out["decoy_patched_decoy_acc"] = accuracies([patch(rev_keys.d_index[:, 0])], (reverse, decoy))
+    for prefix, base in (("", []), ("patched_", [route])):
+        for head in every:
+            out[f"{prefix}head{head}_ablated_acc"] = accuracies([*base, ablate([head])])[0]
+        out[f"{prefix}all_heads_ablated_acc"] = accuracies([*base, ablate(list(every))])[0]
     return out
 
 # ---- the sweep ----------------------------------------------------------------------------------
-ROW_METRICS: tuple[str, ...] = tuple(
-    f"{s}_{m}" for s in ROUTING_EVAL_SETS for m in ("acc", "acc_in_type", "logp", "margin", "acc_uniform", "acc_in_type_uniform")
-) + tuple(f"{s}_{m}" for s in ROUTING_EVAL_SETS for m in ("attn_b", "attn_d", "attn_b_top")) + ("score_corr",)
-"""The metrics each sweep row keeps (see :func:`routing_metrics`)."""
-N_CTX = 66
-"""Position ids the sweep's models accept: enough for delta = 32 (ids up to 2 * 32 + 1)."""
+ROW_METRICS: tuple[str, ...] = (
+    tuple(f"{s}_{m}" for s in (*ROUTING_EVAL_SETS, "forward") for m in ("acc", "acc_in_type", "logp", "margin", "acc_uniform", "acc_in_type_uniform"))
+    + tuple(f"{s}_{m}" for s in ROUTING_EVAL_SETS for m in ("attn_b", "attn_d", "attn_b_top"))
+    + ("score_corr",)
+    + tuple(f"{m}_{suffix}" for suffix, _ in HELD_OUT for m in HELD_OUT_METRICS)
+)
+"""The metrics each sweep row keeps (see :func:`routing_metrics`; ``forward_*`` only with fillers)."""
+N_CTX = 68
+"""Position ids the sweep's models accept: enough for delta = 32 and its held-out offset 33 (ids up to 67)."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +499,14 @@ class RoutingCell:
     deltas: tuple[int, ...]
     bases: tuple[float, ...] = (10000.0,)
     group: str = ""
+    layout: str = "gaps"
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Changes to the sweep's training settings for this cell (e.g. more steps)."""
+    shift_positions: bool = False
+    """Train with a random shift added to each sentence's position ids (``train_stack(shift_positions=True)``)."""
+    stack_size: int | None = None
+    """Models per stack for this cell (default: the sweep's). Untied projections gather one matrix per
+    token, which trains faster one model at a time than vmapped (``bench/routing_stack.py --cell``)."""
 
     def model_cfg(self, world: RoutingWorld, base: float) -> EncoderConfig:
         from revlens.experiments import BASE_MODEL
@@ -325,31 +536,52 @@ class RoutingSweepSpec:
             raise ValueError(f"routing sweep file has unknown keys {sorted(unknown)}")
         cells = []
         for i, entry in enumerate(data.get("cells", [])):
-            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group"}
+            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size",
+                                  "shift_positions"}
             if extra or not {"name", "objective", "deltas"} <= set(entry):
                 raise ValueError(f"cell {i} ({entry.get('name')!r}) needs name, objective, deltas; unknown keys {sorted(extra)}")
             bases = tuple(float(b) for b in entry.get("bases", (10000.0,)))
+            layout = entry.get("layout", "gaps")
+            if layout not in LAYOUTS:
+                raise ValueError(f"cell {i} ({entry['name']!r}): unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
             cells.append(RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
-                                     tuple(entry["deltas"]), bases, entry.get("group", "")))
+                                     tuple(entry["deltas"]), bases, entry.get("group", ""), layout, dict(entry.get("train", {})),
+                                     bool(entry.get("shift_positions", False)),
+                                     None if entry.get("stack_size") is None else int(entry["stack_size"])))
         if len({c.name for c in cells}) != len(cells) or not cells:
             raise ValueError("a routing sweep needs cells with unique names")
         for cell in cells:
             if max(cell.deltas) * 2 + 2 > N_CTX:
                 raise ValueError(f"cell {cell.name!r}: delta {max(cell.deltas)} needs more than n_ctx={N_CTX} position ids")
+            if (cell.objective == "arm") != (cell.model.get("attention_dir") == "causal"):
+                raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' goes with a causal model "
+                                 "(\"model\": {\"attention_dir\": \"causal\"}) and only with it")
+            if cell.objective == "arm" and cell.layout != "fillers":
+                raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' needs \"layout\": \"fillers\" "
+                                 "(text in position order); with gaps the next sequence index is not the next position")
         train = TrainConfig(**{"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
-        return cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
+        spec = cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
                    int(data.get("stack_size", 50)))
+        for cell in cells:  # a bad training override fails now, not after the other cells have trained
+            if "objective" in cell.train:
+                raise ValueError(f"cell {cell.name!r}: set the objective with the cell's 'objective', not in its 'train'")
+            try:
+                spec.train_for(cell)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"cell {cell.name!r}: bad 'train' override: {err}") from None
+        return spec
 
     def jobs(self) -> list[tuple[RoutingCell, int, float, int]]:
         """Every (cell, delta, base, seed) in file order."""
         return [(c, d, b, s) for c in self.cells for d in c.deltas for b in c.bases for s in self.seeds]
 
-    def world_for(self, delta: int, seed: int) -> RoutingWorld:
-        return RoutingWorld.generate(delta=delta, seed=seed, **self.world)
+    def world_for(self, delta: int, seed: int, layout: str = "gaps") -> RoutingWorld:
+        return RoutingWorld.generate(delta=delta, seed=seed, layout=layout, **self.world)
 
     def train_for(self, cell: RoutingCell) -> TrainConfig:
-        """The file's training settings with the cell's objective (the file's own ``train`` has none)."""
-        return dataclasses.replace(self.train, objective=cell.objective)
+        """The file's training settings with the cell's objective (the file's own ``train`` has none) and
+        the cell's own changes."""
+        return dataclasses.replace(self.train, objective=cell.objective, **cell.train)
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, int, float, int]:
@@ -364,9 +596,9 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, fl
     cell = jobs[0][0]
     members = []
     for _, delta, base, seed in jobs:
-        world = spec.world_for(delta, seed)
+        world = spec.world_for(delta, seed, cell.layout)
         members.append(Member(cell.model_cfg(world, base), world, seed))
-    models = train_stack(members, spec.train_for(cell), progress=False)
+    models = train_stack(members, spec.train_for(cell), progress=False, shift_positions=cell.shift_positions)
     rows = []
     for (_, delta, base, seed), member, model in zip(jobs, members, models):
         cfg = member.model_cfg
@@ -374,10 +606,11 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, fl
         rotary = cfg.positional == "rotary"
         rows.append({
             "cell": cell.name, "group": cell.group, "objective": cell.objective, "positional": cfg.positional,
+            "layout": cell.layout, "untied": "".join(cfg.untied_positions),
             "d_head": cfg.d_head, "delta": delta, "base": base, "seed": seed,
             "closed_form": float(rope_score_correlation(cfg.d_head, delta, base)) if rotary else None,
             "distractor_guess": 1.0 / (1 + N_DISTRACTORS), "chance": member.world.chance,
-            **{k: round(metrics[k], 6) for k in ROW_METRICS},
+            **{k: None if math.isnan(metrics.get(k, math.nan)) else round(metrics[k], 6) for k in ROW_METRICS},
         })
     return rows
 
@@ -399,8 +632,10 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
                 done.add(key)
     todo = [job for job in spec.jobs() if (job[0].name, job[1], job[2], job[3]) not in done]
     chunks: list[list[tuple[RoutingCell, int, float, int]]] = []
-    for job in todo:
-        if chunks and chunks[-1][0][0] is job[0] and len(chunks[-1]) < spec.stack_size:
+    for job in todo:  # a stack shares one cell and one sentence length (fillers: 2 delta + 2 tokens)
+        if chunks and chunks[-1][0][0] is job[0] and len(chunks[-1]) < (job[0].stack_size or spec.stack_size) and (
+            job[0].layout == "gaps" or chunks[-1][0][1] == job[1]
+        ):
             chunks[-1].append(job)
         else:
             chunks.append([job])
@@ -442,3 +677,37 @@ def correlation_ci(x: Sequence[float], y: Sequence[float], kind: str = "pearson"
         raise ValueError(f"unknown correlation {kind!r}; expected 'pearson' or 'spearman'")
     z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), NormalDist().inv_cdf(0.5 + level / 2)
     return float(r), float(np.tanh(z - q * se)), float(np.tanh(z + q * se))
+
+
+def bootstrap_correlation(
+    prediction: Sequence[float], measured: Sequence[Sequence[float]], over: str = "cells",
+    n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Pearson correlation of a per-cell prediction with the cell means of ``measured`` ([cell, seed])
+    and a percentile bootstrap interval: ``(r, low, high)``.
+
+    ``over="cells"`` resamples cells with replacement; ``over="seeds"`` resamples the seed columns
+    (one draw shared by every cell, as a seed is one training run per cell). Unlike a Fisher-z
+    interval it does not assume bivariate normality, which a predictor that is mostly 0 or 1 breaks.
+    Resamples in which either side is constant are skipped.
+    """
+    import numpy as np
+
+    x, y = np.asarray(prediction, dtype=float), np.asarray(measured, dtype=float)
+    if y.ndim != 2 or x.shape != y.shape[:1] or len(x) < 4:
+        raise ValueError(f"need a prediction per cell and a [cell, seed] table for at least 4 cells, got {x.shape} and {y.shape}")
+    if over not in ("cells", "seeds"):
+        raise ValueError(f"unknown resampling {over!r}; expected 'cells' or 'seeds'")
+    r = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
+    gen = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        if over == "cells":
+            pick = gen.integers(len(x), size=len(x))
+            xs, ys = x[pick], y[pick].mean(1)
+        else:
+            xs, ys = x, y[:, gen.integers(y.shape[1], size=y.shape[1])].mean(1)
+        if xs.std() > 0 and ys.std() > 0:
+            draws.append(r(xs, ys))
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return r(x, y.mean(1)), float(low), float(high)

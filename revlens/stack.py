@@ -13,6 +13,11 @@ sees the data it would see trained alone. Trained alone (one member) it runs as 
 call with no ``vmap``; the stacked weights equal that bit for bit (``tests/test_routing.py``, for
 members differing in offset, world seed and RoPE base, both objectives).
 
+The ``arm`` objective (next-token prediction, for a causal model only) draws no masks: sequence
+index i is scored on the token at index i + 1. That is "the next token" only when every sentence's
+position ids run ``0, 1, 2, ...`` in sequence order (e.g. the routing world's filler layout);
+:func:`train_stack` refuses other position ids (the gap layout's ``0, delta, o1, o2``) for it.
+
 The ``inplace`` objective reads one slot, so only that slot is unembedded (``read``): the logits
 cost a quarter of a full four-token unembedding.
 """
@@ -32,11 +37,11 @@ from tqdm import tqdm
 
 from revlens.config import EncoderConfig
 from revlens.model import HookedEncoder, functional_logits, stack_parameters
-from revlens.objectives import INPLACE_SLOT, masked_batch, sample_mask, weighted_token_loss
+from revlens.objectives import INPLACE_SLOT, masked_batch, next_token_batch, sample_mask, weighted_token_loss
 from revlens.optim import AdamW
 from revlens.training import TrainConfig, init_model
 
-STACKABLE_OBJECTIVES: tuple[str, ...] = ("inplace", "mdm", "bert")
+STACKABLE_OBJECTIVES: tuple[str, ...] = ("inplace", "mdm", "bert", "arm")
 
 
 class PositionedWorld(Protocol):
@@ -80,13 +85,29 @@ def _check_members(members: Sequence[Member], models: Sequence[HookedEncoder], d
             raise ValueError(f"member with seed {member.seed}: position or token ids beyond n_ctx / d_vocab")
 
 
-def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True) -> list[HookedEncoder]:
-    """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode."""
+def train_stack(
+    members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True, shift_positions: bool = False
+) -> list[HookedEncoder]:
+    """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode.
+
+    ``shift_positions``: add to each drawn sentence's position ids a random shift, uniform over those that
+    keep its ids below ``n_ctx`` (drawn from the member's generator), so every position id is trained as
+    every role (e.g. the mask's query at every id, not only at 0). Offsets within a sentence are unchanged.
+    """
     if train_cfg.objective not in STACKABLE_OBJECTIVES:
-        raise ValueError(f"train_stack trains masked objectives {STACKABLE_OBJECTIVES}, got {train_cfg.objective!r}")
+        raise ValueError(f"train_stack trains the objectives {STACKABLE_OBJECTIVES}, got {train_cfg.objective!r}")
+    if members and (train_cfg.objective == "arm") != (members[0].model_cfg.attention_dir == "causal"):
+        raise ValueError("the next-token objective 'arm' trains a causal model (attention_dir='causal'), and only it: "
+                         "a bidirectional model would see the token it predicts")
     models = [init_model(m.model_cfg, m.seed) for m in members]
     data = [m.world.training_data() for m in members]
     _check_members(members, models, data)
+    if train_cfg.objective == "arm":
+        for member, (_, positions) in zip(members, data):
+            if not torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions)):
+                raise ValueError(f"member with seed {member.seed}: the next-token objective 'arm' needs position ids "
+                                 "0, 1, 2, ... in sequence order (the token after index i is the next one); these "
+                                 "sentences' ids are not (use the filler layout, layout='fillers')")
     tokens = torch.stack([t for t, _ in data])  # [instance, n, seq]
     positions = torch.stack([p for _, p in data])
     mask_id = members[0].world.mask_id
@@ -112,21 +133,32 @@ def train_stack(members: Sequence[Member], train_cfg: TrainConfig, progress: boo
     optimiser = AdamW(list(params.values()), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     generators = [torch.Generator().manual_seed(m.seed) for m in members]
     n_sentences, seq = tokens.shape[1:]
+    n_ctx = members[0].model_cfg.n_ctx
     instance = torch.arange(len(members))[:, None]
     bar = tqdm(range(train_cfg.steps), disable=not progress, desc=f"{train_cfg.objective} stack x{len(members)}", mininterval=2.0)
     for _ in bar:
-        rows, masks, rates = [], [], []
+        rows, masks, rates, shifts = [], [], [], []
         for generator in generators:
             rows.append(torch.randint(n_sentences, (train_cfg.batch_size,), generator=generator))
-            mask, rate = sample_mask(train_cfg.objective, (train_cfg.batch_size, seq), generator, train_cfg.mask_eps)
-            masks.append(mask)
-            rates.append(rate)
+            if shift_positions:
+                room = n_ctx - positions[len(shifts), rows[-1]].amax(-1)  # shifts 0 .. room - 1 keep ids < n_ctx
+                shifts.append((torch.rand(train_cfg.batch_size, generator=generator) * room).long())
+            if train_cfg.objective != "arm":
+                mask, rate = sample_mask(train_cfg.objective, (train_cfg.batch_size, seq), generator, train_cfg.mask_eps)
+                masks.append(mask)
+                rates.append(rate)
         index = torch.stack(rows)
-        batch = masked_batch(tokens[instance, index], torch.stack(masks), torch.stack(rates), mask_id)
+        if train_cfg.objective == "arm":
+            batch = next_token_batch(tokens[instance, index])
+        else:
+            batch = masked_batch(tokens[instance, index], torch.stack(masks), torch.stack(rates), mask_id)
         inputs, targets, weights = batch.inputs, batch.targets, batch.weights
         if read is not None:
             targets, weights = targets[..., read : read + 1], weights[..., read : read + 1]
-        loss = losses(inputs, positions[instance, index], targets, weights)
+        batch_positions = positions[instance, index]
+        if shift_positions:
+            batch_positions = batch_positions + torch.stack(shifts)[..., None]
+        loss = losses(inputs, batch_positions, targets, weights)
         optimiser.step(torch.autograd.grad(loss.sum(), list(params.values())))
     if len(members) > 1:
         with torch.no_grad():

@@ -16,6 +16,10 @@ from revlens.routing import (
     N_CTX,
     RoutingSweepSpec,
     RoutingWorld,
+    distractor_offsets,
+    held_out_offsets,
+    matched_filter_reverse_accuracy,
+    nearest_key_share,
     routing_metrics,
     run_routing_sweep,
     train_rows,
@@ -81,7 +85,11 @@ def test_world_refuses_bad_arguments():
     with pytest.raises(ValueError, match="at least 3 facts"):
         RoutingWorld.generate(n_facts=2)
     with pytest.raises(ValueError, match="unknown evaluation set 'forward'"):
-        RoutingWorld.generate().eval_set("forward")
+        RoutingWorld.generate().eval_set("forward")  # gaps: no left-to-right query
+    with pytest.raises(ValueError, match="unknown layout 'spaces'"):
+        RoutingWorld.generate(layout="spaces")
+    with pytest.raises(ValueError, match="no filler token"):
+        RoutingWorld.generate().fill_id
 
 
 @pytest.mark.parametrize("positional", ["rotary", "alibi", "absolute", "none"])
@@ -131,8 +139,12 @@ def test_stack_refuses_mismatched_members():
     cfg = EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2)
     with pytest.raises(ValueError, match="differ only in rotary_base"):
         train_stack([Member(cfg, w, 0), Member(cfg.replace(attention_dir="causal"), w, 1)], TrainConfig("inplace", steps=1), progress=False)
-    with pytest.raises(ValueError, match="masked objectives"):
+    with pytest.raises(ValueError, match="trains a causal model"):
         train_stack([Member(cfg, w, 0)], TrainConfig("arm", steps=1), progress=False)
+    with pytest.raises(ValueError, match="trains a causal model"):
+        train_stack([Member(cfg.replace(attention_dir="causal"), w, 0)], TrainConfig("inplace", steps=1), progress=False)
+    with pytest.raises(ValueError, match="needs position ids 0, 1, 2"):  # gap sentences are not in position order
+        train_stack([Member(cfg.replace(attention_dir="causal"), w, 0)], TrainConfig("arm", steps=1), progress=False)
 
 
 def _spec(**changes):
@@ -148,6 +160,24 @@ def test_sweep_spec_errors_name_the_problem():
     bad["cells"][0]["deltas"] = [40]
     with pytest.raises(ValueError, match="delta 40"):
         RoutingSweepSpec.from_dict(bad)
+    bad = _spec()
+    bad["cells"][0]["train"] = {"stepz": 3}
+    with pytest.raises(ValueError, match="cell 'core': bad 'train' override"):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["train"] = {"objective": "mdm"}
+    with pytest.raises(ValueError, match="with the cell's 'objective'"):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["train"], bad["cells"][0]["objective"] = {}, "arm"
+    with pytest.raises(ValueError, match="goes with a causal model"):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["model"] = {"attention_dir": "causal"}
+    with pytest.raises(ValueError, match="needs \"layout\": \"fillers\""):
+        RoutingSweepSpec.from_dict(bad)
+    bad["cells"][0]["objective"], bad["cells"][0]["model"], bad["cells"][0]["layout"] = "inplace", {}, "spaces"
+    with pytest.raises(ValueError, match="unknown layout 'spaces'"):
+        RoutingSweepSpec.from_dict(bad)
+    arm = next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "arm")
+    assert RoutingSweepSpec.from_dict(_spec()).train_for(arm).steps == 1200 and arm.layout == "fillers"
 
 
 def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
@@ -168,7 +198,7 @@ def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
         run_routing_sweep(spec, out, progress=False)
 
 
-@pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4)])
+@pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4), ("fillers", 3, 1e4)])
 def test_shipped_table_rows_reproduce(cell, delta, base):
     """Retrain one shipped model alone: accuracies within 2 prompts of 64 and route weights within
     0.05 of the table (the table trained it in a stack: float round-off, not bits, differ)."""
@@ -177,7 +207,7 @@ def test_shipped_table_rows_reproduce(cell, delta, base):
     (shipped,) = [r for r in rows if (r["cell"], r["delta"], r["base"], r["seed"]) == (cell, delta, base, 0)]
     (job,) = [j for j in spec.jobs() if (j[0].name, j[1], j[2], j[3]) == (cell, delta, base, 0)]
     (row,) = train_rows(spec, [job])
-    for key in ("inplace_acc", "reverse_acc", "inplace_acc_uniform", "reverse_acc_in_type"):
+    for key in ("inplace_acc", "reverse_acc", "inplace_acc_uniform", "reverse_acc_in_type", "inplace_acc_dp1", "reverse_acc_dm1"):
         assert row[key] == pytest.approx(shipped[key], abs=2 / 64 + 1e-9), key
     for key in ("reverse_attn_b", "reverse_attn_d", "inplace_attn_b"):
         assert row[key] == pytest.approx(shipped[key], abs=0.05), key
@@ -219,8 +249,14 @@ def test_causal_split_patches_and_ablates():
     (model,) = train_stack([Member(cfg, world, 0)], TrainConfig("inplace", steps=150, batch_size=64), progress=False)
     out = causal_split(model, world)
     assert out["reverse_acc"] == routing_metrics(model, world, "inplace")["reverse_acc"]
-    assert set(out) == {"reverse_acc", "route_patched_acc", "head0_ablated_acc", "head1_ablated_acc", "all_heads_ablated_acc"}
+    ablations = {f"{p}{h}_ablated_acc" for p in ("", "patched_") for h in ("head0", "head1", "all_heads")}
+    assert set(out) == {"reverse_acc", "route_patched_acc", "row_patched_acc", "decoy_patched_acc", "decoy_patched_decoy_acc"} | ablations
+    # the whole mask row patched: the reverse prompt holds the in-place prompt's tokens, so its answers are the in-place ones
+    assert out["row_patched_acc"] == routing_metrics(model, world, "inplace")["inplace_acc"]
     assert all(0.0 <= v <= 1.0 for v in out.values())
+    # the patch acts through the key it targets: on a distractor's key it gives that distractor's A
+    assert out["decoy_patched_decoy_acc"] > 0.5 > out["decoy_patched_acc"]
+    assert out["patched_all_heads_ablated_acc"] <= 2 / 16
 
 
 def test_cli_sweep_dispatches_on_the_routing_family(tmp_path, capsys):
@@ -238,3 +274,164 @@ def test_cli_sweep_dispatches_on_the_routing_family(tmp_path, capsys):
     config.write_text(json.dumps(data))
     assert main(["sweep", str(config), "--out", str(out)]) == 2
     assert "delta 99" in capsys.readouterr().err
+
+
+def test_untied_projections_index_their_matrices_by_position_id():
+    torch.manual_seed(0)
+    model = HookedEncoder(EncoderConfig(d_vocab=20, n_ctx=12, d_model=16, n_heads=2, d_head=8, untied_positions=("q", "k")))
+    tokens = torch.randint(20, (5, 4))
+    plain = model(tokens)
+    # positions = 0 .. 3 give the matrices the sequence index gave (another einsum path: float32 rounding)
+    torch.testing.assert_close(model(tokens, positions=torch.arange(4).expand(5, 4)), plain, rtol=1e-6, atol=1e-6)
+    gaps = torch.tensor([0, 3, 7, 11]).expand(5, 4)
+    _, cache = model.run_with_cache(tokens, positions=gaps, names_filter=lambda n: n in ("blocks.0.attn.hook_q", "hook_embed"))
+    x, attn = cache["hook_embed"], model.blocks[0].attn
+    for index, position in enumerate(gaps[0].tolist()):  # the token at position id 7 uses W_Q[7]
+        expected = torch.einsum("bm,hmd->bhd", x[:, index], attn.W_Q[position])
+        torch.testing.assert_close(cache["blocks.0.attn.hook_q"][:, index], expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        attn.W_Q[7] += 1.0  # changes the output only through the token at position id 7
+        attn.W_K[7] += 1.0
+    changed = model.run_with_cache(tokens, positions=gaps, names_filter="blocks.0.attn.hook_q")[1]["blocks.0.attn.hook_q"]
+    assert torch.equal(changed[:, [0, 1, 3]], cache["blocks.0.attn.hook_q"][:, [0, 1, 3]])
+    assert not torch.allclose(changed[:, 2], cache["blocks.0.attn.hook_q"][:, 2])
+
+
+@pytest.mark.parametrize("delta", [1, 2, 3, 8])
+def test_filler_world_puts_a_filler_at_every_empty_position(delta):
+    world = RoutingWorld.generate(n_facts=16, delta=delta, seed=1, sentences_per_fact=4, layout="fillers")
+    gaps = RoutingWorld.generate(n_facts=16, delta=delta, seed=1, sentences_per_fact=4)
+    tokens, positions = world.training_data()
+    gap_tokens, gap_positions = gaps.training_data()
+    assert tokens.shape[1] == 2 * delta + 2 and torch.equal(positions, torch.arange(2 * delta + 2).expand_as(tokens))
+    # the same sentences: each gap-world token sits at its position id, fillers everywhere else
+    rebuilt = torch.full_like(tokens, world.fill_id).scatter(1, gap_positions, gap_tokens)
+    assert torch.equal(tokens, rebuilt)
+    assert int((tokens != world.fill_id).sum(1).min()) == 4  # A, B and two distractors, nothing else
+    assert torch.isin(tokens[:, 0], world.alphabet("A")).all()  # A first: no B before its A
+    assert not torch.isin(tokens[:, 1:], world.alphabet("A")).any()
+    for name in world.eval_set_names:
+        es, arranged, _ = world.eval_prompts(name)
+        assert (es.prompts[:, es.mask_pos] == world.mask_id).all() and (es.prompts == world.mask_id).sum() == len(es.prompts)
+        if name != "forward":
+            b = es.prompts.gather(1, arranged.b_index[:, None])[:, 0]
+            facts = torch.tensor([world.a_ids.index(a) for a in es.answers.tolist()])
+            assert torch.equal(torch.tensor(world.b_ids)[facts], b)  # the fact's own B at offset delta
+            assert ((arranged.b_index - es.mask_pos).abs() == delta).all()
+
+
+def test_left_to_right_queries_end_in_the_mask():
+    """The ARM's forward query is a training sentence's prefix with the mask in B's slot; its reverse
+    query ends in A's slot; no training sentence makes an A a next-token target."""
+    world = RoutingWorld.generate(n_facts=16, delta=4, seed=0, sentences_per_fact=8, layout="fillers")
+    forward, reverse = world.eval_set("forward"), world.eval_set("reverse")
+    full = world.eval_set("inplace")
+    assert forward.mask_pos == 4 == forward.prompts.shape[1] - 1 and reverse.mask_pos == reverse.prompts.shape[1] - 1
+    assert torch.isin(forward.answers, world.alphabet("B")).all() and torch.isin(reverse.answers, world.alphabet("A")).all()
+    assert torch.equal(forward.prompts[:, 1:4], full.prompts[:, 1:4])  # the in-place prompt's distractors, cut at B
+    tokens, _ = world.training_data()
+    assert not torch.isin(tokens[:, 1:], world.alphabet("A")).any()  # next-token targets are tokens 1 ..
+    cfg = EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=64, n_heads=4, attention_dir="causal")
+    (model,) = train_stack([Member(cfg, world, 0)], TrainConfig("arm", steps=300, batch_size=64, lr=0.005), progress=False)
+    out = routing_metrics(model, world, "arm")
+    assert out["forward_acc"] >= 0.5 and out["reverse_acc"] <= 0.1  # chance 1/16; A is never a next-token target
+    assert out["inplace_acc"] != out["inplace_acc"]  # NaN: a mask at position 0 has no readout for a left-to-right model
+
+
+def test_held_out_offset_prompts_move_b_and_redraw_distractors():
+    world = RoutingWorld.generate(n_facts=16, delta=4, seed=0)
+    for eval_delta in (3, 5):
+        shifted = dataclasses.replace(world, eval_delta=eval_delta)
+        assert torch.equal(shifted.training_data()[0], world.training_data()[0])  # training is untouched
+        for name in ("inplace", "reverse"):
+            es, base = shifted.eval_set(name), world.eval_set(name)
+            offsets = (es.positions - es.positions[:, :1]).abs()
+            assert (offsets[:, B_SLOT] == eval_delta).all() and torch.equal(es.answers, base.answers)
+            allowed = torch.tensor(distractor_offsets(eval_delta))
+            assert torch.isin(offsets[:, 2:], allowed).all() and (offsets[:, 2] != offsets[:, 3]).all()
+    assert held_out_offsets(1) == {"dp1": 2} and held_out_offsets(32) == {"dm1": 31, "dp1": 33}
+    with pytest.raises(ValueError, match="eval_delta"):
+        dataclasses.replace(world, eval_delta=0)
+
+
+def test_matched_filter_at_held_out_offsets_and_the_nearest_key_baseline():
+    import numpy as np
+
+    theta = 1e4 ** (-2.0 * np.arange(8) / 16)
+    kernel = lambda s: np.cos(s * theta).sum()  # noqa: E731
+    trained, held = 3, 4
+    reverse_wins = {o: kernel(trained + o) < kernel(trained + held) for o in distractor_offsets(held)}
+    inplace_wins = {o: kernel(o - trained) < kernel(held - trained) for o in distractor_offsets(held)}
+    share = lambda wins: np.mean([wins[a] and wins[b] for a in wins for b in wins if a < b])  # noqa: E731
+    assert matched_filter_reverse_accuracy(16, trained, 1e4, held) == pytest.approx(share(reverse_wins))
+    assert matched_filter_reverse_accuracy(16, trained, 1e4, held, "inplace") == pytest.approx(share(inplace_wins))
+    assert not inplace_wins[trained]  # a distractor at the trained offset beats B at a held-out one
+    assert matched_filter_reverse_accuracy(16, trained, 1e4, trained, "inplace") == 1.0
+    # B nearest to the mask: both distractors beyond delta
+    assert nearest_key_share(1) == 1.0 and nearest_key_share(2) == pytest.approx(3 / 6) and nearest_key_share(3) == pytest.approx(6 / 15)
+
+
+def test_stack_matches_alone_for_the_left_to_right_and_untied_arms():
+    """The ARM on the filler layout and the untied-W_Q/W_K encoder: stacked = alone, bit for bit."""
+    fillers = [RoutingWorld.generate(n_facts=16, delta=3, seed=s, sentences_per_fact=4, layout="fillers") for s in (0, 1)]
+    gaps = [RoutingWorld.generate(n_facts=16, delta=d, seed=s, sentences_per_fact=4) for d, s in ((2, 0), (8, 1))]
+    arms = [
+        ("arm", [Member(EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, attention_dir="causal", rotary_base=b), w, w.seed)
+                 for w, b in zip(fillers, (1e2, 1e4))]),
+        ("inplace", [Member(EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, untied_positions=("q", "k")), w, w.seed)
+                     for w in gaps]),
+    ]
+    for objective, members in arms:
+        cfg = TrainConfig(objective, steps=20, batch_size=16)
+        for member, model in zip(members, train_stack(members, cfg, progress=False)):
+            (alone,) = train_stack([member], cfg, progress=False)
+            for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+                assert torch.equal(p, q), (objective, name)
+
+
+def test_tie_rule_trained_offset_baseline_and_bootstrap():
+    from revlens.routing import bootstrap_correlation, trained_offset_share
+
+    import numpy as np
+
+    # delta 3 evaluated in place at 4: the distractor at 2 scores K(-1) = K(1), exactly B's score
+    offsets = distractor_offsets(4)
+    theta = 1e4 ** (-2.0 * np.arange(8) / 16)
+    kernel = lambda s: np.cos(s * theta).sum()  # noqa: E731
+    loses = {o: kernel(o - 3) > kernel(1) + 1e-9 for o in offsets}
+    tied = {o: abs(kernel(o - 3) - kernel(1)) < 1e-9 for o in offsets}
+    assert tied[2] and loses[3]
+    pairs = [(a, b) for a in offsets for b in offsets if a < b]
+    split = np.mean([0.0 if loses[a] or loses[b] else 1 / (1 + tied[a] + tied[b]) for a, b in pairs])
+    assert matched_filter_reverse_accuracy(16, 3, 1e4, 4, "inplace", ties="split") == pytest.approx(split)
+    assert matched_filter_reverse_accuracy(16, 3, 1e4, 4, "inplace") < split  # strict rule: a tie is a loss for B
+    with pytest.raises(ValueError, match="tie rule"):
+        matched_filter_reverse_accuracy(16, 3, 1e4, ties="coin")
+    # "a distractor on the trained offset wins": pairs of offsets of 4 without 3
+    assert trained_offset_share(3, 4) == pytest.approx(np.mean([3 not in p for p in pairs]))
+    assert trained_offset_share(3, 3) == 1.0
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 1, 12)
+    y = x[:, None] + rng.normal(0, 0.1, (12, 5))
+    for over in ("cells", "seeds"):
+        r, lo, hi = bootstrap_correlation(x, y, over=over)
+        assert lo <= r <= hi and r == pytest.approx(np.corrcoef(x, y.mean(1))[0, 1])
+    with pytest.raises(ValueError, match="resampling"):
+        bootstrap_correlation(x, y, over="facts")
+
+
+def test_shifted_positions_train_every_query_position():
+    """``shift_positions``: stacked = alone bit for bit, training differs from unshifted, the sweep cell parses."""
+    worlds = [RoutingWorld.generate(n_facts=16, delta=d, seed=0, sentences_per_fact=4) for d in (2, 16)]
+    members = [Member(EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, untied_positions=("q", "k")), w, 0)
+               for w in worlds]
+    cfg = TrainConfig("inplace", steps=20, batch_size=16)
+    stacked = train_stack(members, cfg, progress=False, shift_positions=True)
+    for member, model in zip(members, stacked):
+        (alone,) = train_stack([member], cfg, progress=False, shift_positions=True)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), alone.parameters()))
+    (plain,) = train_stack(members[:1], cfg, progress=False)
+    w_q = dict(stacked[0].named_parameters())["blocks.0.attn.W_Q"]
+    assert not torch.equal(w_q, dict(plain.named_parameters())["blocks.0.attn.W_Q"])
+    shifted = next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk-shift")
+    assert shifted.shift_positions and not next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk").shift_positions
