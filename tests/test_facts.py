@@ -4,12 +4,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from revlens.facts import Fact, FactSet, Relation, answer_scores, encode_query, is_correct
 from revlens.lm import HookedLM
-from revlens.lm.analysis import fact_route_correlation, patching_pairs, reverse_patching, score_table
+from revlens.lm.analysis import fact_route_correlation, gold_vs_foil_logp, patching_pairs, reverse_patching, score_table
 from revlens.lm.corpus import build_tokenizer, make_world, training_sentences
 from revlens.lm.small_pair import PairConfig, train_small_pair
 from revlens.routes import RoutePrompts, read_routes, read_routes_ragged
@@ -106,6 +107,22 @@ def test_small_pair_loads_scores_routes_and_patches(tiny_pair):
         result = reverse_patching(lm, patching_pairs(lm, world, facts))
         assert result.resid_pre.shape == (lm.cfg.n_layers, len(result.tokens))
         assert torch.isfinite(result.head_out).all() and result.clean != result.corrupted
+
+
+def test_foil_baseline_scores_another_facts_answer_in_the_same_prompt(tiny_pair):
+    models, world = tiny_pair
+    indices = world.subset(split="forward_only")
+    for lm in models.values():
+        table = gold_vs_foil_logp(lm, world, indices)
+        assert (table.gold != table.foil).all() and set(table.foil) <= set(table.gold)
+        gold = score_table(lm, world, ("reverse",)).set_index("fact").loc[indices, "logp"]
+        assert table["gold logp"].to_numpy() == pytest.approx(gold.to_numpy(), abs=1e-5)
+        # the foil is the next fact's answer that differs (two statements of one person share their answer)
+        answers = [world.facts[i].a for i in indices]
+        expected = [next(answers[(k + s) % len(answers)] for s in range(1, len(answers))
+                         if answers[(k + s) % len(answers)] != answers[k]) for k in range(len(answers))]
+        assert table.foil.tolist() == expected
+        assert not np.allclose(table["gold logp"], table["foil logp"])
 
 
 def test_ragged_route_reading_matches_batched(tiny_pair):
@@ -219,6 +236,19 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/llada/model.safetensors")}
     train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_head_table_lines_up_routes_and_patching_per_head(tiny_pair):
+    from revlens.lm.analysis import HEAD_COLUMNS, mdm_head_table
+
+    models, world = tiny_pair
+    heads = mdm_head_table(models["llada"], world)
+    lm = models["llada"]
+    assert list(heads.columns) == list(HEAD_COLUMNS) and len(heads) == lm.cfg.n_layers * lm.cfg.n_heads
+    route = fact_route_correlation(lm, world, world.subset(split="forward_only"))
+    assert heads.loc[(0, 1), HEAD_COLUMNS[0]] == pytest.approx(float(route.score_corr[0, 1]), nan_ok=True)
+    control = reverse_patching(lm, patching_pairs(lm, world, world.subset(split="control")))
+    assert heads.loc[(1, 0), HEAD_COLUMNS[2]] == pytest.approx(float(control.head_out[1, 0]), nan_ok=True)
 
 
 def test_switch_table_intervals_over_seeds_or_facts():
