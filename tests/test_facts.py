@@ -10,7 +10,7 @@ import torch
 
 from revlens.facts import Fact, FactSet, Relation, answer_scores, encode_query, is_correct
 from revlens.lm import HookedLM
-from revlens.lm.analysis import fact_route_correlation, gold_vs_foil_logp, patching_pairs, reverse_patching, score_table
+from revlens.lm.analysis import fact_route_correlation, foil_logp, patching_pairs, reverse_patching, score_table
 from revlens.lm.corpus import build_tokenizer, make_world, training_sentences
 from revlens.lm.small_pair import PairConfig, train_small_pair
 from revlens.routes import RoutePrompts, read_routes, read_routes_ragged
@@ -110,19 +110,23 @@ def test_small_pair_loads_scores_routes_and_patches(tiny_pair):
 
 
 def test_foil_baseline_scores_another_facts_answer_in_the_same_prompt(tiny_pair):
+    from revlens.facts import answer_logprobs
+
     models, world = tiny_pair
     indices = world.subset(split="forward_only")
+    answers = [world.facts[i].a for i in indices]
+    # the foil is the next fact's answer that differs (two statements of one person share their answer)
+    expected = [next(answers[(k + s) % len(answers)] for s in range(1, len(answers))
+                     if answers[(k + s) % len(answers)] != answers[k]) for k in range(len(answers))]
     for lm in models.values():
-        table = gold_vs_foil_logp(lm, world, indices)
-        assert (table.gold != table.foil).all() and set(table.foil) <= set(table.gold)
-        gold = score_table(lm, world, ("reverse",)).set_index("fact").loc[indices, "logp"]
-        assert table["gold logp"].to_numpy() == pytest.approx(gold.to_numpy(), abs=1e-5)
-        # the foil is the next fact's answer that differs (two statements of one person share their answer)
-        answers = [world.facts[i].a for i in indices]
-        expected = [next(answers[(k + s) % len(answers)] for s in range(1, len(answers))
-                         if answers[(k + s) % len(answers)] != answers[k]) for k in range(len(answers))]
-        assert table.foil.tolist() == expected
-        assert not np.allclose(table["gold logp"], table["foil logp"])
+        table = foil_logp(lm, world, indices)
+        assert table.fact.tolist() == indices and table.foil.tolist() == expected
+        # scored in the queried fact's own reverse prompt, one query at a time
+        query = world.query(indices[2], "reverse")
+        alone = answer_logprobs(lm, [dataclasses.replace(query, answer=expected[2])])
+        assert table["foil logp"].iloc[2] == pytest.approx(float(alone[0]), abs=1e-4)
+        gold = score_table(lm, world, ("reverse",)).set_index("fact").loc[indices, "logp"].to_numpy()
+        assert not np.allclose(table["foil logp"], gold)
 
 
 def test_ragged_route_reading_matches_batched(tiny_pair):

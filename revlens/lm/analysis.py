@@ -102,24 +102,23 @@ def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
     return table
 
 
-def gold_vs_foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse") -> pd.DataFrame:
-    """Gold-answer log-probability next to a baseline: the log-probability the same model gives *another*
-    fact's answer (the next fact in ``indices`` with a different answer, e.g. another person) in the same prompt.
+def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse") -> pd.DataFrame:
+    """A baseline for the gold log-probability: the log-probability the same model gives *another* fact's
+    answer (the next fact in ``indices`` with a different answer, e.g. another person) in the same prompt.
 
-    A model that stores nothing about the queried fact gives gold and foil the same distribution, so
-    ``gold > foil`` holds for about half the facts; one column per quantity, one row per fact.
+    A model that stores nothing about the queried fact gives gold and foil the same distribution, so gold
+    beats foil for about half the facts. One row per fact: ``fact``, ``foil`` (text), ``foil logp``.
     """
     queries = [facts.query(i, direction) for i in indices]
     foils = []
     for k, q in enumerate(queries):
-        others = [queries[(k + step) % len(queries)].answer for step in range(1, len(queries))]
+        others = (queries[(k + step) % len(queries)].answer for step in range(1, len(queries)))
         foil = next((a for a in others if a != q.answer), None)
         if foil is None:
-            raise ValueError("gold_vs_foil_logp needs at least two facts with different answers")
+            raise ValueError("foil_logp needs at least two facts with different answers")
         foils.append(replace(q, answer=foil))
-    gold, foil = answer_logprobs(lm, queries), answer_logprobs(lm, foils)
-    return pd.DataFrame({"fact": indices, "gold": [q.answer for q in queries], "foil": [q.answer for q in foils],
-                         "gold logp": gold.numpy(), "foil logp": foil.numpy()})
+    return pd.DataFrame({"fact": indices, "foil": [q.answer for q in foils],
+                         "foil logp": answer_logprobs(lm, foils).numpy()})
 
 
 @dataclass(frozen=True)
