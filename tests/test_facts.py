@@ -159,6 +159,29 @@ def test_shipped_small_pair_reproduces_its_recorded_accuracy():
     assert recorded["llama reverse forward_only"] == 0.0 and recorded["llama forward forward_only"] == 1.0
 
 
+def test_shipped_switch_tables_come_from_the_shipped_mdm():
+    """Seed 0 of the token-masking switch is the shipped MDM: its rows in switches.jsonl and heads.jsonl are
+    what the shipped checkpoint gives now (to float rounding), and every switch has at least three seeds."""
+    import pandas as pd
+
+    from revlens.lm.analysis import HEAD_COLUMNS, mdm_head_table
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, SWITCHES
+
+    switches = pd.read_json(SMALL_PAIR_DIR / "switches.jsonl", lines=True)
+    heads = pd.read_json(SMALL_PAIR_DIR / "heads.jsonl", lines=True)
+    for table in (switches, heads):
+        assert (table.groupby("switch").seed.nunique().reindex(list(SWITCHES)) >= 3).all()
+    shipped = next(iter(SWITCHES))
+    lm, world = HookedLM.from_pretrained(SMALL_PAIR_DIR / "llada"), FactSet.load(SMALL_PAIR_DIR / "world.json")
+    live = mdm_head_table(lm, world)
+    stored = heads[(heads.switch == shipped) & (heads.seed == 0)].set_index(["layer", "head"])[list(HEAD_COLUMNS)]
+    np.testing.assert_allclose(stored.to_numpy(), live.to_numpy(), atol=2e-3)
+    rows = switches[(switches.switch == shipped) & (switches.seed == 0) & (switches.direction == "reverse")]
+    scored = score_table(lm, world, ("reverse",)).set_index("fact").loc[rows.fact]
+    assert rows.correct.tolist() == scored.correct.tolist()
+    np.testing.assert_allclose(rows.logp, scored.logp, atol=2e-3)
+
+
 def test_dream_scoring_reads_each_answer_token_one_position_early():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
