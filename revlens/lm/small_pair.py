@@ -27,7 +27,8 @@ from revlens.config import check_choice
 from revlens.facts import FactSet
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import MDM_MASK_EPS, check_mask_eps, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
+from revlens.objectives import (MDM_MASK_EPS, check_mask_eps, make_loss_batch, masked_batch, sample_span_mask,
+                                weighted_token_loss)
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
 
@@ -128,7 +129,8 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
     bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
     rows = torch.randint(len(bucket.tokens), (pc.batch_size,), generator=gen)
     if objective == "mdm" and pc.t_sampling == "stratified":
-        units = bucket.units[rows] if pc.masking == "entity" else torch.arange(bucket.tokens.shape[1]).expand(len(rows), -1)
+        seq_len = bucket.tokens.shape[1]
+        units = bucket.units[rows] if pc.masking == "entity" else torch.arange(seq_len).expand(len(rows), -1)
         mask, rate = stratified_span_mask(units, gen, pc.mask_eps)
         batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
     elif objective == "mdm" and pc.masking == "entity":
