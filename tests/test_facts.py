@@ -4,12 +4,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from revlens.facts import Fact, FactSet, Relation, answer_scores, encode_query, is_correct
 from revlens.lm import HookedLM
-from revlens.lm.analysis import fact_route_correlation, patching_pairs, reverse_patching, score_table
+from revlens.lm.analysis import fact_route_correlation, foil_logp, patching_pairs, reverse_patching, score_table
 from revlens.lm.corpus import build_tokenizer, make_world, training_sentences
 from revlens.lm.small_pair import PairConfig, train_small_pair
 from revlens.routes import RoutePrompts, read_routes, read_routes_ragged
@@ -108,6 +109,26 @@ def test_small_pair_loads_scores_routes_and_patches(tiny_pair):
         assert torch.isfinite(result.head_out).all() and result.clean != result.corrupted
 
 
+def test_foil_baseline_scores_another_facts_answer_in_the_same_prompt(tiny_pair):
+    from revlens.facts import answer_logprobs
+
+    models, world = tiny_pair
+    indices = world.subset(split="forward_only")
+    answers = [world.facts[i].a for i in indices]
+    # the foil is the next fact's answer that differs (two statements of one person share their answer)
+    expected = [next(answers[(k + s) % len(answers)] for s in range(1, len(answers))
+                     if answers[(k + s) % len(answers)] != answers[k]) for k in range(len(answers))]
+    for lm in models.values():
+        table = foil_logp(lm, world, indices)
+        assert table.fact.tolist() == indices and table.foil.tolist() == expected
+        # scored in the queried fact's own reverse prompt, one query at a time
+        query = world.query(indices[2], "reverse")
+        alone = answer_logprobs(lm, [dataclasses.replace(query, answer=expected[2])])
+        assert table["foil logp"].iloc[2] == pytest.approx(float(alone[0]), abs=1e-4)
+        gold = score_table(lm, world, ("reverse",)).set_index("fact").loc[indices, "logp"].to_numpy()
+        assert not np.allclose(table["foil logp"], gold)
+
+
 def test_ragged_route_reading_matches_batched(tiny_pair):
     models, world = tiny_pair
     lm = models["llada"]
@@ -136,6 +157,29 @@ def test_shipped_small_pair_reproduces_its_recorded_accuracy():
     recorded = json.loads((SMALL_PAIR_DIR / "training.json").read_text())["accuracy"]
     assert pair_accuracy(SMALL_PAIR_DIR) == pytest.approx(recorded, abs=0.01)
     assert recorded["llama reverse forward_only"] == 0.0 and recorded["llama forward forward_only"] == 1.0
+
+
+def test_shipped_switch_tables_come_from_the_shipped_mdm():
+    """Seed 0 of the token-masking switch is the shipped MDM: its rows in switches.jsonl and heads.jsonl are
+    what the shipped checkpoint gives now (to float rounding), and every switch has at least three seeds."""
+    import pandas as pd
+
+    from revlens.lm.analysis import HEAD_COLUMNS, mdm_head_table
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, SWITCHES
+
+    switches = pd.read_json(SMALL_PAIR_DIR / "switches.jsonl", lines=True)
+    heads = pd.read_json(SMALL_PAIR_DIR / "heads.jsonl", lines=True)
+    for table in (switches, heads):
+        assert (table.groupby("switch").seed.nunique().reindex(list(SWITCHES)) >= 3).all()
+    shipped = next(iter(SWITCHES))
+    lm, world = HookedLM.from_pretrained(SMALL_PAIR_DIR / "llada"), FactSet.load(SMALL_PAIR_DIR / "world.json")
+    live = mdm_head_table(lm, world)
+    stored = heads[(heads.switch == shipped) & (heads.seed == 0)].set_index(["layer", "head"])[list(HEAD_COLUMNS)]
+    np.testing.assert_allclose(stored.to_numpy(), live.to_numpy(), atol=2e-3)
+    rows = switches[(switches.switch == shipped) & (switches.seed == 0) & (switches.direction == "reverse")]
+    scored = score_table(lm, world, ("reverse",)).set_index("fact").loc[rows.fact]
+    assert rows.correct.tolist() == scored.correct.tolist()
+    np.testing.assert_allclose(rows.logp, scored.logp, atol=2e-3)
 
 
 def test_dream_scoring_reads_each_answer_token_one_position_early():
@@ -219,6 +263,19 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/llada/model.safetensors")}
     train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_head_table_lines_up_routes_and_patching_per_head(tiny_pair):
+    from revlens.lm.analysis import HEAD_COLUMNS, mdm_head_table
+
+    models, world = tiny_pair
+    heads = mdm_head_table(models["llada"], world)
+    lm = models["llada"]
+    assert list(heads.columns) == list(HEAD_COLUMNS) and len(heads) == lm.cfg.n_layers * lm.cfg.n_heads
+    route = fact_route_correlation(lm, world, world.subset(split="forward_only"))
+    assert heads.loc[(0, 1), HEAD_COLUMNS[0]] == pytest.approx(float(route.score_corr[0, 1]), nan_ok=True)
+    control = reverse_patching(lm, patching_pairs(lm, world, world.subset(split="control")))
+    assert heads.loc[(1, 0), HEAD_COLUMNS[2]] == pytest.approx(float(control.head_out[1, 0]), nan_ok=True)
 
 
 def test_switch_table_intervals_over_seeds_or_facts():

@@ -157,3 +157,20 @@ def test_training_continues_to_a_fixed_step(tmp_path):
     assert step == 5 and [h["step"] for h in history] == [4, 5]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert (tmp_path / "b" / "model.safetensors").exists()
+
+
+def test_stratified_masking_spreads_t_over_the_batch_and_keeps_spans_whole():
+    from revlens.lm.small_pair import stratified_span_mask
+
+    units = torch.tensor([0, 1, 1, 3, 4, 4, 6]).expand(64, 7).contiguous()
+    mask, p = stratified_span_mask(units, torch.Generator().manual_seed(0), eps=0.0)
+    gaps = p.sort().values.diff()
+    assert torch.allclose(gaps, torch.full_like(gaps, 1 / 64), atol=1e-6)  # one t per 1/64 stratum of (0, 1]
+    assert p.min() > 0 and p.max() <= 1.0
+    assert torch.equal(mask[:, 1], mask[:, 2]) and torch.equal(mask[:, 4], mask[:, 5])
+    # every t is marginally U(0, 1]: the masking rate over many batches is 1/2, as with sample_span_mask
+    gen = torch.Generator().manual_seed(1)
+    rates = torch.stack([stratified_span_mask(units, gen)[0].float().mean() for _ in range(400)])
+    assert rates.mean().item() == pytest.approx(0.5, abs=0.01)
+    # with eps the floor holds: p = (1 - eps) t + eps
+    assert stratified_span_mask(units, torch.Generator().manual_seed(2), eps=0.1)[1].min() >= 0.1

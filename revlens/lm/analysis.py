@@ -11,14 +11,14 @@ the subject: A in the forward completion prompt, B in the reverse one.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from revlens.facts import FactSet, answer_scores, encode_query
+from revlens.facts import FactSet, answer_logprobs, answer_scores, encode_query
 from revlens.patching import patch_head_out, patch_names, patch_resid_pre
 from revlens.routes import RouteCorrelation, correlate_routes, read_routes_ragged
 
@@ -102,6 +102,25 @@ def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
     return table
 
 
+def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse") -> pd.DataFrame:
+    """A baseline for the gold log-probability: the log-probability the same model gives *another* fact's
+    answer (the next fact in ``indices`` with a different answer, e.g. another person) in the same prompt.
+
+    A model that stores nothing about the queried fact gives gold and foil the same distribution, so gold
+    beats foil for about half the facts. One row per fact: ``fact``, ``foil`` (text), ``foil logp``.
+    """
+    queries = [facts.query(i, direction) for i in indices]
+    foils = []
+    for k, q in enumerate(queries):
+        others = (queries[(k + step) % len(queries)].answer for step in range(1, len(queries)))
+        foil = next((a for a in others if a != q.answer), None)
+        if foil is None:
+            raise ValueError("foil_logp needs at least two facts with different answers")
+        foils.append(replace(q, answer=foil))
+    return pd.DataFrame({"fact": indices, "foil": [q.answer for q in foils],
+                         "foil logp": answer_logprobs(lm, foils).numpy()})
+
+
 @dataclass(frozen=True)
 class PatchingResult:
     """Patching maps normalised so 0 = the corrupted run's metric and 1 = the clean run's."""
@@ -127,3 +146,24 @@ def reverse_patching(lm, pairs: PatchingPairs, **kwargs) -> PatchingResult:
     heads = normalise(patch_head_out(lm, pairs.corrupted, cache, metric, **kwargs))
     labels = [lm.decode([t]).strip() for t in pairs.clean[0].tolist()]
     return PatchingResult(clean, corrupted, resid, heads, labels)
+
+
+HEAD_COLUMNS = ("route corr fwd/rev (trained)", "route weight, reverse prompt", "patching recovery, control",
+                "patching recovery, forward-only")
+
+
+def head_table(route: RouteCorrelation, control: PatchingResult, forward_only: PatchingResult) -> pd.DataFrame:
+    """One row per (layer, head) of a masked model: its mask -> B route's forward/reverse score correlation and
+    mean weight in the reverse prompt (from :func:`fact_route_correlation`), and the head-output patching
+    recovery on control and forward-only reverse prompts (from :func:`reverse_patching`)."""
+    n_layers, n_heads = route.score_corr.shape
+    columns = (route.score_corr, route.reverse.weights.mean(0), control.head_out, forward_only.head_out)
+    return pd.DataFrame({name: values.flatten().numpy() for name, values in zip(HEAD_COLUMNS, columns)},
+                        index=pd.MultiIndex.from_product([range(n_layers), range(n_heads)], names=["layer", "head"]))
+
+
+def mdm_head_table(lm, facts: FactSet) -> pd.DataFrame:
+    """:func:`head_table` of a masked model on the forward-only and control facts of ``facts``."""
+    forward_only, control = facts.subset(split="forward_only"), facts.subset(split="control")
+    patched = [reverse_patching(lm, patching_pairs(lm, facts, indices)) for indices in (control, forward_only)]
+    return head_table(fact_route_correlation(lm, facts, forward_only), *patched)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -27,12 +27,14 @@ from revlens.config import check_choice
 from revlens.facts import FactSet
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
+from revlens.objectives import (MDM_MASK_EPS, check_mask_eps, make_loss_batch, masked_batch, sample_span_mask,
+                                weighted_token_loss)
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
 
 
 MASKINGS = ("token", "entity")
+T_SAMPLINGS = ("uniform", "stratified")
 OBJECTIVE = {"llada": "mdm", "llama": "arm"}
 
 
@@ -53,9 +55,12 @@ class PairConfig:
     mask_eps: float = MDM_MASK_EPS  # LLaDA's floor on the masking probability
     masking: str = "token"  # "token": independent per token; "entity": each name/title masked whole
     wording: str = "reworded"  # reverse templates, see revlens.lm.corpus.make_world
+    t_sampling: str = "uniform"  # "stratified": one t per batch row, evenly spread over (0, 1] (MDLM)
+    grad_clip: float | None = None  # clip the gradient's global norm (None: no clipping)
 
     def __post_init__(self) -> None:
         check_choice("masking", self.masking, MASKINGS)
+        check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
         check_choice("wording", self.wording, tuple(WORDINGS))
 
     def steps_for(self, objective: str) -> int:
@@ -123,7 +128,12 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
     """One AdamW step on a batch from one length bucket (drawn in proportion to ``sizes``); returns the loss."""
     bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
     rows = torch.randint(len(bucket.tokens), (pc.batch_size,), generator=gen)
-    if objective == "mdm" and pc.masking == "entity":
+    if objective == "mdm" and pc.t_sampling == "stratified":
+        seq_len = bucket.tokens.shape[1]
+        units = bucket.units[rows] if pc.masking == "entity" else torch.arange(seq_len).expand(len(rows), -1)
+        mask, rate = stratified_span_mask(units, gen, pc.mask_eps)
+        batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
+    elif objective == "mdm" and pc.masking == "entity":
         mask, rate = sample_span_mask(bucket.units[rows], gen, pc.mask_eps)
         batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
     else:
@@ -131,8 +141,25 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
     loss = weighted_token_loss(model(batch.inputs).logits, batch.targets, batch.weights)
     opt.zero_grad()
     loss.backward()
+    if pc.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
     opt.step()
     return loss.item()
+
+
+def stratified_span_mask(
+    units: Int[Tensor, "batch seq"], generator: torch.Generator, eps: float = MDM_MASK_EPS
+) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+    """:func:`revlens.objectives.sample_span_mask` with low-discrepancy t: row k gets t_k = 1 - ((u + k / n) mod 1)
+    for one u ~ U[0, 1), so each batch covers (0, 1] evenly (Sahoo et al. 2024, MDLM). Every t_k is still
+    marginally U(0, 1], so the loss is the same in expectation; only its variance across batches drops.
+    """
+    check_mask_eps(eps)
+    n = units.shape[0]
+    t = 1.0 - (torch.rand(1, generator=generator) + torch.arange(n) / n) % 1.0  # (0, 1]
+    p = (1.0 - eps) * t + eps if eps else t
+    unit_masked = torch.rand(units.shape, generator=generator) < p[:, None]
+    return unit_masked.gather(1, units), p
 
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = PairConfig(),
@@ -220,6 +247,11 @@ def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")
     return pd.concat(tables, ignore_index=True)[columns].assign(logp=lambda t: t.logp.round(4))
 
 
+def switch_folder(root: str | Path, switch: str, seed: int) -> Path:
+    """Where :func:`train_switches` keeps the MDM of one switch and seed."""
+    return Path(root) / switch.replace(", ", "_").replace(" ", "-") / f"seed{seed}"
+
+
 def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = PairConfig(),
                    switches: dict[str, dict[str, str]] = SWITCHES) -> pd.DataFrame:
     """Train the MDM of every switch x seed under ``root/<switch>/seed<k>`` (reusing finished runs) and return
@@ -227,28 +259,45 @@ def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = 
     rows = []
     for name, change in switches.items():
         for seed in seeds:
-            folder = Path(root) / name.replace(", ", "_").replace(" ", "-") / f"seed{seed}"
+            folder = switch_folder(root, name, seed)
             if not (folder / "llada" / "model.safetensors").exists():
                 train_small_pair(folder, replace(base, seed=seed, **change), ("llada",))
             rows.append(pair_scores(folder, ("llada",)).assign(switch=name, seed=seed))
     return pd.concat(rows, ignore_index=True)
 
 
+def switch_heads(root: str | Path, seeds: tuple[int, ...], switches: tuple[str, ...] = tuple(SWITCHES)) -> pd.DataFrame:
+    """:func:`revlens.lm.analysis.mdm_head_table` of every trained switch x seed MDM under ``root``, one row
+    per switch, seed, layer and head: are the heads that carry the patched answer the route-sharing ones?"""
+    from revlens.lm import HookedLM
+    from revlens.lm.analysis import mdm_head_table
+
+    tables = []
+    for name in switches:
+        for seed in seeds:
+            folder = switch_folder(root, name, seed)
+            heads = mdm_head_table(HookedLM.from_pretrained(folder / "llada"), FactSet.load(folder / "world.json"))
+            tables.append(heads.round(4).reset_index().assign(switch=name, seed=seed))
+    return pd.concat(tables, ignore_index=True)
+
+
 def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
                seeds: tuple[int, ...] = (0,), pc: PairConfig = PairConfig()) -> Path:
-    """Everything notebook 05 ships: the pair in ``out_dir`` and ``out_dir/switches.jsonl`` (switch MDMs under ``runs``).
+    """Everything notebook 05 ships: the pair in ``out_dir``, ``out_dir/switches.jsonl`` (switch MDMs under
+    ``runs``) and ``out_dir/heads.jsonl`` (their per-head route and patching table).
 
     The shipped MDM is the first switch's seed-``pc.seed`` run, so it is copied rather than trained twice.
     """
     import shutil
 
     out = train_small_pair(out_dir, pc)
-    base = Path(runs) / next(iter(SWITCHES)).replace(", ", "_").replace(" ", "-") / f"seed{pc.seed}"
+    base = switch_folder(runs, next(iter(SWITCHES)), pc.seed)
     (base / "llada").mkdir(parents=True, exist_ok=True)
     shutil.copytree(out / "llada", base / "llada", dirs_exist_ok=True)
     shutil.copy(out / "world.json", base / "world.json")
     table = train_switches(runs, seeds, pc)
     table.to_json(out / "switches.jsonl", orient="records", lines=True)
+    switch_heads(runs, seeds).to_json(out / "heads.jsonl", orient="records", lines=True)
     return out
 
 
