@@ -292,3 +292,4 @@ def test_switch_table_intervals_over_seeds_or_facts():
     assert table.loc["one seed", "reverse acc"].startswith("0.75 ± ")
     assert table.loc["two seeds", "reverse acc"] == "0.75 ± 0.00"  # identical seeds: no spread
     assert table.loc["two seeds", "reverse acc, control facts"] == "n/a"
+    assert table.loc["two seeds", "reverse gold logp, forward-only"] == "-0.75 ± 0.00"  # logp, not accuracy

@@ -312,8 +312,8 @@ def switch_table(scores: pd.DataFrame) -> pd.DataFrame:
     for switch, rows in scores.groupby("switch", sort=False):
         seeds = sorted(rows.seed.unique())
         row: dict[str, object] = {"seeds": len(seeds), "interval over": "seeds" if len(seeds) > 1 else "facts"}
-        for key, name in list(cells.items()) + [(("reverse", "forward_only"), "reverse gold logp")]:
-            metric = "logp" if name.endswith("logp") else "correct"
+        for key, name in list(cells.items()) + [(("reverse", "forward_only"), "reverse gold logp, forward-only")]:
+            metric = "logp" if "gold logp" in name else "correct"
             sel = rows[(rows.direction == key[0]) & (rows.split == key[1])]
             values = sel.groupby("seed")[metric].mean() if len(seeds) > 1 else sel[metric].astype(float)
             mean, half = mean_ci(values)
