@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config", type=Path, help="sweep file, e.g. data/ablations_sweep.json")
     sw.add_argument("--out", type=Path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
     sw.add_argument("--jobs", type=_positive_int, default=2,
-                    help="settings trained at once in worker processes, threads split between them (default 2)")
+                    help="settings (routing sweeps: stacks) trained at once in worker processes, threads split between them (default 2)")
     sw.add_argument("--redo", action="store_true",
                     help="drop and retrain rows of --out that this sweep file and library did not produce "
                          "(a resume refuses them otherwise)")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
     sp.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
     sp.add_argument("--switch-seeds", type=_positive_int, default=None,
-                    help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl")
+                    help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl and heads.jsonl")
     sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
 
     fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
@@ -151,7 +151,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from revlens.routing import RoutingSweepSpec, run_routing_sweep
 
         routing = RoutingSweepSpec.from_dict(data)
-        out = run_routing_sweep(routing, args.out or Path("reports") / f"sweep_{routing.name}.jsonl")
+        out = run_routing_sweep(routing, args.out or Path("reports") / f"sweep_{routing.name}.jsonl", jobs=args.jobs)
         print(f"table written to {out}")
         return 0
     spec = SweepSpec.load(args.config)

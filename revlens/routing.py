@@ -615,8 +615,29 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, fl
     return rows
 
 
-def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = True) -> Path:
-    """Train every (cell, delta, base, seed) not yet in ``out`` (JSON lines), a stack per cell chunk, appending rows."""
+def _chunk_cost(spec: RoutingSweepSpec, chunk: Sequence[tuple[RoutingCell, int, float, int]]) -> int:
+    """Rough training cost of a chunk (steps x sentence length x models), to start the longest first."""
+    cell, delta = chunk[0][0], chunk[0][1]
+    length = 2 * delta + 2 if cell.layout == "fillers" else 2 + N_DISTRACTORS
+    return spec.train_for(cell).steps * length * len(chunk)
+
+
+def _train_chunk(spec: RoutingSweepSpec, chunk: Sequence[tuple[RoutingCell, int, float, int]], threads: int) -> list[dict[str, Any]]:
+    """Worker: :func:`train_rows` with ``threads`` intra-op threads."""
+    torch.set_num_threads(threads)
+    return train_rows(spec, chunk)
+
+
+def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
+    """Train every (cell, delta, base, seed) not yet in ``out`` (JSON lines), a stack per cell chunk, appending rows.
+
+    ``jobs > 1`` trains that many chunks at once in worker processes (longest first, threads split between
+    them), as ``revlens.sweep.run_sweep`` does; rows are still appended in the sweep file's order, each chunk
+    once every chunk before it is written, so an interrupted sweep resumes where it stopped and the table
+    equals a one-process run's.
+    """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
@@ -640,11 +661,29 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
         else:
             chunks.append([job])
     bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="model", disable=not progress)
-    for chunk in chunks:
-        rows = train_rows(spec, chunk)
+
+    def append(rows: list[dict[str, Any]]) -> None:
         with out.open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        bar.update(len(chunk))
+        bar.update(len(rows))
+
+    if jobs == 1 or len(chunks) < 2:
+        for chunk in chunks:
+            append(train_rows(spec, chunk))
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        from revlens.sweep import _exit_with_parent
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        order = sorted(range(len(chunks)), key=lambda i: -_chunk_cost(spec, chunks[i]))
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+            submitted = {i: pool.submit(_train_chunk, spec, chunks[i], threads) for i in order}
+            for i in range(len(chunks)):  # in sweep order; the others keep training meanwhile
+                append(submitted[i].result())
     bar.close()
     return out
 

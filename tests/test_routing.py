@@ -435,3 +435,17 @@ def test_shifted_positions_train_every_query_position():
     assert not torch.equal(w_q, dict(plain.named_parameters())["blocks.0.attn.W_Q"])
     shifted = next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk-shift")
     assert shifted.shift_positions and not next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk").shift_positions
+
+
+def test_sweep_in_worker_processes_writes_the_one_process_table(tmp_path):
+    """jobs=2 trains chunks in two processes but appends them in sweep order: the same lines as jobs=1."""
+    data = _spec(seeds=[0, 1], train={"steps": 3, "batch_size": 8})
+    data["cells"] = [dict(data["cells"][0], deltas=[1, 2], bases=[1e4]), dict(data["cells"][3], deltas=[2, 3])]
+    data["stack_size"] = 2
+    spec = RoutingSweepSpec.from_dict(data)
+    serial, parallel = tmp_path / "serial.jsonl", tmp_path / "parallel.jsonl"
+    run_routing_sweep(spec, serial, progress=False)
+    run_routing_sweep(spec, parallel, progress=False, jobs=2)
+    assert parallel.read_text() == serial.read_text() and len(serial.read_text().splitlines()) == 8
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        run_routing_sweep(spec, tmp_path / "x.jsonl", jobs=0)
