@@ -372,7 +372,7 @@ def test_matched_filter_at_held_out_offsets_and_the_nearest_key_baseline():
 
 
 def test_stack_matches_alone_for_the_left_to_right_and_untied_arms():
-    """The ARM on the filler layout and the untied-W_Q/W_K encoder: stacked = alone, bit for bit."""
+    """The ARM on the filler layout (bit for bit) and the untied-W_Q/W_K encoder (to float32 rounding): stacked = alone."""
     fillers = [RoutingWorld.generate(n_facts=16, delta=3, seed=s, sentences_per_fact=4, layout="fillers") for s in (0, 1)]
     gaps = [RoutingWorld.generate(n_facts=16, delta=d, seed=s, sentences_per_fact=4) for d, s in ((2, 0), (8, 1))]
     arms = [
@@ -386,7 +386,17 @@ def test_stack_matches_alone_for_the_left_to_right_and_untied_arms():
         for member, model in zip(members, train_stack(members, cfg, progress=False)):
             (alone,) = train_stack([member], cfg, progress=False)
             for (name, p), q in zip(model.named_parameters(), alone.parameters()):
-                assert torch.equal(p, q), (objective, name)
+                if objective == "arm":
+                    assert torch.equal(p, q), (objective, name)
+                else:
+                    assert _equal_to_rounding(p, q), (objective, name)
+
+
+def _equal_to_rounding(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: with several threads the vmapped per-position (untied) einsum blocks its
+    sums differently from the single model's, so after 20 steps the weights differ by ~1e-7 of their scale
+    (bit for bit at one thread). The tolerance, 1e-5 of the tensor's largest entry, is far below any effect."""
+    return bool(((p - q).abs().max() <= 1e-5 * q.abs().max()).item())
 
 
 def test_tie_rule_trained_offset_baseline_and_bootstrap():
@@ -421,7 +431,7 @@ def test_tie_rule_trained_offset_baseline_and_bootstrap():
 
 
 def test_shifted_positions_train_every_query_position():
-    """``shift_positions``: stacked = alone bit for bit, training differs from unshifted, the sweep cell parses."""
+    """``shift_positions``: stacked = alone (to float32 rounding), training differs from unshifted, the sweep cell parses."""
     worlds = [RoutingWorld.generate(n_facts=16, delta=d, seed=0, sentences_per_fact=4) for d in (2, 16)]
     members = [Member(EncoderConfig(d_vocab=w.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, untied_positions=("q", "k")), w, 0)
                for w in worlds]
@@ -429,7 +439,7 @@ def test_shifted_positions_train_every_query_position():
     stacked = train_stack(members, cfg, progress=False, shift_positions=True)
     for member, model in zip(members, stacked):
         (alone,) = train_stack([member], cfg, progress=False, shift_positions=True)
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), alone.parameters()))
+        assert all(_equal_to_rounding(p, q) for p, q in zip(model.parameters(), alone.parameters()))
     (plain,) = train_stack(members[:1], cfg, progress=False)
     w_q = dict(stacked[0].named_parameters())["blocks.0.attn.W_Q"]
     assert not torch.equal(w_q, dict(plain.named_parameters())["blocks.0.attn.W_Q"])
