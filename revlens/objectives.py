@@ -88,10 +88,17 @@ def check_mask_eps(eps: float) -> None:
         raise ValueError(f"mask_eps must be a number in [0, 1), got {eps!r}")
 
 
-def _masking_probability(n: int, generator: torch.Generator, eps: float) -> Float[Tensor, " n"]:
-    """t ~ U(0, 1] per sentence and the floored masking probability p = (1 - eps) t + eps."""
+def _masking_probability(n: int, generator: torch.Generator, eps: float, stratified: bool = False) -> Float[Tensor, " n"]:
+    """t ~ U(0, 1] per sentence and the floored masking probability p = (1 - eps) t + eps.
+
+    ``stratified``: low-discrepancy t (Sahoo et al. 2024, MDLM): row k gets t_k = 1 - ((u + k / n) mod 1) for one
+    u ~ U[0, 1), so a batch covers (0, 1] evenly; each t_k is still marginally U(0, 1], only the variance drops.
+    """
     check_mask_eps(eps)
-    t = 1.0 - torch.rand(n, generator=generator)  # (0, 1]
+    if stratified:
+        t = 1.0 - (torch.rand(1, generator=generator) + torch.arange(n) / n) % 1.0  # (0, 1]
+    else:
+        t = 1.0 - torch.rand(n, generator=generator)  # (0, 1]
     return (1.0 - eps) * t + eps if eps else t
 
 
@@ -108,16 +115,17 @@ def sample_mdm_mask(
 
 
 def sample_span_mask(
-    units: Int[Tensor, "batch seq"], generator: torch.Generator, eps: float = MDM_MASK_EPS
+    units: Int[Tensor, "batch seq"], generator: torch.Generator, eps: float = MDM_MASK_EPS, stratified: bool = False
 ) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
     """Masked diffusion with whole spans: like :func:`sample_mdm_mask`, but tokens sharing a unit id are
     masked together (one Bernoulli(p) per unit), e.g. every token of a two-word name at once.
 
     ``units[b, i]`` is the id (in ``[0, seq)``) of the span token i belongs to; a token alone in its span
     has its own id. Each token is still masked with probability p, so the 1 / (p * seq_len) weights keep
-    their meaning; only the joint distribution changes (whole-entity masking, as in DiffER).
+    their meaning; only the joint distribution changes (whole-entity masking, as in DiffER). ``stratified``:
+    low-discrepancy t across the batch (see :func:`_masking_probability`).
     """
-    p = _masking_probability(units.shape[0], generator, eps)
+    p = _masking_probability(units.shape[0], generator, eps, stratified)
     unit_masked = torch.rand(units.shape, generator=generator) < p[:, None]
     return unit_masked.gather(1, units), p
 

@@ -160,7 +160,11 @@ def test_training_continues_to_a_fixed_step(tmp_path):
 
 
 def test_stratified_masking_spreads_t_over_the_batch_and_keeps_spans_whole():
-    from revlens.lm.small_pair import stratified_span_mask
+    from functools import partial
+
+    from revlens.objectives import sample_span_mask
+
+    stratified_span_mask = partial(sample_span_mask, stratified=True)
 
     units = torch.tensor([0, 1, 1, 3, 4, 4, 6]).expand(64, 7).contiguous()
     mask, p = stratified_span_mask(units, torch.Generator().manual_seed(0), eps=0.0)

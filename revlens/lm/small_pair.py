@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Int
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -27,8 +27,7 @@ from revlens.config import check_choice
 from revlens.facts import FactSet
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import (MDM_MASK_EPS, check_mask_eps, make_loss_batch, masked_batch, sample_span_mask,
-                                weighted_token_loss)
+from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
 
@@ -131,7 +130,7 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
     if objective == "mdm" and pc.t_sampling == "stratified":
         seq_len = bucket.tokens.shape[1]
         units = bucket.units[rows] if pc.masking == "entity" else torch.arange(seq_len).expand(len(rows), -1)
-        mask, rate = stratified_span_mask(units, gen, pc.mask_eps)
+        mask, rate = sample_span_mask(units, gen, pc.mask_eps, stratified=True)
         batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
     elif objective == "mdm" and pc.masking == "entity":
         mask, rate = sample_span_mask(bucket.units[rows], gen, pc.mask_eps)
@@ -145,21 +144,6 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
         torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
     opt.step()
     return loss.item()
-
-
-def stratified_span_mask(
-    units: Int[Tensor, "batch seq"], generator: torch.Generator, eps: float = MDM_MASK_EPS
-) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
-    """:func:`revlens.objectives.sample_span_mask` with low-discrepancy t: row k gets t_k = 1 - ((u + k / n) mod 1)
-    for one u ~ U[0, 1), so each batch covers (0, 1] evenly (Sahoo et al. 2024, MDLM). Every t_k is still
-    marginally U(0, 1], so the loss is the same in expectation; only its variance across batches drops.
-    """
-    check_mask_eps(eps)
-    n = units.shape[0]
-    t = 1.0 - (torch.rand(1, generator=generator) + torch.arange(n) / n) % 1.0  # (0, 1]
-    p = (1.0 - eps) * t + eps if eps else t
-    unit_masked = torch.rand(units.shape, generator=generator) < p[:, None]
-    return unit_masked.gather(1, units), p
 
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = PairConfig(),
