@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--switch-seeds", type=_positive_int, default=None,
                     help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl and heads.jsonl")
     sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
+    sp.add_argument("--jobs", type=_positive_int, default=2,
+                    help="switch runs trained at once in worker processes, threads split between them (default 2)")
 
     fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
     fa.add_argument("model", help="local folder with config.json + safetensors (or a hub name when online)")
@@ -163,11 +165,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_small_pair(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from revlens.lm.small_pair import SMALL_PAIR_DIR, PairConfig, regenerate, train_small_pair
+    from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR, PairConfig, regenerate, train_small_pair
 
-    pc = PairConfig() if args.steps is None else dataclasses.replace(PairConfig(), steps=args.steps)
+    pc, switch_base = SHIPPED_PAIR, PairConfig()
+    if args.steps is not None:
+        pc, switch_base = (dataclasses.replace(c, steps=args.steps, arm_steps=None) for c in (pc, switch_base))
     if args.switch_seeds:
-        out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc)
+        out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc, switch_base, args.jobs)
     else:
         out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
     print(f"small pair written to {out}")

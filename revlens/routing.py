@@ -57,6 +57,7 @@ from tqdm import tqdm
 from revlens.config import EncoderConfig
 from revlens.theory import pearson, spearman
 from revlens.training import TrainConfig
+from revlens.workers import check_jobs, in_order
 from revlens.world import EvalSet
 
 MASK = "[M]"
@@ -636,8 +637,7 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
     once every chunk before it is written, so an interrupted sweep resumes where it stopped and the table
     equals a one-process run's.
     """
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    check_jobs(jobs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
@@ -667,23 +667,10 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
             f.writelines(json.dumps(row) + "\n" for row in rows)
         bar.update(len(rows))
 
-    if jobs == 1 or len(chunks) < 2:
-        for chunk in chunks:
-            append(train_rows(spec, chunk))
-    else:
-        import multiprocessing
-        import os
-        from concurrent.futures import ProcessPoolExecutor
-
-        from revlens.sweep import _exit_with_parent
-
-        threads = max(1, torch.get_num_threads() // jobs)
-        order = sorted(range(len(chunks)), key=lambda i: -_chunk_cost(spec, chunks[i]))
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            submitted = {i: pool.submit(_train_chunk, spec, chunks[i], threads) for i in order}
-            for i in range(len(chunks)):  # in sweep order; the others keep training meanwhile
-                append(submitted[i].result())
+    threads = max(1, torch.get_num_threads() // jobs)
+    tasks = [(spec, chunk, threads) for chunk in chunks]
+    for rows in in_order(_train_chunk, tasks, jobs, cost=lambda task: _chunk_cost(spec, task[1])):
+        append(rows)
     bar.close()
     return out
 

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -48,6 +47,7 @@ from revlens.evaluation import evaluate_under_control
 from revlens.experiments import Setting, code_fingerprint, train_setting
 from revlens.objectives import OBJECTIVES
 from revlens.training import TrainConfig, TrainRun, init_noise, train
+from revlens.workers import check_jobs, in_order
 from revlens.world import EVAL_SETS, ReversalWorld
 
 SNAPSHOT_KEYS = (
@@ -284,22 +284,6 @@ def step_seconds(setting: Setting, spec: SweepSpec, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Worker initialiser: a daemon thread ends this process as soon as ``parent`` is gone.
-
-    A worker killed parent (``kill -9``, a crash) is re-parented; without this it would train to
-    the end of its setting (and the pool's resource tracker would wait for it) with nobody to read
-    the result.
-    """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="revlens-exit-with-parent", daemon=True).start()
-
-
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int = 1, redo: bool = False) -> Path:
     """Run every setting not yet complete in ``out`` (a .jsonl file) and add its rows.
 
@@ -316,8 +300,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int
     """
     import torch
 
-    if jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs}")
+    check_jobs(jobs)
     out = Path(out)
     if out.exists() and not out.is_file():
         raise ValueError(f"{out} exists and is not a file")
@@ -341,22 +324,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int
 
     bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="setting", disable=not progress)
     threads = max(1, torch.get_num_threads() // jobs)
-    if jobs == 1:
-        for setting, group in todo:
-            write(_train_rows(setting, group, spec, threads))
-            bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        cost = {setting.name: step_seconds(setting, spec) for setting, _ in todo}
-        longest_first = sorted(todo, key=lambda sg: -cost[sg[0].name])
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            submitted = {s.name: pool.submit(_train_rows, s, g, spec, threads) for s, g in longest_first}
-            futures = [submitted[setting.name] for setting, _ in todo]
-            for future in futures:  # in sweep order; the others keep training meanwhile
-                write(future.result())
-                bar.update()
+    cost = {setting.name: step_seconds(setting, spec) for setting, _ in todo} if jobs > 1 and len(todo) > 1 else {}
+    tasks = [(setting, group, spec, threads) for setting, group in todo]
+    for rows in in_order(_train_rows, tasks, jobs, cost=lambda task: cost[task[0].name]):
+        write(rows)
+        bar.update()
     bar.close()
     return out

@@ -78,12 +78,11 @@ def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     assert record["config"]["steps"] == 2 and "llama reverse forward_only" in record["accuracy"]
     assert HookedLM.from_pretrained(tmp_path / "pair" / "llama").family.name == "llama"
     switches = [json.loads(line) for line in (tmp_path / "pair" / "switches.jsonl").read_text().splitlines()]
-    assert len({r["switch"] for r in switches}) == 3 and {r["seed"] for r in switches} == {0}
+    # three MDM switches and the two ARMs they need (the ARM reads the wording, not the masking)
+    assert len({r["switch"] for r in switches}) == 3 + 2 and {r["seed"] for r in switches} == {0}
+    assert {r["model"] for r in switches if r["switch"].startswith("ARM")} == {"llama"}
     heads = [json.loads(line) for line in (tmp_path / "pair" / "heads.jsonl").read_text().splitlines()]
     assert len(heads) == 3 * 2 * 4 and {"route corr fwd/rev (trained)", "layer", "head", "seed"} <= set(heads[0])
-    # the shipped MDM is the first switch's seed-0 run: copied, not trained twice
-    shipped = (tmp_path / "pair" / "llada" / "model.safetensors").read_bytes()
-    assert (tmp_path / "runs" / "token-masking_reworded-reverse" / "seed0" / "llada" / "model.safetensors").read_bytes() == shipped
 
 
 def test_text_reversal_command(tmp_path, capsys):

@@ -248,19 +248,27 @@ def test_the_shipped_fact_set_loads():
 def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     import json as json_
 
-    from revlens.lm.small_pair import SWITCHES, train_switches
+    from revlens.lm.small_pair import SWITCHES, arm_switches, train_switches
 
     pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=20)
     table = train_switches(tmp_path, (0,), pc)
-    assert set(table.switch) == set(SWITCHES) and set(table.seed) == {0}
-    assert {"forward", "reverse", "inplace"} == set(table.direction) and set(table.model) == {"llada"}
+    arms = arm_switches()
+    assert set(arms) == {"ARM, reworded reverse", "ARM, same-words reverse"}  # entity masking shares the reworded ARM
+    assert set(table.switch) == set(SWITCHES) | set(arms) and set(table.seed) == {0}
+    assert set(table[table.switch.isin(list(SWITCHES))].model) == {"llada"} and set(table[table.switch.isin(list(arms))].model) == {"llama"}
+    assert {"forward", "reverse", "inplace"} == set(table.direction)
     assert table.correct.isin([True, False]).all() and (table.logp <= 0).all()
-    assert len(table) == len(SWITCHES) * 3 * 40  # 20 people x 2 templates, three directions
+    # 20 people x 2 templates: three directions per MDM, two per ARM (no in-place query)
+    assert len(table) == len(SWITCHES) * 3 * 40 + len(arms) * 2 * 40
+    foil_rows = (table.direction == "reverse") & (table.split == "forward_only")
+    assert table.foil_logp[foil_rows].notna().all() and table.foil_logp[~foil_rows].isna().all()
     configs = {p.parent.parent.name: json_.loads((p.parent / "training.json").read_text())["config"]
                for p in tmp_path.glob("*/seed0/world.json")}
     assert configs["entity-masking_reworded-reverse"]["masking"] == "entity"
     assert configs["token-masking_same-words-reverse"]["wording"] == "same_words"
-    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/llada/model.safetensors")}
+    assert configs["ARM_same-words-reverse"]["wording"] == "same_words"
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/*/model.safetensors")}
+    assert len(stamp) == len(SWITCHES) + len(arms)
     train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
@@ -293,3 +301,6 @@ def test_switch_table_intervals_over_seeds_or_facts():
     assert table.loc["two seeds", "reverse acc"] == "0.75 ± 0.00"  # identical seeds: no spread
     assert table.loc["two seeds", "reverse acc, control facts"] == "n/a"
     assert table.loc["two seeds", "reverse gold logp, forward-only"] == "-0.75 ± 0.00"  # logp, not accuracy
+    assert table.loc["two seeds", "reverse gold - foil (nats), forward-only"] == "n/a"  # no foil scored
+    with_foil = pd.DataFrame(rows).assign(foil_logp=-2.0)
+    assert switch_table(with_foil).loc["two seeds", "reverse gold - foil (nats), forward-only"] == "1.25 ± 0.00"

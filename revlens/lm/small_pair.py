@@ -28,6 +28,7 @@ from revlens.facts import FactSet
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
 from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
+from revlens.workers import check_jobs, in_order
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
 
@@ -64,6 +65,10 @@ class PairConfig:
 
     def steps_for(self, objective: str) -> int:
         return self.arm_steps if objective == "arm" and self.arm_steps is not None else self.steps
+
+
+SHIPPED_PAIR = PairConfig()
+"""The recipe of the shipped pair (``data/small_pair``)."""
 
 
 def _llada_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64) -> LLaDAConfig:
@@ -146,7 +151,7 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
     return loss.item()
 
 
-def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = PairConfig(),
+def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIPPED_PAIR,
                      models: tuple[str, ...] = ("llada", "llama")) -> Path:
     """Train the pair (or only ``models``) and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``)."""
     out = Path(out_dir)
@@ -211,24 +216,47 @@ def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "lla
 
 
 SWITCHES: dict[str, dict[str, str]] = {
-    "token masking, reworded reverse": {},  # the shipped configuration
+    "token masking, reworded reverse": {},  # the switch base, PairConfig()
     "entity masking, reworded reverse": {"masking": "entity"},
     "token masking, same-words reverse": {"wording": "same_words"},
 }
-"""Trainer switches measured against the shipped MDM: whole-entity masking, and reverse templates that keep
+"""Trainer switches measured against the token-masking MDM: whole-entity masking, and reverse templates that keep
 the forward sentence's words (each changes one thing; the facts, split and forward sentences are the same)."""
+
+MDM_ONLY = ("masking", "mask_eps", "t_sampling")
+"""PairConfig fields the ARM's next-token training does not read: switches of these share one ARM."""
+
+WORDING_LABELS = {"reworded": "reworded reverse", "same_words": "same-words reverse"}
+
+
+def arm_switches(switches: dict[str, dict[str, str]] = SWITCHES) -> dict[str, dict[str, str]]:
+    """The ARM runs that go with ``switches``: one per distinct change the ARM reads (here the wording), named
+    "ARM, <wording> reverse", so the switch table compares MDM and ARM trained on the same sentences."""
+    out = {}
+    for change in switches.values():
+        arm_change = {k: v for k, v in change.items() if k not in MDM_ONLY}
+        out[f"ARM, {WORDING_LABELS[arm_change.get('wording', PairConfig.wording)]}"] = arm_change
+    return out
 
 
 def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> pd.DataFrame:
-    """Every fact of ``folder``'s world scored by its models: model, fact, direction, split, correct, logp."""
+    """Every fact of ``folder``'s world scored by its models: model, fact, direction, split, correct, logp, and
+    on reverse queries of forward-only facts ``foil_logp`` (another person's name in the same prompt, see
+    :func:`revlens.lm.analysis.foil_logp`; NaN elsewhere)."""
     from revlens.lm import HookedLM
-    from revlens.lm.analysis import score_table
+    from revlens.lm.analysis import foil_logp, score_table
 
     folder = Path(folder)
     world = FactSet.load(folder / "world.json")
-    tables = [score_table(HookedLM.from_pretrained(folder / name), world).assign(model=name) for name in models]
-    columns = ["model", "fact", "direction", "split", "correct", "logp"]
-    return pd.concat(tables, ignore_index=True)[columns].assign(logp=lambda t: t.logp.round(4))
+    tables = []
+    for name in models:
+        lm = HookedLM.from_pretrained(folder / name)
+        table = score_table(lm, world).assign(model=name)
+        foils = foil_logp(lm, world, world.subset(split="forward_only")).set_index("fact")["foil logp"]
+        table["foil_logp"] = table.fact.map(foils).where(table.direction == "reverse")
+        tables.append(table)
+    columns = ["model", "fact", "direction", "split", "correct", "logp", "foil_logp"]
+    return pd.concat(tables, ignore_index=True)[columns].round({"logp": 4, "foil_logp": 4})
 
 
 def switch_folder(root: str | Path, switch: str, seed: int) -> Path:
@@ -237,17 +265,29 @@ def switch_folder(root: str | Path, switch: str, seed: int) -> Path:
 
 
 def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = PairConfig(),
-                   switches: dict[str, dict[str, str]] = SWITCHES) -> pd.DataFrame:
-    """Train the MDM of every switch x seed under ``root/<switch>/seed<k>`` (reusing finished runs) and return
-    one row per switch, seed, fact and direction (``correct``, ``logp``: gold log-probability)."""
-    rows = []
-    for name, change in switches.items():
-        for seed in seeds:
-            folder = switch_folder(root, name, seed)
-            if not (folder / "llada" / "model.safetensors").exists():
-                train_small_pair(folder, replace(base, seed=seed, **change), ("llada",))
-            rows.append(pair_scores(folder, ("llada",)).assign(switch=name, seed=seed))
-    return pd.concat(rows, ignore_index=True)
+                   switches: dict[str, dict[str, str]] = SWITCHES, arm: bool = True, jobs: int = 1) -> pd.DataFrame:
+    """Train the MDM of every switch x seed under ``root/<switch>/seed<k>`` (and with ``arm`` the ARMs of
+    :func:`arm_switches`), reusing finished runs; return one row per switch, seed, fact and direction (see
+    :func:`pair_scores`). ``jobs > 1`` trains that many runs at once in worker processes (one run's step is
+    compute-bound, so separate processes, not a batched step, are what speeds several runs up; see
+    ``bench/small_pair_batching.py``)."""
+    runs = [(name, change, "llada") for name, change in switches.items()]
+    if arm:
+        runs += [(name, change, "llama") for name, change in arm_switches(switches).items()]
+    threads = max(1, torch.get_num_threads() // check_jobs(jobs))
+    tasks = [(switch_folder(root, name, seed), replace(base, seed=seed, **change), family, threads)
+             for name, change, family in runs for seed in seeds]
+    labels = [(name, seed) for name, _, _ in runs for seed in seeds]
+    tables = in_order(_switch_run, tasks, jobs, cost=lambda task: task[1].steps_for(OBJECTIVE[task[2]]) * task[1].n_layers)
+    return pd.concat([table.assign(switch=name, seed=seed) for (name, seed), table in zip(labels, tables)], ignore_index=True)
+
+
+def _switch_run(folder: Path, pc: PairConfig, family: str, threads: int) -> pd.DataFrame:
+    """Worker: train ``family`` with ``pc`` into ``folder`` unless it is there, and score it."""
+    torch.set_num_threads(threads)
+    if not (folder / family / "model.safetensors").exists():
+        train_small_pair(folder, pc, (family,))
+    return pair_scores(folder, (family,))
 
 
 def switch_heads(root: str | Path, seeds: tuple[int, ...], switches: tuple[str, ...] = tuple(SWITCHES)) -> pd.DataFrame:
@@ -266,40 +306,37 @@ def switch_heads(root: str | Path, seeds: tuple[int, ...], switches: tuple[str, 
 
 
 def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
-               seeds: tuple[int, ...] = (0,), pc: PairConfig = PairConfig()) -> Path:
-    """Everything notebook 05 ships: the pair in ``out_dir``, ``out_dir/switches.jsonl`` (switch MDMs under
-    ``runs``) and ``out_dir/heads.jsonl`` (their per-head route and patching table).
-
-    The shipped MDM is the first switch's seed-``pc.seed`` run, so it is copied rather than trained twice.
-    """
-    import shutil
-
-    out = train_small_pair(out_dir, pc)
-    base = switch_folder(runs, next(iter(SWITCHES)), pc.seed)
-    (base / "llada").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(out / "llada", base / "llada", dirs_exist_ok=True)
-    shutil.copy(out / "world.json", base / "world.json")
-    table = train_switches(runs, seeds, pc)
+               seeds: tuple[int, ...] = (0,), pc: PairConfig | None = None,
+               switch_base: PairConfig = PairConfig(), jobs: int = 1) -> Path:
+    """Everything notebook 05 ships: the pair trained with ``pc`` in ``out_dir``, ``out_dir/switches.jsonl``
+    (the MDMs of every switch and their ARMs, on ``switch_base`` with each seed, under ``runs``) and
+    ``out_dir/heads.jsonl`` (the switch MDMs' per-head route and patching table). ``pc`` defaults to
+    :data:`SHIPPED_PAIR`; ``jobs`` as in :func:`train_switches`."""
+    out = train_small_pair(out_dir, pc or SHIPPED_PAIR)
+    table = train_switches(runs, seeds, switch_base, jobs=jobs)
     table.to_json(out / "switches.jsonl", orient="records", lines=True)
     switch_heads(runs, seeds).to_json(out / "heads.jsonl", orient="records", lines=True)
     return out
 
 
 def switch_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per switch: seeds, accuracy per query on forward-only facts (+ reverse on control facts) and the
-    reverse gold log-probability, as "mean ± 95% half-width": over seeds when there are several, else over facts."""
+    """One row per switch: seeds, accuracy per query on forward-only facts (+ reverse on control facts), the
+    reverse gold log-probability and, where ``foil_logp`` is scored, gold minus foil (nats), each as "mean ± 95%
+    half-width": over seeds when there are several, else over facts."""
     from revlens.experiments import mean_ci
 
-    cells = {("forward", "forward_only"): "forward acc", ("inplace", "forward_only"): "in-place acc",
-             ("reverse", "forward_only"): "reverse acc", ("reverse", "control"): "reverse acc, control facts"}
+    cells = {"forward acc": ("forward", "forward_only", "correct"), "in-place acc": ("inplace", "forward_only", "correct"),
+             "reverse acc": ("reverse", "forward_only", "correct"), "reverse acc, control facts": ("reverse", "control", "correct"),
+             "reverse gold logp, forward-only": ("reverse", "forward_only", "logp"),
+             "reverse gold - foil (nats), forward-only": ("reverse", "forward_only", "gold - foil")}
+    scores = scores.assign(**{"gold - foil": scores.logp - scores.get("foil_logp", float("nan"))})
     out = {}
     for switch, rows in scores.groupby("switch", sort=False):
         seeds = sorted(rows.seed.unique())
         row: dict[str, object] = {"seeds": len(seeds), "interval over": "seeds" if len(seeds) > 1 else "facts"}
-        for key, name in list(cells.items()) + [(("reverse", "forward_only"), "reverse gold logp, forward-only")]:
-            metric = "logp" if "gold logp" in name else "correct"
-            sel = rows[(rows.direction == key[0]) & (rows.split == key[1])]
-            values = sel.groupby("seed")[metric].mean() if len(seeds) > 1 else sel[metric].astype(float)
+        for name, (direction, split, metric) in cells.items():
+            sel = rows[(rows.direction == direction) & (rows.split == split)]
+            values = sel.groupby("seed")[metric].mean() if len(seeds) > 1 else sel[metric].astype(float).dropna()
             mean, half = mean_ci(values)
             row[name] = "n/a" if pd.isna(mean) else f"{mean:.2f} ± {half:.2f}"
         out[switch] = row
