@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--switch-seeds", type=_positive_int, default=None,
                     help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl and heads.jsonl")
     sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
+    sp.add_argument("--curve-every", type=_positive_int, default=None,
+                    help="score the pair every N training steps and keep the accuracy curve in training.json")
     sp.add_argument("--jobs", type=_positive_int, default=2,
                     help="switch runs trained at once in worker processes, threads split between them (default 2)")
 
@@ -171,9 +173,10 @@ def cmd_small_pair(args: argparse.Namespace) -> int:
     if args.steps is not None:
         pc, switch_base = (dataclasses.replace(c, steps=args.steps, arm_steps=None) for c in (pc, switch_base))
     if args.switch_seeds:
-        out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc, switch_base, args.jobs)
+        out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc, switch_base, args.jobs,
+                         args.curve_every or 0)
     else:
-        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc)
+        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc, curve_every=args.curve_every or 0)
     print(f"small pair written to {out}")
     return 0
 

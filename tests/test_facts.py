@@ -245,6 +245,20 @@ def test_the_shipped_fact_set_loads():
     assert facts.facts and all(f.a.strip() and f.b.strip() for f in facts.facts)
 
 
+def test_accuracy_curve_is_recorded_without_changing_the_training(tmp_path):
+    from safetensors.torch import load_file
+
+    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=3, batch_size=8, n_facts=20)
+    plain = train_small_pair(tmp_path / "plain", pc, ("llada",))
+    curved = train_small_pair(tmp_path / "curved", pc, ("llada",), curve_every=2)
+    record = json.loads((curved / "training.json").read_text())
+    assert [point["step"] for point in record["llada_curve"]] == [2, 3]
+    assert record["llada_curve"][-1] | {"step": 3} == {"step": 3, "loss": record["llada_curve"][-1]["loss"], **record["accuracy"]}
+    assert "llada_curve" not in json.loads((plain / "training.json").read_text())
+    a, b = (load_file(root / "llada" / "model.safetensors") for root in (plain, curved))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     import json as json_
 

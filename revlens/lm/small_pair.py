@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -108,10 +109,13 @@ def length_buckets(world: FactSet, tok) -> list[Bucket]:
 
 
 def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], mask_id: int,
-                pc: PairConfig, desc: str) -> list[float]:
+                pc: PairConfig, desc: str, every: int = 0,
+                checkpoint: Callable[[int, list[float]], None] | None = None) -> list[float]:
     """AdamW on batches drawn from one length bucket at a time (bucket chosen in proportion to its size).
 
-    With ``pc.masking == "entity"`` the masked objective masks each entity's tokens together.
+    With ``pc.masking == "entity"`` the masked objective masks each entity's tokens together. ``checkpoint(step,
+    losses)`` is called every ``every`` steps and after the last, with the model in eval mode (it must not
+    change the weights; the training draws do not depend on it).
     """
     steps = pc.steps_for(objective)
     gen = torch.Generator().manual_seed(pc.seed)
@@ -120,9 +124,13 @@ def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], m
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pc.lr, total_steps=steps, pct_start=0.05)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc=desc, mininterval=5):
+    for step in tqdm(range(1, steps + 1), desc=desc, mininterval=5):
         losses.append(optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt))
         sched.step()
+        if checkpoint is not None and (step == steps or (every and step % every == 0)):
+            model.eval()
+            checkpoint(step, losses)
+            model.train()
     model.eval()
     return losses
 
@@ -152,21 +160,36 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
 
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIPPED_PAIR,
-                     models: tuple[str, ...] = ("llada", "llama")) -> Path:
-    """Train the pair (or only ``models``) and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``)."""
+                     models: tuple[str, ...] = ("llada", "llama"), curve_every: int = 0) -> Path:
+    """Train the pair (or only ``models``) and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``).
+
+    ``curve_every``: also score the model every that many steps (and at the end) and keep the accuracies in
+    ``training.json`` as ``<model>_curve``: when did it memorise?
+    """
     out = Path(out_dir)
     tok = build_tokenizer()
     world: FactSet = make_world(pc.n_facts, seed=pc.seed, wording=pc.wording)
+    out.mkdir(parents=True, exist_ok=True)
+    world.save(out / "world.json")
     buckets = length_buckets(world, tok)
     record = {"config": asdict(pc), "n_sentences": int(sum(len(b.tokens) for b in buckets))}
     for name in models:
         objective = OBJECTIVE[name]
         model = new_model(name, pc, tok)
-        losses = train_model(model, objective, buckets, tok.mask_token_id, pc, f"train {name} ({objective})")
+        curve: list[dict[str, float]] = []
+
+        def checkpoint(step: int, losses: list[float]) -> None:
+            save_model(model, out / name, tok)
+            curve.append({"step": step, "loss": round(sum(losses[-100:]) / len(losses[-100:]), 3)}
+                         | pair_accuracy(out, (name,)))
+
+        losses = train_model(model, objective, buckets, tok.mask_token_id, pc, f"train {name} ({objective})",
+                             curve_every, checkpoint if curve_every else None)
         save_model(model, out / name, tok)
         record[f"{name}_steps"] = pc.steps_for(objective)
         record[f"{name}_final_loss"] = sum(losses[-100:]) / len(losses[-100:])
-    world.save(out / "world.json")
+        if curve:
+            record[f"{name}_curve"] = curve
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     record_accuracy(out, models)
     return out
@@ -307,12 +330,12 @@ def switch_heads(root: str | Path, seeds: tuple[int, ...], switches: tuple[str, 
 
 def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
                seeds: tuple[int, ...] = (0,), pc: PairConfig | None = None,
-               switch_base: PairConfig = PairConfig(), jobs: int = 1) -> Path:
+               switch_base: PairConfig = PairConfig(), jobs: int = 1, curve_every: int = 0) -> Path:
     """Everything notebook 05 ships: the pair trained with ``pc`` in ``out_dir``, ``out_dir/switches.jsonl``
     (the MDMs of every switch and their ARMs, on ``switch_base`` with each seed, under ``runs``) and
     ``out_dir/heads.jsonl`` (the switch MDMs' per-head route and patching table). ``pc`` defaults to
-    :data:`SHIPPED_PAIR`; ``jobs`` as in :func:`train_switches`."""
-    out = train_small_pair(out_dir, pc or SHIPPED_PAIR)
+    :data:`SHIPPED_PAIR`; ``jobs`` as in :func:`train_switches`, ``curve_every`` as in :func:`train_small_pair`."""
+    out = train_small_pair(out_dir, pc or SHIPPED_PAIR, curve_every=curve_every)
     table = train_switches(runs, seeds, switch_base, jobs=jobs)
     table.to_json(out / "switches.jsonl", orient="records", lines=True)
     switch_heads(runs, seeds).to_json(out / "heads.jsonl", orient="records", lines=True)
