@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--switch-seeds", type=_positive_int, default=None,
                     help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl and heads.jsonl")
     sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
+    sp.add_argument("--models", nargs="+", choices=("llada", "llama"), default=("llada", "llama"),
+                    help="train only these of the pair (llada: the MDM, llama: the ARM)")
+    sp.add_argument("--seed", type=int, default=None, help="seed of the pair (world, initialisation, batches; default 0)")
     sp.add_argument("--curve-every", type=_positive_int, default=None,
                     help="score the pair every N training steps and keep the accuracy curve in training.json")
     sp.add_argument("--jobs", type=_positive_int, default=2,
@@ -172,11 +175,17 @@ def cmd_small_pair(args: argparse.Namespace) -> int:
     pc, switch_base = SHIPPED_PAIR, PairConfig()
     if args.steps is not None:
         pc, switch_base = (dataclasses.replace(c, steps=args.steps, arm_steps=None) for c in (pc, switch_base))
+    if args.seed is not None:
+        pc = dataclasses.replace(pc, seed=args.seed)
+    if args.switch_seeds and set(args.models) != {"llada", "llama"}:
+        print("--switch-seeds regenerates everything notebook 05 ships: both models of the pair, not --models",
+              file=sys.stderr)
+        return 2
     if args.switch_seeds:
         out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc, switch_base, args.jobs,
                          args.curve_every or 0)
     else:
-        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc, curve_every=args.curve_every or 0)
+        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc, tuple(args.models), curve_every=args.curve_every or 0)
     print(f"small pair written to {out}")
     return 0
 

@@ -85,6 +85,17 @@ def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     assert len(heads) == 3 * 2 * 4 and {"route corr fwd/rev (trained)", "layer", "head", "seed"} <= set(heads[0])
 
 
+def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_path, capsys):
+    out = tmp_path / "mdm"
+    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--seed", "1",
+                 "--curve-every", "1"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["seed"] == 1 and [p["step"] for p in record["llada_curve"]] == [1, 2]
+    assert not (out / "llama").exists() and "llama_steps" not in record
+    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--switch-seeds", "1"]) == 2
+    assert "not --models" in capsys.readouterr().err
+
+
 def test_text_reversal_command(tmp_path, capsys):
     assert main(["text-reversal", "tests/data/reversal_layout", "--out", str(tmp_path / "run"), "--layers", "1",
                  "--d-model", "16", "--heads", "2", "--max-steps", "2", "--eval-every", "2"]) == 0

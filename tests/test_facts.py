@@ -159,27 +159,34 @@ def test_shipped_small_pair_reproduces_its_recorded_accuracy():
     assert recorded["llama reverse forward_only"] == 0.0 and recorded["llama forward forward_only"] == 1.0
 
 
-def test_shipped_switch_tables_come_from_the_shipped_mdm():
-    """Seed 0 of the token-masking switch is the shipped MDM: its rows in switches.jsonl and heads.jsonl are
-    what the shipped checkpoint gives now (to float rounding), and every switch has at least three seeds."""
+def test_shipped_pair_is_the_shipped_recipe():
+    from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR
+
+    record = json.loads((SMALL_PAIR_DIR / "training.json").read_text())
+    assert record["config"] == dataclasses.asdict(SHIPPED_PAIR)
+    assert record["llada_steps"] == SHIPPED_PAIR.steps and record["llama_steps"] == SHIPPED_PAIR.arm_steps
+    assert HookedLM.from_pretrained(SMALL_PAIR_DIR / "llada").cfg.n_layers == SHIPPED_PAIR.n_layers
+    assert record["llada_curve"][-1]["step"] == SHIPPED_PAIR.steps and record["llama_curve"][-1]["step"] == SHIPPED_PAIR.arm_steps
+
+
+def test_shipped_switch_tables_cover_three_seeds_and_each_seeds_world():
+    """switches.jsonl and heads.jsonl: every MDM switch and its ARM at >= 3 seeds, each run's rows the facts and
+    splits of the world its seed and wording draw, a foil on every reverse query of a forward-only fact."""
     import pandas as pd
 
-    from revlens.lm.analysis import HEAD_COLUMNS, mdm_head_table
-    from revlens.lm.small_pair import SMALL_PAIR_DIR, SWITCHES
+    from revlens.lm.small_pair import SMALL_PAIR_DIR, SWITCHES, arm_switches
 
     switches = pd.read_json(SMALL_PAIR_DIR / "switches.jsonl", lines=True)
     heads = pd.read_json(SMALL_PAIR_DIR / "heads.jsonl", lines=True)
-    for table in (switches, heads):
-        assert (table.groupby("switch").seed.nunique().reindex(list(SWITCHES)) >= 3).all()
-    shipped = next(iter(SWITCHES))
-    lm, world = HookedLM.from_pretrained(SMALL_PAIR_DIR / "llada"), FactSet.load(SMALL_PAIR_DIR / "world.json")
-    live = mdm_head_table(lm, world)
-    stored = heads[(heads.switch == shipped) & (heads.seed == 0)].set_index(["layer", "head"])[list(HEAD_COLUMNS)]
-    np.testing.assert_allclose(stored.to_numpy(), live.to_numpy(), atol=2e-3)
-    rows = switches[(switches.switch == shipped) & (switches.seed == 0) & (switches.direction == "reverse")]
-    scored = score_table(lm, world, ("reverse",)).set_index("fact").loc[rows.fact]
-    assert rows.correct.tolist() == scored.correct.tolist()
-    np.testing.assert_allclose(rows.logp, scored.logp, atol=2e-3)
+    runs = {**SWITCHES, **arm_switches()}
+    assert (switches.groupby("switch").seed.nunique().reindex(list(runs)) >= 3).all()
+    assert (heads.groupby("switch").seed.nunique().reindex(list(SWITCHES)) >= 3).all()
+    for (switch, seed), rows in switches.groupby(["switch", "seed"]):
+        world = make_world(PairConfig.n_facts, seed=seed, wording=runs[switch].get("wording", PairConfig.wording))
+        assert len(rows) == len(world.facts) * rows.direction.nunique()
+        assert (rows.split == [world.facts[i].split for i in rows.fact]).all()
+        foil = (rows.direction == "reverse") & (rows.split == "forward_only")
+        assert rows.foil_logp[foil].notna().all() and rows.foil_logp[~foil].isna().all()
 
 
 def test_dream_scoring_reads_each_answer_token_one_position_early():

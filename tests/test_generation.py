@@ -326,7 +326,7 @@ def test_patch_by_step_on_the_shipped_pair_is_normalised():
     first = results[0]  # at step 0 the whole clean forward pass is restored, so the token committed then is clean's
     assert first.extra["everything"] >= (0.5 - first.corrupted_agreement) / (1 - first.corrupted_agreement) - 1e-6
     for r in results:
-        assert r.resid_pre.shape == (2, pairs.clean.shape[1]) and r.head_out.shape == (2, 4)
+        assert r.resid_pre.shape == (lm.cfg.n_layers, pairs.clean.shape[1]) and r.head_out.shape == (lm.cfg.n_layers, lm.cfg.n_heads)
         assert r.open_slots == 2 - r.step and r.scored == r.open_slots * len(pairs.facts)
     table = commit_order_table(lm, world, pairs.facts, ("reverse",))
     assert sorted(table.groupby("fact").step.apply(sorted).map(tuple).unique()) == [(0, 1)]  # one token per step
