@@ -170,9 +170,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_small_pair(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR, PairConfig, regenerate, train_small_pair
+    from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR, SWITCH_BASE, regenerate, train_small_pair
 
-    pc, switch_base = SHIPPED_PAIR, PairConfig()
+    pc, switch_base = SHIPPED_PAIR, SWITCH_BASE
     if args.steps is not None:
         pc, switch_base = (dataclasses.replace(c, steps=args.steps, arm_steps=None) for c in (pc, switch_base))
     if args.seed is not None:
