@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed of the pair (world, initialisation, batches; default 0)")
     sp.add_argument("--curve-every", type=_positive_int, default=None,
                     help="score the pair every N training steps and keep the accuracy curve in training.json")
+    sp.add_argument("--arm-curve-every", type=_positive_int, default=None, help="the ARM's interval (default: --curve-every)")
     sp.add_argument("--jobs", type=_positive_int, default=2,
                     help="switch runs trained at once in worker processes, threads split between them (default 2)")
 
@@ -183,9 +184,10 @@ def cmd_small_pair(args: argparse.Namespace) -> int:
         return 2
     if args.switch_seeds:
         out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc, switch_base, args.jobs,
-                         args.curve_every or 0)
+                         args.curve_every or 0, args.arm_curve_every)
     else:
-        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc, tuple(args.models), curve_every=args.curve_every or 0)
+        out = train_small_pair(args.out or SMALL_PAIR_DIR, pc, tuple(args.models), args.curve_every or 0,
+                               args.arm_curve_every)
     print(f"small pair written to {out}")
     return 0
 

@@ -94,6 +94,12 @@ def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_pa
     assert not (out / "llama").exists() and "llama_steps" not in record
     assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--switch-seeds", "1"]) == 2
     assert "not --models" in capsys.readouterr().err
+    # the ARM of the same configuration trained into the same folder keeps the MDM's record, at its own interval
+    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llama", "--seed", "1",
+                 "--curve-every", "1", "--arm-curve-every", "2"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert [p["step"] for p in record["llada_curve"]] == [1, 2] and [p["step"] for p in record["llama_curve"]] == [2]
+    assert {"llada forward control", "llama forward control"} <= set(record["accuracy"])
 
 
 def test_text_reversal_command(tmp_path, capsys):

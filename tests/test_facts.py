@@ -115,9 +115,12 @@ def test_foil_baseline_scores_another_facts_answer_in_the_same_prompt(tiny_pair)
     models, world = tiny_pair
     indices = world.subset(split="forward_only")
     answers = [world.facts[i].a for i in indices]
-    # the foil is the next fact's answer that differs (two statements of one person share their answer)
+    relations = [world.facts[i].relation for i in indices]
+    # the foil is the next fact's answer of the same relation that differs (two statements of one person share
+    # their answer, under two relations)
     expected = [next(answers[(k + s) % len(answers)] for s in range(1, len(answers))
-                     if answers[(k + s) % len(answers)] != answers[k]) for k in range(len(answers))]
+                     if relations[(k + s) % len(answers)] == relations[k] and answers[(k + s) % len(answers)] != answers[k])
+                for k in range(len(answers))]
     for lm in models.values():
         table = foil_logp(lm, world, indices)
         assert table.fact.tolist() == indices and table.foil.tolist() == expected
@@ -127,6 +130,9 @@ def test_foil_baseline_scores_another_facts_answer_in_the_same_prompt(tiny_pair)
         assert table["foil logp"].iloc[2] == pytest.approx(float(alone[0]), abs=1e-4)
         gold = score_table(lm, world, ("reverse",)).set_index("fact").loc[indices, "logp"].to_numpy()
         assert not np.allclose(table["foil logp"], gold)
+    with pytest.raises(ValueError, match="has no other fact of relation 'wrote'"):
+        foil_logp(models["llama"], world, [i for i in indices if relations[indices.index(i)] == "wrote"][:1]
+                  + [i for i in indices if relations[indices.index(i)] != "wrote"])
 
 
 def test_ragged_route_reading_matches_batched(tiny_pair):

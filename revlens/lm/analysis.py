@@ -104,18 +104,23 @@ def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
 
 def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse") -> pd.DataFrame:
     """A baseline for the gold log-probability: the log-probability the same model gives *another* fact's
-    answer (the next fact in ``indices`` with a different answer, e.g. another person) in the same prompt.
+    answer (the next fact in ``indices`` of the same relation with a different answer, e.g. another person) in
+    the same prompt.
 
     A model that stores nothing about the queried fact gives gold and foil the same distribution, so gold
-    beats foil for about half the facts. One row per fact: ``fact``, ``foil`` (text), ``foil logp``.
+    beats foil for about half the facts. The foil comes from the same relation so that it is an answer of the
+    same kind (a person for a person, not a capital). One row per fact: ``fact``, ``foil`` (text), ``foil logp``.
     """
     queries = [facts.query(i, direction) for i in indices]
+    relations = [facts.facts[i].relation for i in indices]
     foils = []
     for k, q in enumerate(queries):
-        others = (queries[(k + step) % len(queries)].answer for step in range(1, len(queries)))
-        foil = next((a for a in others if a != q.answer), None)
+        others = (k + step for step in range(1, len(queries)))
+        foil = next((queries[j % len(queries)].answer for j in others
+                     if relations[j % len(queries)] == relations[k] and queries[j % len(queries)].answer != q.answer), None)
         if foil is None:
-            raise ValueError("foil_logp needs at least two facts with different answers")
+            raise ValueError(f"foil_logp: fact {indices[k]} has no other fact of relation {relations[k]!r} "
+                             f"with a different answer among the {len(indices)} given")
         foils.append(replace(q, answer=foil))
     return pd.DataFrame({"fact": indices, "foil": [q.answer for q in foils],
                          "foil logp": answer_logprobs(lm, foils).numpy()})

@@ -164,11 +164,14 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
 
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIPPED_PAIR,
-                     models: tuple[str, ...] = ("llada", "llama"), curve_every: int = 0) -> Path:
+                     models: tuple[str, ...] = ("llada", "llama"), curve_every: int = 0,
+                     arm_curve_every: int | None = None) -> Path:
     """Train the pair (or only ``models``) and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``).
 
     ``curve_every``: also score the model every that many steps (and at the end) and keep the accuracies in
-    ``training.json`` as ``<model>_curve``: when did it memorise?
+    ``training.json`` as ``<model>_curve``: when did it memorise? ``arm_curve_every`` sets the ARM's interval
+    (default: ``curve_every``). Training one model into a folder that holds the other model of the same
+    configuration keeps that model's record.
     """
     out = Path(out_dir)
     tok = build_tokenizer()
@@ -177,6 +180,9 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIP
     world.save(out / "world.json")
     buckets = length_buckets(world, tok)
     record = {"config": asdict(pc), "n_sentences": int(sum(len(b.tokens) for b in buckets))}
+    previous = out / "training.json"
+    if previous.exists() and json.loads(previous.read_text()).get("config") == record["config"]:
+        record = json.loads(previous.read_text())  # the other model of the same pair: keep its record
     for name in models:
         objective = OBJECTIVE[name]
         model = new_model(name, pc, tok)
@@ -187,8 +193,9 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIP
             curve.append({"step": step, "loss": round(sum(losses[-100:]) / len(losses[-100:]), 3)}
                          | pair_accuracy(out, (name,)))
 
+        every = arm_curve_every if objective == "arm" and arm_curve_every is not None else curve_every
         losses = train_model(model, objective, buckets, tok.mask_token_id, pc, f"train {name} ({objective})",
-                             curve_every, checkpoint if curve_every else None)
+                             every, checkpoint if every else None)
         save_model(model, out / name, tok)
         record[f"{name}_steps"] = pc.steps_for(objective)
         record[f"{name}_final_loss"] = sum(losses[-100:]) / len(losses[-100:])
@@ -238,7 +245,7 @@ def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "lla
     """Add the reloaded pair's accuracies to ``training.json`` (the shipped numbers tests check)."""
     path = Path(folder) / "training.json"
     record = json.loads(path.read_text())
-    record["accuracy"] = pair_accuracy(folder, models)
+    record["accuracy"] = record.get("accuracy", {}) | pair_accuracy(folder, models)
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
@@ -271,7 +278,7 @@ def arm_switches(switches: dict[str, dict[str, str]] = SWITCHES) -> dict[str, di
 
 
 def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> pd.DataFrame:
-    """Every fact of ``folder``'s world scored by its models: model, fact, direction, split, correct, logp, and
+    """Every fact of ``folder``'s world scored by its models: model, fact, person, direction, split, correct, logp, and
     on reverse queries of forward-only facts ``foil_logp`` (another person's name in the same prompt, see
     :func:`revlens.lm.analysis.foil_logp`; NaN elsewhere)."""
     from revlens.lm import HookedLM
@@ -285,8 +292,9 @@ def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")
         table = score_table(lm, world).assign(model=name)
         foils = foil_logp(lm, world, world.subset(split="forward_only")).set_index("fact")["foil logp"]
         table["foil_logp"] = table.fact.map(foils).where(table.direction == "reverse")
+        table["person"] = [world.facts[i].a for i in table.fact]
         tables.append(table)
-    columns = ["model", "fact", "direction", "split", "correct", "logp", "foil_logp"]
+    columns = ["model", "fact", "person", "direction", "split", "correct", "logp", "foil_logp"]
     return pd.concat(tables, ignore_index=True)[columns].round({"logp": 4, "foil_logp": 4})
 
 
@@ -338,12 +346,13 @@ def switch_heads(root: str | Path, seeds: tuple[int, ...], switches: tuple[str, 
 
 def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
                seeds: tuple[int, ...] = (0,), pc: PairConfig | None = None,
-               switch_base: PairConfig = SWITCH_BASE, jobs: int = 1, curve_every: int = 0) -> Path:
+               switch_base: PairConfig = SWITCH_BASE, jobs: int = 1, curve_every: int = 0,
+               arm_curve_every: int | None = None) -> Path:
     """Everything notebook 05 ships: the pair trained with ``pc`` in ``out_dir``, ``out_dir/switches.jsonl``
     (the MDMs of every switch and their ARMs, on ``switch_base`` with each seed, under ``runs``) and
     ``out_dir/heads.jsonl`` (the switch MDMs' per-head route and patching table). ``pc`` defaults to
-    :data:`SHIPPED_PAIR`; ``jobs`` as in :func:`train_switches`, ``curve_every`` as in :func:`train_small_pair`."""
-    out = train_small_pair(out_dir, pc or SHIPPED_PAIR, curve_every=curve_every)
+    :data:`SHIPPED_PAIR`; ``jobs`` as in :func:`train_switches`, the curve intervals as in :func:`train_small_pair`."""
+    out = train_small_pair(out_dir, pc or SHIPPED_PAIR, curve_every=curve_every, arm_curve_every=arm_curve_every)
     table = train_switches(runs, seeds, switch_base, jobs=jobs)
     table.to_json(out / "switches.jsonl", orient="records", lines=True)
     switch_heads(runs, seeds).to_json(out / "heads.jsonl", orient="records", lines=True)
