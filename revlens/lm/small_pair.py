@@ -72,7 +72,7 @@ SHIPPED_PAIR = PairConfig(n_layers=4, masking="entity", t_sampling="stratified",
                           arm_steps=8000)
 """The recipe of the shipped pair (``data/small_pair``): the MDM recipe with the most consistent memorisation
 found here (4 layers, whole-entity masking, stratified t, clipping at norm 1, 24000 steps: forward / in-place
-accuracy 0.47 / 0.71 and 0.58 / 0.77 at two seeds, where 2-layer runs range from 0.04 to 0.73 forward; no recipe
+accuracy 0.47 / 0.71 and 0.58 / 0.77 at two seeds, where the nine 2-layer switch runs range from 0.04 to 0.73 forward; no recipe
 tried reaches forward 0.95), and the ARM of the same shape (8000 steps,
 long after its forward accuracy reaches 1; see its ``llama_curve`` in ``training.json``). The trainer switches
 are measured on :data:`SWITCH_BASE` instead."""
