@@ -623,12 +623,6 @@ def _chunk_cost(spec: RoutingSweepSpec, chunk: Sequence[tuple[RoutingCell, int, 
     return spec.train_for(cell).steps * length * len(chunk)
 
 
-def _train_chunk(spec: RoutingSweepSpec, chunk: Sequence[tuple[RoutingCell, int, float, int]], threads: int) -> list[dict[str, Any]]:
-    """Worker: :func:`train_rows` with ``threads`` intra-op threads."""
-    torch.set_num_threads(threads)
-    return train_rows(spec, chunk)
-
-
 def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
     """Train every (cell, delta, base, seed) not yet in ``out`` (JSON lines), a stack per cell chunk, appending rows.
 
@@ -667,9 +661,8 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
             f.writelines(json.dumps(row) + "\n" for row in rows)
         bar.update(len(rows))
 
-    threads = max(1, torch.get_num_threads() // jobs)
-    tasks = [(spec, chunk, threads) for chunk in chunks]
-    for rows in in_order(_train_chunk, tasks, jobs, cost=lambda task: _chunk_cost(spec, task[1])):
+    tasks = [(spec, chunk) for chunk in chunks]
+    for rows in in_order(train_rows, tasks, jobs, cost=lambda task: _chunk_cost(spec, task[1])):
         append(rows)
     bar.close()
     return out

@@ -265,11 +265,8 @@ def _describe(rows: Sequence[dict[str, Any]], stale: dict[int, str]) -> str:
     return "; ".join(f"{name} seeds {seeds}: {reason}" for (name, reason), seeds in groups.items())
 
 
-def _train_rows(setting: Setting, group: str, spec: SweepSpec, threads: int) -> list[dict[str, Any]]:
-    """Worker: train one setting (all seeds, batched) with ``threads`` intra-op threads; its rows."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _train_rows(setting: Setting, group: str, spec: SweepSpec) -> list[dict[str, Any]]:
+    """Worker: train one setting (all seeds, batched); its rows."""
     runs = train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)
     return list(run_rows(setting, group, runs, spec.world, spec.provenance(setting)))
 
@@ -298,8 +295,6 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int
     settings before it are written, so an interrupted sweep still resumes where it stopped. Workers
     exit when this process dies.
     """
-    import torch
-
     check_jobs(jobs)
     out = Path(out)
     if out.exists() and not out.is_file():
@@ -323,9 +318,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int
         write_rows(out, table)
 
     bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="setting", disable=not progress)
-    threads = max(1, torch.get_num_threads() // jobs)
     cost = {setting.name: step_seconds(setting, spec) for setting, _ in todo} if jobs > 1 and len(todo) > 1 else {}
-    tasks = [(setting, group, spec, threads) for setting, group in todo]
+    tasks = [(setting, group, spec) for setting, group in todo]
     for rows in in_order(_train_rows, tasks, jobs, cost=lambda task: cost[task[0].name]):
         write(rows)
         bar.update()

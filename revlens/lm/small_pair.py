@@ -29,7 +29,7 @@ from revlens.facts import FactSet
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
 from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
-from revlens.workers import check_jobs, in_order
+from revlens.workers import in_order
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
 
@@ -316,17 +316,15 @@ def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = 
     runs = [(name, change, "llada") for name, change in switches.items()]
     if arm:
         runs += [(name, change, "llama") for name, change in arm_switches(switches).items()]
-    threads = max(1, torch.get_num_threads() // check_jobs(jobs))
-    tasks = [(switch_folder(root, name, seed), replace(base, seed=seed, **change), family, threads)
+    tasks = [(switch_folder(root, name, seed), replace(base, seed=seed, **change), family)
              for name, change, family in runs for seed in seeds]
     labels = [(name, seed) for name, _, _ in runs for seed in seeds]
     tables = in_order(_switch_run, tasks, jobs, cost=lambda task: task[1].steps_for(OBJECTIVE[task[2]]) * task[1].n_layers)
     return pd.concat([table.assign(switch=name, seed=seed) for (name, seed), table in zip(labels, tables)], ignore_index=True)
 
 
-def _switch_run(folder: Path, pc: PairConfig, family: str, threads: int) -> pd.DataFrame:
+def _switch_run(folder: Path, pc: PairConfig, family: str) -> pd.DataFrame:
     """Worker: train ``family`` with ``pc`` into ``folder`` unless it is there, and score it."""
-    torch.set_num_threads(threads)
     if not (folder / family / "model.safetensors").exists():
         train_small_pair(folder, pc, (family,))
     return pair_scores(folder, (family,))
