@@ -192,7 +192,7 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIP
 
         def checkpoint(step: int, losses: list[float]) -> None:
             save_model(model, out / name, tok)
-            curve.append({"step": step, "loss": round(sum(losses[-100:]) / len(losses[-100:]), 3)}
+            curve.append({"step": step, "loss": round(recent_loss(losses), 3)}
                          | pair_accuracy(out, (name,)))
 
         every = arm_curve_every if objective == "arm" and arm_curve_every is not None else curve_every
@@ -200,12 +200,17 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIP
                              every, checkpoint if every else None)
         save_model(model, out / name, tok)
         record[f"{name}_steps"] = pc.steps_for(objective)
-        record[f"{name}_final_loss"] = sum(losses[-100:]) / len(losses[-100:])
+        record[f"{name}_final_loss"] = recent_loss(losses)
         if curve:
             record[f"{name}_curve"] = curve
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     record_accuracy(out, models)
     return out
+
+
+def recent_loss(losses: list[float], window: int = 100) -> float:
+    """Mean training loss over the last ``window`` steps (fewer at the start)."""
+    return sum(losses[-window:]) / len(losses[-window:])
 
 
 def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
