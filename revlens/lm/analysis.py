@@ -115,9 +115,8 @@ def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse"
     relations = [facts.facts[i].relation for i in indices]
     foils = []
     for k, q in enumerate(queries):
-        others = (k + step for step in range(1, len(queries)))
-        foil = next((queries[j % len(queries)].answer for j in others
-                     if relations[j % len(queries)] == relations[k] and queries[j % len(queries)].answer != q.answer), None)
+        others = ((k + step) % len(queries) for step in range(1, len(queries)))
+        foil = next((queries[j].answer for j in others if relations[j] == relations[k] and queries[j].answer != q.answer), None)
         if foil is None:
             raise ValueError(f"foil_logp: fact {indices[k]} has no other fact of relation {relations[k]!r} "
                              f"with a different answer among the {len(indices)} given")
