@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", type=Path, default=None, help="output folder (default: data/small_pair)")
     sp.add_argument("--steps", type=_positive_int, default=None, help="training steps per model")
     sp.add_argument("--switch-seeds", type=_positive_int, default=None,
-                    help="also train the trainer switches' MDMs for seeds 0..N-1 into --runs and write switches.jsonl and heads.jsonl")
+                    help="also train, into --runs, the trainer switches' MDMs and ARMs for seeds 0..N-1 and the "
+                         "pair's MDM recipe for the other seeds of 0..N-1, and write switches.jsonl, heads.jsonl and "
+                         "replicate_seed<k>.json (everything notebook 05 ships)")
     sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
     sp.add_argument("--models", nargs="+", choices=("llada", "llama"), default=("llada", "llama"),
                     help="train only these of the pair (llada: the MDM, llama: the ARM)")
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="cast the stored weights (default: keep them)")
     fa.add_argument("--rule", choices=("startswith", "exact", "substring"), default="startswith")
+    fa.add_argument("--decode", choices=("sequential", "parallel"), default="sequential",
+                    help="how a masked model fills the answer: one token per pass, most confident first "
+                         "(sequential), or all in one pass (parallel, for models trained with whole-entity masking)")
     fa.add_argument("--out", type=Path, default=None, help="also write every scored query as JSON lines")
 
     tx = sub.add_parser("text-reversal", help="train a small MDM and a matched ARM on a reversal dataset folder "
@@ -202,9 +207,9 @@ def cmd_facts(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     lm = HookedLM.from_pretrained(args.model, dtype=dtype, device=args.device)
     facts = FactSet.load(args.facts)
-    table = score_table(lm, facts, ("forward", "reverse"), rule=args.rule)
+    table = score_table(lm, facts, ("forward", "reverse"), rule=args.rule, decode=args.decode)
     print(lm)
-    print(f"rule: {args.rule} (answer length = gold token count; see revlens.facts)")
+    print(f"rule: {args.rule}, decode: {args.decode} (answer length = gold token count; see revlens.facts)")
     print(table.groupby(["relation", "direction"])[["correct", "logp"]].mean().unstack("direction").round(3).to_string())
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,15 @@ Direction = Literal["forward", "reverse", "inplace"]
 DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "inplace")
 Rule = Literal["startswith", "exact", "substring"]
 RULES: tuple[str, ...] = ("startswith", "exact", "substring")
+Decode = Literal["sequential", "parallel"]
+DECODES: tuple[str, ...] = ("sequential", "parallel")
+"""How a masked model fills the answer slot. ``sequential``: one token per forward pass, the most confident open
+mask first (LLaDA's low-confidence remasking, one token per step), gold log-probability unmasked left to right.
+``parallel``: every answer token in one forward pass with all of them masked, gold log-probability the sum of
+the per-position log-probabilities of that pass. A model trained with whole-entity masking only ever sees an
+entity fully masked or fully visible, so ``parallel`` asks it the question it was trained on; ``sequential`` asks
+for its second token with half of the entity filled in, a context its training never produced. Causal models
+always continue left to right (``sequential``)."""
 SPLITS: tuple[str, ...] = ("forward_only", "control", "real")
 """``forward_only``/``control``: synthetic facts trained in one/both directions; ``real``: not trained here."""
 _PUNCTUATION = " .,;:!?"
@@ -202,13 +211,16 @@ def encode_query(lm, query: Query) -> EncodedQuery:
 
 
 @torch.no_grad()
-def _masked_gold_logp(lm, prompts: Tensor, answers: Tensor, start: int) -> Tensor:
-    """Log-probability of unmasking the gold answer left to right, one group (on CPU)."""
-    n = answers.shape[1]
+def _masked_gold_logp(lm, prompts: Tensor, answers: Tensor, start: int, decode: Decode = "sequential") -> Tensor:
+    """Log-probability of the gold answer, one group (on CPU): unmasked left to right (``sequential``), or read
+    from the one pass with every answer token masked (``parallel``)."""
+    if decode == "parallel":
+        logp = lm.mask_logits(prompts).float().log_softmax(-1).cpu()  # [batch, answer slots, vocab]
+        return logp.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
     rows = torch.arange(prompts.shape[0])
     gold_logp = torch.zeros(prompts.shape[0])
     teacher = prompts.clone()
-    for j in range(n):
+    for j in range(answers.shape[1]):
         logp = lm.mask_logits(teacher)[:, 0].float().log_softmax(-1).cpu()  # the leftmost open mask
         gold_logp += logp[rows, answers[:, j]]
         teacher[:, start + j] = answers[:, j]
@@ -224,12 +236,14 @@ def _causal_gold_logp(lm, prompts: Tensor, answers: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int) -> tuple[Tensor, Tensor]:
-    """Greedy fill (most confident mask first) and left-to-right gold log-probability, one group (on CPU)."""
+def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Decode) -> tuple[Tensor, Tensor]:
+    """Filled answer slots and gold log-probability under ``decode`` (see :data:`DECODES`), one group (on CPU)."""
     n = answers.shape[1]
     slots = torch.arange(start, start + n)
     rows = torch.arange(prompts.shape[0])
-    gold_logp = _masked_gold_logp(lm, prompts, answers, start)
+    gold_logp = _masked_gold_logp(lm, prompts, answers, start, decode)
+    if decode == "parallel":
+        return lm.mask_logits(prompts).argmax(-1).cpu(), gold_logp
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
         masks = (filled == lm.mask_token_id)[:, slots]
@@ -259,33 +273,44 @@ def _shape_groups(encoded: list[EncodedQuery]) -> dict[tuple[int, int, int], lis
     return groups
 
 
-def answer_logprobs(lm, queries: list[Query]) -> Tensor:
+def answer_logprobs(lm, queries: list[Query], decode: Decode = "sequential") -> Tensor:
     """The exact gold log-probability of every query (as in :func:`answer_scores`, without decoding)."""
+    check_decode(lm, decode)
     encoded = [encode_query(lm, q) for q in queries]
     out = torch.zeros(len(queries))
     for (_, _, start), members in _shape_groups(encoded).items():
         prompts = torch.tensor([encoded[i].prompt for i in members])
         answers = torch.tensor([encoded[i].answer for i in members])
         if lm.family.masked:
-            out[members] = _masked_gold_logp(lm, prompts, answers, start)
+            out[members] = _masked_gold_logp(lm, prompts, answers, start, decode)
         else:
             out[members] = _causal_gold_logp(lm, prompts, answers)
     return out
 
 
-def answer_scores(lm, queries: list[Query], rule: Rule = "startswith") -> list[dict]:
+def check_decode(lm, decode: str) -> None:
+    """Raise unless ``decode`` is one of :data:`DECODES` and ``lm`` can decode that way."""
+    check_choice("decode", decode, DECODES)
+    if decode == "parallel" and not lm.family.masked:
+        raise ValueError(f"{lm.family.name} is left-to-right: it cannot fill an answer in one parallel step; "
+                         "use decode='sequential'")
+
+
+def answer_scores(lm, queries: list[Query], rule: Rule = "startswith", decode: Decode = "sequential") -> list[dict]:
     """One row per query: fact, direction, gold, predicted text, correct (under ``rule``), gold log-prob.
 
-    Queries are batched by prompt shape; masked models get as many masks as the gold answer has tokens.
+    Queries are batched by prompt shape; masked models get as many masks as the gold answer has tokens and fill
+    them as ``decode`` says (see :data:`DECODES`).
     """
     check_choice("rule", rule, RULES)
+    check_decode(lm, decode)
     encoded = [encode_query(lm, q) for q in queries]
     rows: list[dict] = [{} for _ in queries]
     for (_, _, start), members in _shape_groups(encoded).items():
         prompts = torch.tensor([encoded[i].prompt for i in members])
         answers = torch.tensor([encoded[i].answer for i in members])
         if lm.family.masked:
-            predicted, logp = _score_masked(lm, prompts, answers, start)
+            predicted, logp = _score_masked(lm, prompts, answers, start, decode)
         else:
             predicted, logp = _score_causal(lm, prompts, answers)
         for k, i in enumerate(members):

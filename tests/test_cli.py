@@ -120,3 +120,10 @@ def test_facts_command_scores_both_directions(tmp_path, capsys):
     assert {r["direction"] for r in rows} == {"forward", "reverse"} and len(rows) == 2 * 480
     assert main(["facts", str(tmp_path / "missing")]) == 2
     assert "not a model folder" in capsys.readouterr().err
+
+
+def test_facts_command_decodes_a_masked_model_in_parallel(capsys):
+    assert main(["facts", "data/small_pair/llada", "--facts", "data/small_pair/world.json", "--decode", "parallel"]) == 0
+    assert "decode: parallel" in capsys.readouterr().out
+    assert main(["facts", "data/small_pair/llama", "--facts", "data/small_pair/world.json", "--decode", "parallel"]) == 2
+    assert "left-to-right" in capsys.readouterr().err

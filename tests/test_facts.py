@@ -83,6 +83,29 @@ def test_mdm_logp_is_left_to_right_unmasking(tiny_pair):
     assert row["logp"] == pytest.approx(float(first + second), abs=1e-5)
 
 
+def test_parallel_decode_fills_every_slot_from_one_pass(tiny_pair):
+    """decode="parallel": the answer is the per-slot argmax of the one pass with every slot masked, and the gold
+    log-probability the sum of that pass's per-slot log-probabilities (by hand on the same prompt)."""
+    models, world = tiny_pair
+    lm, queries = models["llada"], [world.query(i, "reverse") for i in range(4)]
+    for q, row in zip(queries, answer_scores(lm, queries, decode="parallel")):
+        enc = encode_query(lm, q)
+        logp = lm.mask_logits(torch.tensor([enc.prompt])).log_softmax(-1)[0]  # [slot, vocab]
+        assert row["predicted"] == lm.decode(logp.argmax(-1).tolist()).strip()
+        assert row["logp"] == pytest.approx(float(sum(logp[j, t] for j, t in enumerate(enc.answer))), abs=1e-5)
+    table = score_table(lm, world, ("reverse",), decode="parallel")
+    assert table.logp.tolist() == pytest.approx([r["logp"] for r in answer_scores(lm, [world.query(i, "reverse")
+                                                 for i in range(len(world.facts))], decode="parallel")], abs=1e-6)
+
+
+def test_decode_is_checked(tiny_pair):
+    models, world = tiny_pair
+    with pytest.raises(ValueError, match="left-to-right"):
+        answer_scores(models["llama"], [world.query(0, "forward")], decode="parallel")
+    with pytest.raises(ValueError, match="decode"):
+        answer_scores(models["llada"], [world.query(0, "forward")], decode="one-shot")
+
+
 def test_arm_logp_is_teacher_forced(tiny_pair):
     models, world = tiny_pair
     lm, q = models["llama"], world.query(0, "forward")
@@ -187,7 +210,9 @@ def test_shipped_switch_tables_cover_three_seeds_and_each_seeds_world():
     runs = {**SWITCHES, **arm_switches()}
     assert (switches.groupby("switch").seed.nunique().reindex(list(runs)) >= 3).all()
     assert (heads.groupby("switch").seed.nunique().reindex(list(SWITCHES)) >= 3).all()
-    for (switch, seed), rows in switches.groupby(["switch", "seed"]):
+    assert set(switches.decode[switches.model == "llada"]) == {"sequential", "parallel"}
+    assert set(switches.decode[switches.model == "llama"]) == {"sequential"}
+    for (switch, seed, _), rows in switches.groupby(["switch", "seed", "decode"]):
         world = make_world(PairConfig.n_facts, seed=seed, wording=runs[switch].get("wording", PairConfig.wording))
         assert len(rows) == len(world.facts) * rows.direction.nunique()
         assert (rows.split == [world.facts[i].split for i in rows.fact]).all()
@@ -277,7 +302,7 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
 
     from revlens.lm.small_pair import SWITCHES, arm_switches, train_switches
 
-    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=20)
+    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=40)
     table = train_switches(tmp_path, (0,), pc)
     arms = arm_switches()
     assert set(arms) == {"ARM, reworded reverse", "ARM, same-words reverse"}  # entity masking shares the reworded ARM
@@ -313,21 +338,49 @@ def test_head_table_lines_up_routes_and_patching_per_head(tiny_pair):
     assert heads.loc[(1, 0), HEAD_COLUMNS[2]] == pytest.approx(float(control.head_out[1, 0]), nan_ok=True)
 
 
-def test_switch_table_intervals_over_seeds_or_facts():
+def test_regenerate_writes_everything_notebook_05_reads(tmp_path):
+    """One tiny run of the whole regeneration: the pair, the recipe at the other seed, the switch table (both
+    decodings for the MDMs) and the head table (switch MDMs and the recipe's MDMs at every seed)."""
+    import pandas as pd
+
+    from revlens.lm.small_pair import RECIPE_LABEL, SWITCHES, regenerate
+
+    tiny = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=40)
+    out = regenerate(tmp_path / "pair", tmp_path / "runs", (0, 1), pc=tiny, switch_base=tiny)
+    replicate = json.loads((out / "replicate_seed1.json").read_text())
+    assert replicate["config"]["seed"] == 1 and "llada reverse forward_only, parallel" in replicate["accuracy"]
+    switches = pd.read_json(out / "switches.jsonl", lines=True)
+    assert set(switches.switch) >= set(SWITCHES) and set(switches.decode) == {"sequential", "parallel"}
+    heads = pd.read_json(out / "heads.jsonl", lines=True)
+    assert set(heads[heads.switch == RECIPE_LABEL].seed) == {0, 1}
+    assert (heads.groupby(["switch", "seed"]).size() == tiny.n_layers * tiny.n_heads).all()
+
+
+def test_switch_table_intervals_over_seeds_or_persons():
     import pandas as pd
 
     from revlens.lm.small_pair import switch_table
 
-    rows = [{"switch": s, "seed": seed, "fact": f, "direction": d, "split": "forward_only", "correct": c, "logp": -1.0 * c}
+    rows = [{"switch": s, "seed": seed, "fact": f, "person": f"p{f // 2}", "direction": d, "split": "forward_only",
+             "correct": c, "logp": -1.0 * c}
             for s, seeds in (("one seed", (0,)), ("two seeds", (0, 1)))
             for seed in seeds for f, c in enumerate([True, False, True, True])
             for d in ("forward", "inplace", "reverse")]
     table = switch_table(pd.DataFrame(rows))
-    assert table.loc["one seed", "interval over"] == "facts" and table.loc["two seeds", "interval over"] == "seeds"
-    assert table.loc["one seed", "reverse acc"].startswith("0.75 ± ")
+    assert table.loc["one seed", "interval over"] == "persons" and table.loc["two seeds", "interval over"] == "seeds"
+    # one seed: the two persons' means (0.5 and 1.0) are the sample, not the four facts
+    assert table.loc["one seed", "reverse acc"].startswith("0.75 ± ") and table.loc["one seed", "reverse acc"] != \
+        switch_table(pd.DataFrame(rows).assign(person=lambda d: d.fact.astype(str))).loc["one seed", "reverse acc"]
     assert table.loc["two seeds", "reverse acc"] == "0.75 ± 0.00"  # identical seeds: no spread
     assert table.loc["two seeds", "reverse acc, control facts"] == "n/a"
     assert table.loc["two seeds", "reverse gold logp, forward-only"] == "-0.75 ± 0.00"  # logp, not accuracy
     assert table.loc["two seeds", "reverse gold - foil (nats), forward-only"] == "n/a"  # no foil scored
     with_foil = pd.DataFrame(rows).assign(foil_logp=-2.0)
     assert switch_table(with_foil).loc["two seeds", "reverse gold - foil (nats), forward-only"] == "1.25 ± 0.00"
+    with pytest.raises(ValueError, match="no 'decode' column"):
+        switch_table(pd.DataFrame(rows), decode="parallel")
+    # MDM rows are kept for the asked decoding only, ARM rows always
+    decoded = pd.concat([pd.DataFrame(rows).assign(model="llada", decode="sequential"),
+                         pd.DataFrame(rows).assign(model="llada", decode="parallel", correct=True)])
+    assert switch_table(decoded).loc["two seeds", "reverse acc"] == "0.75 ± 0.00"
+    assert switch_table(decoded, decode="parallel").loc["two seeds", "reverse acc"] == "1.00 ± 0.00"

@@ -89,27 +89,31 @@ def answer_logprob_metric(pairs: PatchingPairs):
 
 
 def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
-                rule: str = "startswith") -> pd.DataFrame:
-    """Every fact scored in every direction the model can answer, as a tidy DataFrame (+ split, relation)."""
+                rule: str = "startswith", decode: str = "sequential") -> pd.DataFrame:
+    """Every fact scored in every direction the model can answer, as a tidy DataFrame (+ split, relation);
+    ``decode``: how a masked model fills the answer (:data:`revlens.facts.DECODES`)."""
     if directions is None:
         directions = ("forward", "reverse", "inplace") if lm.family.masked else ("forward", "reverse")
     rows = []
     for direction in directions:
-        rows += answer_scores(lm, [facts.query(i, direction) for i in range(len(facts.facts))], rule=rule)
+        rows += answer_scores(lm, [facts.query(i, direction) for i in range(len(facts.facts))], rule=rule,
+                              decode=decode)
     table = pd.DataFrame(rows)
     table["split"] = [facts.facts[i].split for i in table.fact]
     table["relation"] = [facts.facts[i].relation for i in table.fact]
     return table
 
 
-def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse") -> pd.DataFrame:
+def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse",
+              decode: str = "sequential") -> pd.DataFrame:
     """A baseline for the gold log-probability: the log-probability the same model gives *another* fact's
     answer (the next fact in ``indices`` of the same relation with a different answer, e.g. another person) in
     the same prompt.
 
     A model that stores nothing about the queried fact gives gold and foil the same distribution, so gold
     beats foil for about half the facts. The foil comes from the same relation so that it is an answer of the
-    same kind (a person for a person, not a capital). One row per fact: ``fact``, ``foil`` (text), ``foil logp``.
+    same kind (a person for a person, not a capital). One row per fact: ``fact``, ``foil`` (text), ``foil logp``
+    (scored as ``decode`` says, like the gold log-probability it is compared with).
     """
     queries = [facts.query(i, direction) for i in indices]
     relations = [facts.facts[i].relation for i in indices]
@@ -122,7 +126,7 @@ def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse"
                              f"with a different answer among the {len(indices)} given")
         foils.append(replace(q, answer=foil))
     return pd.DataFrame({"fact": indices, "foil": [q.answer for q in foils],
-                         "foil logp": answer_logprobs(lm, foils).numpy()})
+                         "foil logp": answer_logprobs(lm, foils, decode).numpy()})
 
 
 @dataclass(frozen=True)
