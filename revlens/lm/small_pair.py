@@ -12,6 +12,7 @@ Regenerate with ``revlens small-pair`` (about an hour on one CPU core: the MDM t
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from revlens.config import check_choice
-from revlens.facts import FactSet
+from revlens.facts import DECODES, FactSet
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
 from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
@@ -234,7 +235,9 @@ def new_model(family: str, pc: PairConfig, tok, max_len: int = 64) -> torch.nn.M
 
 
 def pair_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> dict[str, float]:
-    """Accuracy of the pair in ``folder`` per model, direction and split (startswith rule), loaded from disk."""
+    """Accuracy of the pair in ``folder`` per model, direction and split (startswith rule), loaded from disk:
+    keys "<model> <direction> <split>" with sequential decoding, and for the MDM also "..., parallel" with the
+    whole answer filled in one step (see :data:`revlens.facts.DECODES`)."""
     from revlens.lm import HookedLM
     from revlens.lm.analysis import score_table
 
@@ -242,10 +245,18 @@ def pair_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama
     world = FactSet.load(folder / "world.json")
     out = {}
     for name in models:
-        table = score_table(HookedLM.from_pretrained(folder / name), world)
-        for (direction, split), acc in table.groupby(["direction", "split"]).correct.mean().items():
-            out[f"{name} {direction} {split}"] = round(float(acc), 4)
+        lm = HookedLM.from_pretrained(folder / name)
+        for decode in model_decodes(lm):
+            table = score_table(lm, world, decode=decode)
+            suffix = "" if decode == "sequential" else f", {decode}"
+            for (direction, split), acc in table.groupby(["direction", "split"]).correct.mean().items():
+                out[f"{name} {direction} {split}{suffix}"] = round(float(acc), 4)
     return out
+
+
+def model_decodes(lm) -> tuple[str, ...]:
+    """The decodings a model is scored with: both for a masked model, left to right for a causal one."""
+    return DECODES if lm.family.masked else ("sequential",)
 
 
 def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> None:
@@ -286,8 +297,9 @@ def arm_switches(switches: dict[str, dict[str, str]] = SWITCHES) -> dict[str, di
 
 
 def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> pd.DataFrame:
-    """Every fact of ``folder``'s world scored by its models: model, fact, person, direction, split, correct, logp, and
-    on reverse queries of forward-only facts ``foil_logp`` (another person's name in the same prompt, see
+    """Every fact of ``folder``'s world scored by its models (the MDM under both decodings, see
+    :func:`model_decodes`): model, decode, fact, person, direction, split, correct, logp, and on reverse queries
+    of forward-only facts ``foil_logp`` (another person's name in the same prompt, scored the same way, see
     :func:`revlens.lm.analysis.foil_logp`; NaN elsewhere)."""
     from revlens.lm import HookedLM
     from revlens.lm.analysis import foil_logp, score_table
@@ -297,12 +309,13 @@ def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")
     tables = []
     for name in models:
         lm = HookedLM.from_pretrained(folder / name)
-        table = score_table(lm, world).assign(model=name)
-        foils = foil_logp(lm, world, world.subset(split="forward_only")).set_index("fact")["foil logp"]
-        table["foil_logp"] = table.fact.map(foils).where(table.direction == "reverse")
-        table["person"] = [world.facts[i].a for i in table.fact]
-        tables.append(table)
-    columns = ["model", "fact", "person", "direction", "split", "correct", "logp", "foil_logp"]
+        for decode in model_decodes(lm):
+            table = score_table(lm, world, decode=decode).assign(model=name, decode=decode)
+            foils = foil_logp(lm, world, world.subset(split="forward_only"), decode=decode).set_index("fact")["foil logp"]
+            table["foil_logp"] = table.fact.map(foils).where(table.direction == "reverse")
+            table["person"] = [world.facts[i].a for i in table.fact]
+            tables.append(table)
+    columns = ["model", "decode", "fact", "person", "direction", "split", "correct", "logp", "foil_logp"]
     return pd.concat(tables, ignore_index=True)[columns].round({"logp": 4, "foil_logp": 4})
 
 
@@ -338,38 +351,73 @@ def _switch_run(folder: Path, pc: PairConfig, family: str) -> pd.DataFrame:
 def switch_heads(root: str | Path, seeds: tuple[int, ...], switches: tuple[str, ...] = tuple(SWITCHES)) -> pd.DataFrame:
     """:func:`revlens.lm.analysis.mdm_head_table` of every trained switch x seed MDM under ``root``, one row
     per switch, seed, layer and head: are the heads that carry the patched answer the route-sharing ones?"""
+    return pd.concat([head_rows(switch_folder(root, name, seed), name, seed) for name in switches for seed in seeds],
+                     ignore_index=True)
+
+
+def head_rows(folder: str | Path, label: str, seed: int) -> pd.DataFrame:
+    """:func:`revlens.lm.analysis.mdm_head_table` of the MDM in ``folder``, one row per layer and head, labelled."""
     from revlens.lm import HookedLM
     from revlens.lm.analysis import mdm_head_table
 
-    tables = []
-    for name in switches:
-        for seed in seeds:
-            folder = switch_folder(root, name, seed)
-            heads = mdm_head_table(HookedLM.from_pretrained(folder / "llada"), FactSet.load(folder / "world.json"))
-            tables.append(heads.round(4).reset_index().assign(switch=name, seed=seed))
-    return pd.concat(tables, ignore_index=True)
+    folder = Path(folder)
+    heads = mdm_head_table(HookedLM.from_pretrained(folder / "llada"), FactSet.load(folder / "world.json"))
+    return heads.round(4).reset_index().assign(switch=label, seed=seed)
+
+
+RECIPE_LABEL = "shipped recipe (4 layers)"
+"""How the shipped recipe's MDMs (the pair's and its replicates) are labelled in ``heads.jsonl``."""
+
+
+def replicate_folder(root: str | Path, seed: int) -> Path:
+    """Where :func:`regenerate` trains the shipped recipe's MDM at another seed."""
+    return Path(root) / "shipped-recipe" / f"seed{seed}"
+
+
+def _replicate_run(folder: Path, pc: PairConfig, curve_every: int) -> None:
+    """Worker: train the MDM of ``pc`` into ``folder`` (with its accuracy curve) unless it is there."""
+    if not (folder / "llada" / "model.safetensors").exists():
+        train_small_pair(folder, pc, ("llada",), curve_every)
 
 
 def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
                seeds: tuple[int, ...] = (0,), pc: PairConfig | None = None,
                switch_base: PairConfig = SWITCH_BASE, jobs: int = 1, curve_every: int = 0,
                arm_curve_every: int | None = None) -> Path:
-    """Everything notebook 05 ships: the pair trained with ``pc`` in ``out_dir``, ``out_dir/switches.jsonl``
-    (the MDMs of every switch and their ARMs, on ``switch_base`` with each seed, under ``runs``) and
-    ``out_dir/heads.jsonl`` (the switch MDMs' per-head route and patching table). ``pc`` defaults to
-    :data:`SHIPPED_PAIR`; ``jobs`` as in :func:`train_switches`, the curve intervals as in :func:`train_small_pair`."""
-    out = train_small_pair(out_dir, pc or SHIPPED_PAIR, curve_every=curve_every, arm_curve_every=arm_curve_every)
+    """Everything notebook 05 ships: the pair trained with ``pc`` in ``out_dir``; the MDM of the same recipe at the
+    other ``seeds`` (under ``runs``, their training records copied to ``out_dir/replicate_seed<k>.json``);
+    ``out_dir/switches.jsonl`` (:func:`pair_scores` of the MDMs of every switch and their ARMs, on ``switch_base``
+    with each seed, under ``runs``) and ``out_dir/heads.jsonl`` (the per-head route and patching table of the
+    switch MDMs and of the recipe's MDMs). ``pc`` defaults to :data:`SHIPPED_PAIR`; ``jobs`` as in
+    :func:`train_switches`, the curve intervals as in :func:`train_small_pair`."""
+    pc = pc or SHIPPED_PAIR
+    out = train_small_pair(out_dir, pc, curve_every=curve_every, arm_curve_every=arm_curve_every)
+    replicates = tuple(seed for seed in seeds if seed != pc.seed)
+    for _ in in_order(_replicate_run, [(replicate_folder(runs, k), replace(pc, seed=k), curve_every) for k in replicates], jobs):
+        pass
+    for k in replicates:
+        shutil.copyfile(replicate_folder(runs, k) / "training.json", out / f"replicate_seed{k}.json")
     table = train_switches(runs, seeds, switch_base, jobs=jobs)
     table.to_json(out / "switches.jsonl", orient="records", lines=True)
-    switch_heads(runs, seeds).to_json(out / "heads.jsonl", orient="records", lines=True)
+    recipe = [head_rows(out, RECIPE_LABEL, pc.seed)] + [head_rows(replicate_folder(runs, k), RECIPE_LABEL, k) for k in replicates]
+    pd.concat([switch_heads(runs, seeds), *recipe], ignore_index=True).to_json(out / "heads.jsonl", orient="records", lines=True)
     return out
 
 
-def switch_table(scores: pd.DataFrame) -> pd.DataFrame:
+def switch_table(scores: pd.DataFrame, decode: str = "sequential") -> pd.DataFrame:
     """One row per switch: seeds, accuracy per query on forward-only facts (+ reverse on control facts), the
     reverse gold log-probability and, where ``foil_logp`` is scored, gold minus foil (nats), each as "mean ± 95%
-    half-width": over seeds when there are several, else over facts."""
+    half-width": over seeds when there are several, else over persons (each person's queries averaged first: a
+    person is asked through two templates that share gold and foil). MDM rows are those scored with ``decode``
+    (see :func:`pair_scores`); ARMs always decode left to right."""
     from revlens.experiments import mean_ci
+
+    check_choice("decode", decode, DECODES)
+    if "decode" in scores:
+        scores = scores[(scores.decode == decode) | (scores.model == "llama")]
+    elif decode != "sequential":
+        raise ValueError("switch_table: these scores have no 'decode' column (scored before decodings were "
+                         "recorded), so they are sequential only; rescore them with pair_scores")
 
     cells = {"forward acc": ("forward", "forward_only", "correct"), "in-place acc": ("inplace", "forward_only", "correct"),
              "reverse acc": ("reverse", "forward_only", "correct"), "reverse acc, control facts": ("reverse", "control", "correct"),
@@ -379,10 +427,10 @@ def switch_table(scores: pd.DataFrame) -> pd.DataFrame:
     out = {}
     for switch, rows in scores.groupby("switch", sort=False):
         seeds = sorted(rows.seed.unique())
-        row: dict[str, object] = {"seeds": len(seeds), "interval over": "seeds" if len(seeds) > 1 else "facts"}
+        row: dict[str, object] = {"seeds": len(seeds), "interval over": "seeds" if len(seeds) > 1 else "persons"}
         for name, (direction, split, metric) in cells.items():
             sel = rows[(rows.direction == direction) & (rows.split == split)]
-            values = sel.groupby("seed")[metric].mean() if len(seeds) > 1 else sel[metric].astype(float).dropna()
+            values = sel.groupby("seed" if len(seeds) > 1 else "person")[metric].mean().dropna()
             mean, half = mean_ci(values)
             row[name] = "n/a" if pd.isna(mean) else f"{mean:.2f} ± {half:.2f}"
         out[switch] = row
