@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from revlens.config import check_choice, load_json
@@ -210,18 +211,27 @@ def encode_query(lm, query: Query) -> EncodedQuery:
     return EncodedQuery(prefix + [int(lm.mask_token_id)] * len(answer) + suffix, answer, len(prefix))
 
 
+def _slot_logprobs(lm, prompts: Tensor) -> Float[Tensor, "batch open_masks vocab"]:
+    """Log-probabilities at every open mask of one forward pass (float32, on CPU)."""
+    return lm.mask_logits(prompts).float().log_softmax(-1).cpu()
+
+
+def _gold_in_pass(logp: Float[Tensor, "batch slots vocab"], answers: Int[Tensor, "batch slots"]) -> Float[Tensor, "batch"]:
+    """Sum over the answer slots of one pass's log-probability of the gold token (the parallel joint)."""
+    return logp.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
+
+
 @torch.no_grad()
 def _masked_gold_logp(lm, prompts: Tensor, answers: Tensor, start: int, decode: Decode = "sequential") -> Tensor:
     """Log-probability of the gold answer, one group (on CPU): unmasked left to right (``sequential``), or read
     from the one pass with every answer token masked (``parallel``)."""
     if decode == "parallel":
-        logp = lm.mask_logits(prompts).float().log_softmax(-1).cpu()  # [batch, answer slots, vocab]
-        return logp.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
+        return _gold_in_pass(_slot_logprobs(lm, prompts), answers)
     rows = torch.arange(prompts.shape[0])
     gold_logp = torch.zeros(prompts.shape[0])
     teacher = prompts.clone()
     for j in range(answers.shape[1]):
-        logp = lm.mask_logits(teacher)[:, 0].float().log_softmax(-1).cpu()  # the leftmost open mask
+        logp = _slot_logprobs(lm, teacher)[:, 0]  # the leftmost open mask
         gold_logp += logp[rows, answers[:, j]]
         teacher[:, start + j] = answers[:, j]
     return gold_logp
@@ -241,9 +251,10 @@ def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Deco
     n = answers.shape[1]
     slots = torch.arange(start, start + n)
     rows = torch.arange(prompts.shape[0])
+    if decode == "parallel":  # one pass: its argmax per slot, and the gold tokens' log-probabilities
+        logp = _slot_logprobs(lm, prompts)
+        return logp.argmax(-1), _gold_in_pass(logp, answers)
     gold_logp = _masked_gold_logp(lm, prompts, answers, start, decode)
-    if decode == "parallel":
-        return lm.mask_logits(prompts).argmax(-1).cpu(), gold_logp
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
         masks = (filled == lm.mask_token_id)[:, slots]
