@@ -71,12 +71,12 @@ class PairConfig:
 
 SHIPPED_PAIR = PairConfig(n_layers=4, masking="entity", t_sampling="stratified", grad_clip=1.0, steps=24000,
                           arm_steps=8000)
-"""The recipe of the shipped pair (``data/small_pair``): the MDM recipe with the most consistent memorisation
-found here (4 layers, whole-entity masking, stratified t, clipping at norm 1, 24000 steps: forward / in-place
-accuracy 0.47 / 0.71 and 0.58 / 0.77 at two seeds, where the nine 2-layer switch runs range from 0.04 to 0.73 forward; no recipe
-tried reaches forward 0.95), and the ARM of the same shape (8000 steps,
-long after its forward accuracy reaches 1; see its ``llama_curve`` in ``training.json``). The trainer switches
-are measured on :data:`SWITCH_BASE` instead."""
+"""The recipe of the shipped pair (``data/small_pair``): 4 layers, whole-entity masking, stratified t, clipping at
+norm 1, 24000 steps for the MDM, and the ARM of the same shape (8000 steps, long after its forward accuracy reaches
+1; see its ``llama_curve`` in ``training.json``). Decoded the way it was trained (``decode="parallel"``: a name is
+filled from the pass that sees it wholly masked) its MDM answers every trained direction at seeds 0, 1 and 2; decoded
+one token per pass it answers about half of the forward queries (see notebook 05). The trainer switches are
+measured on :data:`SWITCH_BASE` instead."""
 
 
 def _llada_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64) -> LLaDAConfig:
