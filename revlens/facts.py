@@ -45,10 +45,11 @@ DECODES: tuple[str, ...] = ("sequential", "parallel")
 """How a masked model fills the answer slot. ``sequential``: one token per forward pass, the most confident open
 mask first (LLaDA's low-confidence remasking, one token per step), gold log-probability unmasked left to right.
 ``parallel``: every answer token in one forward pass with all of them masked, gold log-probability the sum of
-the per-position log-probabilities of that pass. A model trained with whole-entity masking only ever sees an
-entity fully masked or fully visible, so ``parallel`` asks it the question it was trained on; ``sequential`` asks
-for its second token with half of the entity filled in, a context its training never produced. Causal models
-always continue left to right (``sequential``)."""
+the per-position log-probabilities of that pass (a product of per-slot marginals, not the model's joint
+probability of the answer; compare log-probabilities within one decoding only). A model trained with
+whole-entity masking only ever sees an entity fully masked or fully visible, so ``parallel`` asks it the question
+it was trained on; ``sequential`` asks for the rest of an entity with one of its tokens filled in, a context its
+training never produced. Causal models always continue left to right (``sequential``): see :func:`model_decodes`."""
 SPLITS: tuple[str, ...] = ("forward_only", "control", "real")
 """``forward_only``/``control``: synthetic facts trained in one/both directions; ``real``: not trained here."""
 _PUNCTUATION = " .,;:!?"
@@ -297,6 +298,11 @@ def answer_logprobs(lm, queries: list[Query], decode: Decode = "sequential") -> 
         else:
             out[members] = _causal_gold_logp(lm, prompts, answers)
     return out
+
+
+def model_decodes(lm) -> tuple[str, ...]:
+    """The decodings ``lm`` can be scored with: both for a masked model, left to right for a causal one."""
+    return DECODES if lm.family.masked else ("sequential",)
 
 
 def check_decode(lm, decode: str) -> None:

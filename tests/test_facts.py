@@ -98,6 +98,20 @@ def test_parallel_decode_fills_every_slot_from_one_pass(tiny_pair):
                                                  for i in range(len(world.facts))], decode="parallel")], abs=1e-6)
 
 
+def test_sequential_decode_is_the_samplers_low_confidence_fill(tiny_pair):
+    """answer_scores(decode="sequential") and lm.generate (low-confidence remasking, greedy, one token per step)
+    are two implementations of the same fill: they must commit the same tokens."""
+    models, world = tiny_pair
+    lm = models["llada"]
+    queries = [world.query(i, "reverse") for i in range(len(world.facts))]
+    encoded = [encode_query(lm, q) for q in queries]
+    same_shape = [i for i, e in enumerate(encoded) if len(e.prompt) == len(encoded[0].prompt)]
+    prompts = torch.tensor([encoded[i].prompt for i in same_shape])
+    trace = lm.generate(prompts, len(encoded[0].answer))
+    rows = answer_scores(lm, [queries[i] for i in same_shape], decode="sequential")
+    assert [r["predicted"] for r in rows] == [lm.decode(a.tolist()).strip() for a in trace.answer]
+
+
 def test_decode_is_checked(tiny_pair):
     models, world = tiny_pair
     with pytest.raises(ValueError, match="left-to-right"):
@@ -379,8 +393,10 @@ def test_switch_table_intervals_over_seeds_or_persons():
     assert switch_table(with_foil).loc["two seeds", "reverse gold - foil (nats), forward-only"] == "1.25 ± 0.00"
     with pytest.raises(ValueError, match="no 'decode' column"):
         switch_table(pd.DataFrame(rows), decode="parallel")
-    # MDM rows are kept for the asked decoding only, ARM rows always
+    # MDM rows are kept for the asked decoding only; a model with no parallel rows (the ARM) keeps its sequential ones
+    arm = pd.DataFrame(rows).assign(model="arm", decode="sequential", correct=False, switch=lambda d: "ARM " + d.switch)
     decoded = pd.concat([pd.DataFrame(rows).assign(model="llada", decode="sequential"),
-                         pd.DataFrame(rows).assign(model="llada", decode="parallel", correct=True)])
-    assert switch_table(decoded).loc["two seeds", "reverse acc"] == "0.75 ± 0.00"
-    assert switch_table(decoded, decode="parallel").loc["two seeds", "reverse acc"] == "1.00 ± 0.00"
+                         pd.DataFrame(rows).assign(model="llada", decode="parallel", correct=True), arm])
+    for decode, mdm_acc in (("sequential", "0.75 ± 0.00"), ("parallel", "1.00 ± 0.00")):
+        table = switch_table(decoded, decode=decode)
+        assert table.loc["two seeds", "reverse acc"] == mdm_acc and table.loc["ARM two seeds", "reverse acc"] == "0.00 ± 0.00"

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from revlens.facts import FactSet, answer_logprobs, answer_scores, encode_query
+from revlens.facts import Decode, FactSet, answer_logprobs, answer_scores, encode_query
 from revlens.patching import patch_head_out, patch_names, patch_resid_pre
 from revlens.routes import RouteCorrelation, correlate_routes, read_routes_ragged
 
@@ -89,7 +89,7 @@ def answer_logprob_metric(pairs: PatchingPairs):
 
 
 def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
-                rule: str = "startswith", decode: str = "sequential") -> pd.DataFrame:
+                rule: str = "startswith", decode: Decode = "sequential") -> pd.DataFrame:
     """Every fact scored in every direction the model can answer, as a tidy DataFrame (+ split, relation);
     ``decode``: how a masked model fills the answer (:data:`revlens.facts.DECODES`)."""
     if directions is None:
@@ -105,7 +105,7 @@ def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
 
 
 def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse",
-              decode: str = "sequential") -> pd.DataFrame:
+              decode: Decode = "sequential") -> pd.DataFrame:
     """A baseline for the gold log-probability: the log-probability the same model gives *another* fact's
     answer (the next fact in ``indices`` of the same relation with a different answer, e.g. another person) in
     the same prompt.
@@ -113,7 +113,9 @@ def foil_logp(lm, facts: FactSet, indices: list[int], direction: str = "reverse"
     A model that stores nothing about the queried fact gives gold and foil the same distribution, so gold
     beats foil for about half the facts. The foil comes from the same relation so that it is an answer of the
     same kind (a person for a person, not a capital). One row per fact: ``fact``, ``foil`` (text), ``foil logp``
-    (scored as ``decode`` says, like the gold log-probability it is compared with).
+    (scored as ``decode`` says, like the gold log-probability it is compared with). A masked model gets as many
+    masks as the foil has tokens, so a foil of another length is asked in a prompt of another length: the
+    synthetic worlds here give every person two tokens, real fact sets may not.
     """
     queries = [facts.query(i, direction) for i in indices]
     relations = [facts.facts[i].relation for i in indices]

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from revlens.config import check_choice
-from revlens.facts import DECODES, FactSet
+from revlens.facts import DECODES, FactSet, model_decodes
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
 from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
@@ -254,11 +254,6 @@ def pair_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama
     return out
 
 
-def model_decodes(lm) -> tuple[str, ...]:
-    """The decodings a model is scored with: both for a masked model, left to right for a causal one."""
-    return DECODES if lm.family.masked else ("sequential",)
-
-
 def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> None:
     """Add the reloaded pair's accuracies to ``training.json`` (the shipped numbers tests check)."""
     path = Path(folder) / "training.json"
@@ -298,7 +293,7 @@ def arm_switches(switches: dict[str, dict[str, str]] = SWITCHES) -> dict[str, di
 
 def pair_scores(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> pd.DataFrame:
     """Every fact of ``folder``'s world scored by its models (the MDM under both decodings, see
-    :func:`model_decodes`): model, decode, fact, person, direction, split, correct, logp, and on reverse queries
+    :func:`revlens.facts.model_decodes`): model, decode, fact, person, direction, split, correct, logp, and on reverse queries
     of forward-only facts ``foil_logp`` (another person's name in the same prompt, scored the same way, see
     :func:`revlens.lm.analysis.foil_logp`; NaN elsewhere)."""
     from revlens.lm import HookedLM
@@ -408,13 +403,14 @@ def switch_table(scores: pd.DataFrame, decode: str = "sequential") -> pd.DataFra
     """One row per switch: seeds, accuracy per query on forward-only facts (+ reverse on control facts), the
     reverse gold log-probability and, where ``foil_logp`` is scored, gold minus foil (nats), each as "mean ± 95%
     half-width": over seeds when there are several, else over persons (each person's queries averaged first: a
-    person is asked through two templates that share gold and foil). MDM rows are those scored with ``decode``
-    (see :func:`pair_scores`); ARMs always decode left to right."""
+    person is asked through two templates that share gold and foil). Rows are those scored with ``decode`` (see
+    :func:`pair_scores`); a model with no rows under ``decode`` (an ARM, for ``parallel``) keeps its sequential ones."""
     from revlens.experiments import mean_ci
 
     check_choice("decode", decode, DECODES)
     if "decode" in scores:
-        scores = scores[(scores.decode == decode) | (scores.model == "llama")]
+        decoded = set(scores.model[scores.decode == decode])
+        scores = scores[(scores.decode == decode) | (~scores.model.isin(decoded) & (scores.decode == "sequential"))]
     elif decode != "sequential":
         raise ValueError("switch_table: these scores have no 'decode' column (scored before decodings were "
                          "recorded), so they are sequential only; rescore them with pair_scores")
