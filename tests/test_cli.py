@@ -82,7 +82,9 @@ def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     assert len({r["switch"] for r in switches}) == 3 + 2 and {r["seed"] for r in switches} == {0}
     assert {r["model"] for r in switches if r["switch"].startswith("ARM")} == {"llama"}
     heads = [json.loads(line) for line in (tmp_path / "pair" / "heads.jsonl").read_text().splitlines()]
-    assert len(heads) == 3 * 2 * 4 and {"route corr fwd/rev (trained)", "layer", "head", "seed"} <= set(heads[0])
+    # the three 2-layer switch MDMs (8 heads each) and the pair's 4-layer MDM (16 heads; one seed, no replicates)
+    assert len(heads) == 3 * 2 * 4 + 4 * 4 and {"route corr fwd/rev (trained)", "layer", "head", "seed"} <= set(heads[0])
+    assert not list((tmp_path / "pair").glob("replicate_seed*.json"))
 
 
 def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_path, capsys):

@@ -316,7 +316,7 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
 
     from revlens.lm.small_pair import SWITCHES, arm_switches, train_switches
 
-    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=40)
+    pc = dataclasses.replace(PairConfig(), d_model=16, n_heads=2, mlp_hidden_size=32, steps=2, batch_size=8, n_facts=20)
     table = train_switches(tmp_path, (0,), pc)
     arms = arm_switches()
     assert set(arms) == {"ARM, reworded reverse", "ARM, same-words reverse"}  # entity masking shares the reworded ARM
@@ -324,8 +324,9 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     assert set(table[table.switch.isin(list(SWITCHES))].model) == {"llada"} and set(table[table.switch.isin(list(arms))].model) == {"llama"}
     assert {"forward", "reverse", "inplace"} == set(table.direction)
     assert table.correct.isin([True, False]).all() and (table.logp <= 0).all()
-    # 20 people x 2 templates: three directions per MDM, two per ARM (no in-place query)
-    assert len(table) == len(SWITCHES) * 3 * 40 + len(arms) * 2 * 40
+    # 20 people x 2 templates: three directions per MDM under two decodings, two directions per ARM (no in-place
+    # query, left to right only)
+    assert len(table) == len(SWITCHES) * 3 * 40 * 2 + len(arms) * 2 * 40
     foil_rows = (table.direction == "reverse") & (table.split == "forward_only")
     assert table.foil_logp[foil_rows].notna().all() and table.foil_logp[~foil_rows].isna().all()
     configs = {p.parent.parent.name: json_.loads((p.parent / "training.json").read_text())["config"]
