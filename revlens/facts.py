@@ -212,9 +212,10 @@ def encode_query(lm, query: Query) -> EncodedQuery:
     return EncodedQuery(prefix + [int(lm.mask_token_id)] * len(answer) + suffix, answer, len(prefix))
 
 
-def _slot_logprobs(lm, prompts: Tensor) -> Float[Tensor, "batch open_masks vocab"]:
-    """Log-probabilities at every open mask of one forward pass (float32, on CPU)."""
-    return lm.mask_logits(prompts).float().log_softmax(-1).cpu()
+def _slot_logprobs(lm, prompts: Tensor, slots: int | slice = slice(None)) -> Float[Tensor, "batch *slots vocab"]:
+    """Log-probabilities at the open masks ``slots`` (default: all) of one forward pass (float32, on CPU); only
+    those are normalised, so a caller that needs one mask does not pay the softmax of the others."""
+    return lm.mask_logits(prompts)[:, slots].float().log_softmax(-1).cpu()
 
 
 def _gold_in_pass(logp: Float[Tensor, "batch slots vocab"], answers: Int[Tensor, "batch slots"]) -> Float[Tensor, "batch"]:
@@ -232,7 +233,7 @@ def _masked_gold_logp(lm, prompts: Tensor, answers: Tensor, start: int, decode: 
     gold_logp = torch.zeros(prompts.shape[0])
     teacher = prompts.clone()
     for j in range(answers.shape[1]):
-        logp = _slot_logprobs(lm, teacher)[:, 0]  # the leftmost open mask
+        logp = _slot_logprobs(lm, teacher, 0)  # the leftmost open mask
         gold_logp += logp[rows, answers[:, j]]
         teacher[:, start + j] = answers[:, j]
     return gold_logp
