@@ -33,6 +33,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--models", nargs="+", choices=("llada", "llama"), default=("llada", "llama"),
                     help="train only these of the pair (llada: the MDM, llama: the ARM)")
     sp.add_argument("--seed", type=int, default=None, help="seed of the pair (world, initialisation, batches; default 0)")
+    sp.add_argument("--lr", type=_positive_float, default=None,
+                    help="peak learning rate of the pair's one-cycle schedule (default: the shipped recipe's)")
     sp.add_argument("--curve-every", type=_positive_int, default=None,
                     help="score the pair every N training steps and keep the accuracy curve in training.json")
     sp.add_argument("--arm-curve-every", type=_positive_int, default=None, help="the ARM's interval (default: --curve-every)")
@@ -183,6 +192,8 @@ def cmd_small_pair(args: argparse.Namespace) -> int:
         pc, switch_base = (dataclasses.replace(c, steps=args.steps, arm_steps=None) for c in (pc, switch_base))
     if args.seed is not None:
         pc = dataclasses.replace(pc, seed=args.seed)
+    if args.lr is not None:
+        pc = dataclasses.replace(pc, lr=args.lr)
     if args.switch_seeds and set(args.models) != {"llada", "llama"}:
         print("--switch-seeds regenerates everything notebook 05 ships: both models of the pair, not --models",
               file=sys.stderr)

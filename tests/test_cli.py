@@ -89,19 +89,23 @@ def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
 
 def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_path, capsys):
     out = tmp_path / "mdm"
-    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--seed", "1",
+    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--seed", "1", "--lr", "1e-3",
                  "--curve-every", "1"]) == 0
     record = json.loads((out / "training.json").read_text())
-    assert record["config"]["seed"] == 1 and [p["step"] for p in record["llada_curve"]] == [1, 2]
+    assert record["config"]["seed"] == 1 and record["config"]["lr"] == 1e-3
+    assert [p["step"] for p in record["llada_curve"]] == [1, 2]
     assert not (out / "llama").exists() and "llama_steps" not in record
     assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--switch-seeds", "1"]) == 2
     assert "not --models" in capsys.readouterr().err
     # the ARM of the same configuration trained into the same folder keeps the MDM's record, at its own interval
-    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llama", "--seed", "1",
+    assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llama", "--seed", "1", "--lr", "1e-3",
                  "--curve-every", "1", "--arm-curve-every", "2"]) == 0
     record = json.loads((out / "training.json").read_text())
     assert [p["step"] for p in record["llada_curve"]] == [1, 2] and [p["step"] for p in record["llama_curve"]] == [2]
     assert {"llada forward control", "llama forward control"} <= set(record["accuracy"])
+    with pytest.raises(SystemExit):
+        main(["small-pair", "--lr", "0", "--out", str(out)])
+    assert "--lr: must be a positive number, got 0" in capsys.readouterr().err
 
 
 def test_text_reversal_command(tmp_path, capsys):
