@@ -338,6 +338,10 @@ def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     assert len(stamp) == len(SWITCHES) + len(arms)
     train_switches(tmp_path, (0,), pc)  # finished runs are read, not retrained
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # ... but only when trained with the same configuration: another learning rate is an error, not a stale table
+    with pytest.raises(ValueError, match=r"seed0 holds a (llada|llama) model trained with another configuration "
+                                         r"\(differs in lr\)"):
+        train_switches(tmp_path, (0,), dataclasses.replace(pc, lr=1e-4))
 
 
 def test_head_table_lines_up_routes_and_patching_per_head(tiny_pair):
