@@ -7,8 +7,10 @@ import time
 from typing import Callable
 
 
-def best_of(fn: Callable[[], object], repeats: int = 5) -> tuple[float, float]:
-    fn()  # warm-up
+def best_of(fn: Callable[[], object], repeats: int = 5, *, warm_up: bool = True) -> tuple[float, float]:
+    """Best and median of ``repeats`` timed calls (after one untimed call unless ``warm_up=False``)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -53,7 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from revlens.config import check_choice
-from revlens.patching import site_patch_hooks
+from revlens.patching import auto_sites_per_pass, site_patch_hooks
 
 REMASKING: tuple[str, ...] = ("low_confidence", "random", "margin", "entropy")
 SCHEDULES: tuple[str, ...] = ("llada", "dream")
@@ -386,8 +386,9 @@ def patch_generation(
     :func:`revlens.patching.batched_patch`; ``clean_cache[s]`` must hold the clean activations of the
     same batch at each patched step s. Steps before the first patched one are identical in every
     rerun, so they are not recomputed: each rerun starts from the corrupted state before that step
-    (the batch repeated once per site, all sites of a pass in one forward per step). The corrupted
-    run's own hooks are not re-applied.
+    (the batch repeated once per site, all sites of a pass in one forward per step; how many sites
+    share a pass follows :func:`revlens.patching.auto_sites_per_pass` unless ``sites_per_pass`` is
+    given). The corrupted run's own hooks are not re-applied.
     """
     steps = tuple(sorted(_step_set(steps, corrupted.n_steps, "patched steps")))
     if not steps:
@@ -398,7 +399,7 @@ def patch_generation(
         if missing:
             raise KeyError(f"the clean cache at step {s} lacks {missing}: generate the clean run with them in cache_names")
     n = corrupted.slots.shape[0]
-    per_pass = sites_per_pass or len(sites)
+    per_pass = sites_per_pass or auto_sites_per_pass(lm, n, corrupted.states.shape[-1])
     answers, commits, logps = [], [], []
     for first in tqdm(range(0, len(sites), per_pass), desc="patching", disable=not progress):
         chunk = sites[first : first + per_pass]
