@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--arm-curve-every", type=_positive_int, default=None, help="the ARM's interval (default: --curve-every)")
     sp.add_argument("--jobs", type=_positive_int, default=2,
                     help="switch runs trained at once in worker processes, threads split between them (default 2)")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="write into a --out that holds no small pair, and remove the files there that would "
+                         "describe another pair (the other model, switches.jsonl, heads.jsonl, replicate_seed*.json)")
 
     fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
     fa.add_argument("model", help="local folder with config.json + safetensors (or a hub name when online)")
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--eval-every", type=_positive_int, default=250, help="steps between validation evaluations")
     tx.add_argument("--patience", type=_positive_int, default=4,
                     help="stop after this many evaluations without a better validation accuracy")
+    tx.add_argument("--overwrite", action="store_true",
+                    help="replace --out as a whole when it holds another run or other content (refused otherwise)")
 
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
@@ -200,10 +205,10 @@ def cmd_small_pair(args: argparse.Namespace) -> int:
         return 2
     if args.switch_seeds:
         out = regenerate(args.out or SMALL_PAIR_DIR, args.runs, tuple(range(args.switch_seeds)), pc, switch_base, args.jobs,
-                         args.curve_every or 0, args.arm_curve_every)
+                         args.curve_every or 0, args.arm_curve_every, args.overwrite)
     else:
         out = train_small_pair(args.out or SMALL_PAIR_DIR, pc, tuple(args.models), args.curve_every or 0,
-                               args.arm_curve_every)
+                               args.arm_curve_every, args.overwrite)
     print(f"small pair written to {out}")
     return 0
 
@@ -236,7 +241,7 @@ def cmd_text_reversal(args: argparse.Namespace) -> int:
     pair = PairConfig(steps=0, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
                       mlp_hidden_size=3 * args.d_model, seed=args.seed)
     hc = HarnessConfig(pair=pair, max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience)
-    results = run_text_reversal(args.data, args.out, hc)
+    results = run_text_reversal(args.data, args.out, hc, args.overwrite)
     print(results.pivot_table(index=["file", "model"], columns="metric", values="value", sort=False).round(3).to_string())
     print(f"rule: startswith after normalisation (see revlens.lm.text_reversal); run written to {args.out}")
     return 0

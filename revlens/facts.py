@@ -23,7 +23,6 @@ the probability of unmasking the gold tokens one at a time, left to right.
 
 from __future__ import annotations
 
-import json
 import string
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
@@ -34,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from revlens.atomic import write_json_atomic
 from revlens.config import check_choice, load_json
 
 Direction = Literal["forward", "reverse", "inplace"]
@@ -137,6 +137,7 @@ class FactSet:
         unknown = sorted({f.relation for f in self.facts} - set(self.relations))
         if unknown:
             raise ValueError(f"facts use undefined relation(s): {', '.join(unknown)}")
+        check_distinct(self.facts)
 
     @classmethod
     def load(cls, path: str | Path) -> "FactSet":
@@ -160,9 +161,10 @@ class FactSet:
             raise ValueError(f"{path}: {err}") from None
 
     def save(self, path: str | Path) -> None:
+        """Write the fact file atomically (a kill leaves the old file or the new one)."""
         data = {"description": self.description, "relations": [asdict(r) for r in self.relations.values()],
                 "facts": [asdict(f) for f in self.facts]}
-        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+        write_json_atomic(path, data)
 
     def subset(self, split: str | None = None, relation: str | None = None) -> list[int]:
         return [i for i, f in enumerate(self.facts)
@@ -181,9 +183,27 @@ class FactSet:
             "inplace": (relation.forward, "{a}", "{b}"),
         }[direction]
         values = {"{a}": fact.a, "{b}": fact.b}
-        before, after = template.split(slot)
-        before, after = before.replace(other, values[other]), after.replace(other, values[other])
+        # the template filled with the other entity and a marker at the slot: escaped braces ("{{b}}") are text
+        filled = template.format(**{slot[1]: _SLOT, other[1]: values[other]})
+        before, after = filled.split(_SLOT)
         return Query(i, direction, before.rstrip(), values[slot], after)
+
+
+_SLOT = "\x00slot\x00"  # marks the answer slot while a template is filled (no name contains a NUL)
+
+
+def check_distinct(facts: list[Fact]) -> None:
+    """Refuse a fact listed twice, or two answers to one forward query (same relation and A, another B): either
+    would reweight every mean over facts without a trace. Several A of one B (an author's books) are allowed."""
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, fact in enumerate(facts):
+        key = (fact.relation, fact.a)
+        if key in seen:
+            j, b = seen[key]
+            what = "duplicate fact" if b == fact.b else f"conflicting facts (B {b!r} and {fact.b!r})"
+            raise ValueError(f"facts[{j}] and facts[{i}]: {what} for relation {fact.relation!r} and A {fact.a!r}; "
+                             "keep one")
+        seen[key] = (i, fact.b)
 
 
 def is_correct(predicted: str, gold: str, rule: Rule = "startswith") -> bool:
@@ -201,8 +221,14 @@ class EncodedQuery:
 
 
 def encode_query(lm, query: Query) -> EncodedQuery:
+    """Token ids of a query; a mask token in its text (a name containing the mask text) is refused, since it would
+    add an answer slot the scorer does not fill."""
     prefix = lm.encode(query.prefix, special_tokens=True)
     answer = lm.encode(" " + query.answer)
+    mask = getattr(lm, "mask_token_id", None)
+    if mask is not None and mask in prefix + answer + (lm.encode(query.suffix) if query.suffix.strip() else []):
+        raise ValueError(f"query {query.direction!r} of fact {query.fact} contains the mask token's text "
+                         f"({lm.decode([mask])!r}): {query.prefix!r} + {query.answer!r} + {query.suffix!r}")
     if not lm.family.masked:
         if query.suffix.strip(_PUNCTUATION):  # a completion may ignore trailing punctuation, not content
             raise ValueError(f"{lm.family.name} is left-to-right: it cannot answer a slot with text after it "
@@ -212,10 +238,43 @@ def encode_query(lm, query: Query) -> EncodedQuery:
     return EncodedQuery(prefix + [int(lm.mask_token_id)] * len(answer) + suffix, answer, len(prefix))
 
 
+def unencodable(lm, queries: list[Query]) -> list[str]:
+    """One line per query whose text the tokenizer cannot write: a word it maps to a special token (its unknown
+    token, or ``<pad>`` for a word-level vocabulary without one) or the text of a special token. Such a query scores
+    a placeholder instead of the words, so a gold answer made of unknown words could even be counted correct."""
+    specials = set(getattr(lm.tokenizer, "all_special_ids", ())) | {getattr(lm.tokenizer, "unk_token_id", None)} - {None}
+    out = []
+    for q in queries:
+        for field in ("prefix", "answer", "suffix"):
+            text = getattr(q, field)
+            if set(lm.encode(" " + text)) & specials:
+                words = [w for w in text.split() if set(lm.encode(" " + w)) & specials] or [text]
+                out.append(f"fact {q.fact} ({q.direction}): {field} {text!r} has {', '.join(map(repr, words))}")
+    return out
+
+
+def check_encodable(lm, queries: list[Query]) -> None:
+    """Raise a ValueError naming the queries (fact, direction, words) that :func:`unencodable` finds."""
+    bad = unencodable(lm, queries)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"{len(bad)} query text(s) cannot be written by the tokenizer of {lm.source} (unknown "
+                         f"words or special-token text): " + "; ".join(bad[:5]) + more
+                         + "; use a fact set in the model's vocabulary")
+
+
+def _finite(lm, logits: Tensor) -> Tensor:
+    """``logits`` unless one is NaN or infinite, which would make every score and rank meaningless."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"{lm.source}: the model produced non-finite logits (NaN or inf); its weights or config.json "
+                         "are broken")
+    return logits
+
+
 def _slot_logprobs(lm, prompts: Tensor, slots: int | slice = slice(None)) -> Float[Tensor, "batch *slots vocab"]:
     """Log-probabilities at the open masks ``slots`` (default: all) of one forward pass (float32, on CPU); only
     those are normalised, so a caller that needs one mask does not pay the softmax of the others."""
-    return lm.mask_logits(prompts)[:, slots].float().log_softmax(-1).cpu()
+    return _finite(lm, lm.mask_logits(prompts)[:, slots]).float().log_softmax(-1).cpu()
 
 
 def _gold_in_pass(logp: Float[Tensor, "batch slots vocab"], answers: Int[Tensor, "batch slots"]) -> Float[Tensor, "batch"]:
@@ -243,7 +302,7 @@ def _masked_gold_logp(lm, prompts: Tensor, answers: Tensor, start: int, decode: 
 def _causal_gold_logp(lm, prompts: Tensor, answers: Tensor) -> Tensor:
     """Teacher-forced log-probability of the gold answer after the prompt, one group (on CPU)."""
     n, p = answers.shape[1], prompts.shape[1]
-    logits = lm(torch.cat([prompts, answers], dim=1))[:, p - 1 : p - 1 + n].float().log_softmax(-1).cpu()
+    logits = _finite(lm, lm(torch.cat([prompts, answers], dim=1))[:, p - 1 : p - 1 + n]).float().log_softmax(-1).cpu()
     return logits.gather(-1, answers[..., None]).squeeze(-1).sum(-1)
 
 
@@ -260,7 +319,7 @@ def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Deco
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
         masks = (filled == lm.mask_token_id)[:, slots]
-        conf, tok = (t.cpu() for t in lm.mask_logits(filled).float().softmax(-1).max(-1))  # [batch, open masks]
+        conf, tok = (t.cpu() for t in _finite(lm, lm.mask_logits(filled)).float().softmax(-1).max(-1))  # [batch, open]
         pos = masks.nonzero()[:, 1].reshape(prompts.shape[0], -1)
         best = conf.argmax(-1)
         filled[rows, slots[pos[rows, best]]] = tok[rows, best]
@@ -274,7 +333,7 @@ def _score_causal(lm, prompts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]
     gold_logp = _causal_gold_logp(lm, prompts, answers)
     tokens = prompts
     for _ in range(n):
-        tokens = torch.cat([tokens, lm(tokens)[:, -1].argmax(-1, keepdim=True).cpu()], dim=1)
+        tokens = torch.cat([tokens, _finite(lm, lm(tokens)[:, -1]).argmax(-1, keepdim=True).cpu()], dim=1)
     return tokens[:, p:], gold_logp
 
 

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from revlens.facts import Decode, FactSet, answer_logprobs, answer_scores, encode_query
+from revlens.facts import Decode, FactSet, answer_logprobs, answer_scores, check_encodable, encode_query
 from revlens.patching import patch_head_out, patch_names, patch_resid_pre
 from revlens.routes import RouteCorrelation, correlate_routes, read_routes_ragged
 
@@ -91,13 +91,15 @@ def answer_logprob_metric(pairs: PatchingPairs):
 def score_table(lm, facts: FactSet, directions: tuple[str, ...] | None = None,
                 rule: str = "startswith", decode: Decode = "sequential") -> pd.DataFrame:
     """Every fact scored in every direction the model can answer, as a tidy DataFrame (+ split, relation);
-    ``decode``: how a masked model fills the answer (:data:`revlens.facts.DECODES`)."""
+    ``decode``: how a masked model fills the answer (:data:`revlens.facts.DECODES`). A fact the model's tokenizer
+    cannot write (:func:`revlens.facts.unencodable`) is refused before any scoring."""
     if directions is None:
         directions = ("forward", "reverse", "inplace") if lm.family.masked else ("forward", "reverse")
+    queries = {d: [facts.query(i, d) for i in range(len(facts.facts))] for d in directions}
+    check_encodable(lm, [q for qs in queries.values() for q in qs])
     rows = []
     for direction in directions:
-        rows += answer_scores(lm, [facts.query(i, direction) for i in range(len(facts.facts))], rule=rule,
-                              decode=decode)
+        rows += answer_scores(lm, queries[direction], rule=rule, decode=decode)
     table = pd.DataFrame(rows)
     table["split"] = [facts.facts[i].split for i in table.fact]
     table["relation"] = [facts.facts[i].relation for i in table.fact]

@@ -65,6 +65,21 @@ def detect_family(raw_config: dict[str, Any]) -> Family:
     )
 
 
+_LLADA_FIELDS: dict[str, type] = {**dict.fromkeys(("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
+                                                  "vocab_size", "embedding_size", "max_sequence_length"), int),
+                                   "rope_theta": float, "rms_norm_eps": float}
+_HF_FIELDS: dict[str, type] = {**dict.fromkeys(("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                               "num_hidden_layers", "intermediate_size", "vocab_size",
+                                               "max_position_embeddings", "head_dim"), int),
+                               "rope_theta": float, "rms_norm_eps": float}
+
+
+def config_fields(family: Family) -> dict[str, type]:
+    """The structural config.json fields of ``family`` and their kind: ``int`` (a positive integer) or ``float``
+    (a positive finite number); a field of another type would fail deep inside model construction."""
+    return _LLADA_FIELDS if family.name == "llada" else _HF_FIELDS
+
+
 def _hf_classes(family: Family) -> tuple[Any, Any]:
     """transformers' config and model classes for a non-LLaDA family (Dream is Qwen2's layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

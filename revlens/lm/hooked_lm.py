@@ -18,6 +18,7 @@ or run; ``trust_remote_code`` is passed only to the tokenizer loader, and only w
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -26,12 +27,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from revlens.atomic import write_json_atomic
 from revlens.checkpoint import load_weights, read_weights
-from revlens.config import load_json
+from revlens.config import check_finite, load_json
 from revlens.hooks import check_hook_names
 from revlens.lm.families import (
     Family,
     build_module,
+    config_fields,
     detect_family,
     get_family,
     not_stored,
@@ -51,9 +54,12 @@ def read_safetensors_folder(folder: Path, device: str | torch.device = "cpu",
 
     Shards are read straight onto ``device`` and cast one at a time, so an 8B model is never held
     twice in host memory. An index naming a shard outside ``folder`` (``../x``, an absolute path)
-    is refused, and a damaged file is an error naming it.
+    is refused, and a damaged file is an error naming it. The index's weight map is honoured: a
+    tensor in a shard it is not mapped to, or mapped to a shard that lacks it, is an error (never a
+    silent choice between two copies). A tensor with a NaN or infinite value is an error naming it.
     """
     index = folder / "model.safetensors.index.json"
+    weight_map: dict[str, str] | None = None
     if index.exists():
         content = load_json(index)
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
@@ -77,8 +83,75 @@ def read_safetensors_folder(folder: Path, device: str | torch.device = "cpu",
         if not (folder / shard).is_file():
             raise FileNotFoundError(f"{folder / shard} (a shard listed in the index) does not exist")
         tensors = read_weights(folder / shard, device=str(device))
-        state.update(tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()})
+        stray = sorted(k for k in tensors if weight_map is not None and weight_map.get(k) != shard)
+        if stray:
+            raise ValueError(f"{folder / shard} holds {stray[0]}, which {index.name} maps to "
+                             f"{weight_map.get(stray[0]) or 'no shard'}" + (f" (and {len(stray) - 1} more such tensors)"
+                                                                           if len(stray) > 1 else "")
+                             + "; fix the index or the shards")
+        for name, tensor in tensors.items():
+            state[name] = tensor if dtype is None else tensor.to(dtype)
+            if state[name].is_floating_point() and not bool(torch.isfinite(state[name]).all()):
+                cast = f" after the cast to {dtype}" if dtype is not None else ""
+                raise ValueError(f"{folder / shard}: tensor {name} has NaN or infinite values{cast}; "
+                                 "the checkpoint is broken")
+    missing = sorted(set(weight_map or ()) - set(state))
+    if missing:
+        raise ValueError(f"{index} maps {missing[0]} to {weight_map[missing[0]]}, which does not hold it"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return state
+
+
+CONFIG_RECORD = "revlens_config.json"
+"""Written by revlens beside a config.json it saves: the configuration the weights were trained with. Fields the
+weights cannot show (``rope_theta``, ``rms_norm_eps``, a head count whose product with the head size is unchanged)
+are checked against it at load; folders revlens did not write have no such record and only the weight shapes are
+checked against their config."""
+
+
+def save_config(folder: Path, config: dict[str, Any]) -> None:
+    """Write ``config.json`` and its :data:`CONFIG_RECORD` atomically."""
+    write_json_atomic(folder / "config.json", config)
+    write_json_atomic(folder / CONFIG_RECORD, {"config": config})
+
+
+def _numbers(raw: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    """(dotted field name, value) of every float in a config, nested objects included (``rope_parameters``)."""
+    for key, value in raw.items():
+        if isinstance(value, float):
+            yield prefix + key, value
+        elif isinstance(value, dict):
+            yield from _numbers(value, f"{prefix}{key}.")
+
+
+def check_config(path: Path, raw: dict[str, Any], family: Family) -> None:
+    """Refuse a config.json whose structural fields have the wrong type, or any NaN or infinite number in it,
+    naming the field; and, where revlens wrote the folder, one that differs from its :data:`CONFIG_RECORD`."""
+    for key, value in _numbers(raw):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: field {key!r} is {value}; it must be a finite number")
+    for key, kind in config_fields(family).items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        try:
+            if kind is int and (type(value) is not int or value < 1):
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            if kind is float:
+                check_finite(key, value, 0, strict=True)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    record = path.parent / CONFIG_RECORD
+    if record.exists():
+        recorded = load_json(record)
+        recorded = recorded.get("config") if isinstance(recorded, dict) else None
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{record} lacks a 'config' object")
+        differing = sorted(k for k in set(raw) | set(recorded) if raw.get(k) != recorded.get(k))
+        if differing:
+            raise ValueError(f"{path} differs from the configuration revlens saved these weights with ({record}) in "
+                             f"{', '.join(differing)}; the same weights under another config give wrong logits: "
+                             "restore those fields")
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:
@@ -184,6 +257,7 @@ class HookedLM:
         if not isinstance(raw, dict):
             raise ValueError(f"{config_path} must hold a JSON object")
         detected = detect_family(raw) if family is None else get_family(family)
+        check_config(config_path, raw, detected)
         if detected.masked and raw.get("mask_token_id") is None:  # no silent default: the id differs per model
             raise ValueError(f"{config_path} lacks 'mask_token_id', which a {detected.name} model needs")
         try:
@@ -198,6 +272,10 @@ class HookedLM:
         if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             tokenizer = load_tokenizer(folder, trust_remote_code)
         mask_id = raw.get("mask_token_id") if detected.masked else None
+        tokenizer_mask = getattr(tokenizer, "mask_token_id", None)
+        if detected.masked and tokenizer_mask is not None and tokenizer_mask != mask_id:
+            raise ValueError(f"{config_path}: mask_token_id {mask_id!r} is not the tokenizer's mask token "
+                             f"{tokenizer.mask_token!r} (id {tokenizer_mask}); set mask_token_id to {tokenizer_mask}")
         lm = cls.from_module(module, hf_config, detected, tokenizer=tokenizer, mask_token_id=mask_id, source=str(folder))
         lm.raw_config = raw
         return lm

@@ -12,6 +12,7 @@ Regenerate with ``revlens small-pair`` (about 8 minutes per model on one CPU cor
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,11 +22,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 from jaxtyping import Int
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from revlens.config import check_choice
+from revlens.atomic import folder_swap, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from revlens.config import check_choice, load_json
 from revlens.facts import DECODES, FactSet, model_decodes
 from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
@@ -133,7 +134,7 @@ def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], m
     losses = []
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc, mininterval=5):
-        losses.append(optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt))
+        losses.append(check_loss(optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt), step, pc, desc))
         sched.step()
         if checkpoint is not None and (step == steps or (every and step % every == 0)):
             model.eval()
@@ -141,6 +142,15 @@ def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], m
             model.train()
     model.eval()
     return losses
+
+
+def check_loss(loss: float, step: int, pc: PairConfig, desc: str) -> float:
+    """``loss`` unless it is NaN or infinite: training has diverged, and every later step and score would be
+    meaningless (a NaN model answers nothing and scores accuracy 0), so stop with the step and the rate."""
+    if not math.isfinite(loss):
+        raise ValueError(f"{desc}: training diverged at step {step} (loss {loss}) with lr {pc.lr}; nothing was saved "
+                         "for this model: lower the learning rate (--lr)")
+    return loss
 
 
 def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket], sizes: Tensor, mask_id: int,
@@ -169,24 +179,37 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIPPED_PAIR,
                      models: tuple[str, ...] = ("llada", "llama"), curve_every: int = 0,
-                     arm_curve_every: int | None = None) -> Path:
+                     arm_curve_every: int | None = None, overwrite: bool = False, *,
+                     rewriting_tables: bool = False) -> Path:
     """Train the pair (or only ``models``) and write ``out_dir/{llada,llama}`` (+ ``world.json``, ``training.json``).
 
     ``curve_every``: also score the model every that many steps (and at the end) and keep the accuracies in
     ``training.json`` as ``<model>_curve``: when did it memorise? ``arm_curve_every`` sets the ARM's interval
     (default: ``curve_every``). Training one model into a folder that holds the other model of the same
     configuration keeps that model's record.
+
+    Checked before any training: ``out_dir`` must be new, empty or a pair folder (else refused unless
+    ``overwrite``), and files that would then describe another pair (see :func:`stale_pair_files`) are refused
+    unless ``overwrite`` (or ``rewriting_tables``, as :func:`regenerate` rewrites the tables), which removes them.
+    Every file is written atomically, ``training.json`` (the configuration in training) before the models.
     """
     out = Path(out_dir)
     tok = build_tokenizer()
     world: FactSet = make_world(pc.n_facts, seed=pc.seed, wording=pc.wording)
-    out.mkdir(parents=True, exist_ok=True)
-    world.save(out / "world.json")
     buckets = length_buckets(world, tok)
     record = {"config": asdict(pc), "n_sentences": int(sum(len(b.tokens) for b in buckets))}
-    previous = out / "training.json"
-    if previous.exists() and json.loads(previous.read_text()).get("config") == record["config"]:
-        record = json.loads(previous.read_text())  # the other model of the same pair: keep its record
+    previous = pair_record(out, overwrite)
+    if previous is not None and previous.get("config") == record["config"]:
+        record = previous  # the other model of the same pair: keep its record
+    stale = stale_pair_files(out, previous, record, models)
+    if stale and not (overwrite or rewriting_tables):
+        raise ValueError(f"{out} holds {', '.join(p.name for p in stale)}, which describe(s) a pair trained with "
+                         f"another configuration or not finished; training {', '.join(models)} alone would leave "
+                         "them beside the new model(s). Train into a new --out, or pass --overwrite to remove them")
+    for path in stale:  # only the files and model folders this command writes
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    world.save(out / "world.json")
+    write_json_atomic(out / "training.json", record)
     for name in models:
         objective = OBJECTIVE[name]
         model = new_model(name, pc, tok)
@@ -205,9 +228,42 @@ def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIP
         record[f"{name}_final_loss"] = recent_loss(losses)
         if curve:
             record[f"{name}_curve"] = curve
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_json_atomic(out / "training.json", record)
     record_accuracy(out, models)
     return out
+
+
+DERIVED_TABLES = ("switches.jsonl", "heads.jsonl", "replicate_seed*.json")
+"""Files :func:`regenerate` writes beside the pair; ``heads.jsonl`` and the replicates describe the pair's recipe."""
+
+
+def pair_record(out: Path, overwrite: bool = False) -> dict | None:
+    """The ``training.json`` of the pair folder ``out``; None when ``out`` is new or empty. A file, or a non-empty
+    folder without a pair's record, is refused (it is not this command's to write into) unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose another --out")
+    record = out / "training.json"
+    content = load_json(record) if record.is_file() else None
+    if isinstance(content, dict) and isinstance(content.get("config"), dict) and "n_sentences" in content:
+        return content
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} is a non-empty folder that does not hold a small pair (no training.json of one); "
+                         "refusing to write into it: choose a new or empty --out, or pass --overwrite")
+    return None
+
+
+def stale_pair_files(out: Path, previous: dict | None, record: dict, models: tuple[str, ...]) -> list[Path]:
+    """Files of ``out`` that would describe another pair once ``models`` are trained with ``record``'s config: the
+    other model's folder when it was trained with another configuration or has no finished record, and, when the
+    configuration changes, the tables :func:`regenerate` derived from the old pair (training is seeded, so with the
+    same configuration they still describe the retrained pair)."""
+    if previous is None:
+        return []
+    changed = previous.get("config") != record["config"]
+    others = [out / m for m in OBJECTIVE if m not in models and (out / m).exists()
+              and (changed or f"{m}_steps" not in record)]
+    tables = [p for pattern in DERIVED_TABLES for p in sorted(out.glob(pattern))] if changed else []
+    return others + tables
 
 
 def recent_loss(losses: list[float], window: int = 100) -> float:
@@ -216,11 +272,20 @@ def recent_loss(losses: list[float], window: int = 100) -> float:
 
 
 def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
-    """config.json + model.safetensors + tokenizer files, the layout :class:`revlens.lm.HookedLM` loads."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1) + "\n")
-    tok.save_pretrained(str(folder))
+    """config.json (+ its record, see :data:`revlens.lm.hooked_lm.CONFIG_RECORD`) + model.safetensors + tokenizer
+    files, the layout :class:`revlens.lm.HookedLM` loads. The folder is built beside ``folder`` and swapped in whole,
+    so a kill leaves the old model or the new one; a tensor with NaN or infinite values is refused, naming it."""
+    from revlens.lm.hooked_lm import save_config
+
+    state = model.state_dict()
+    broken = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ValueError(f"refusing to save {folder}: tensor {broken[0]} has NaN or infinite values "
+                         f"({len(broken)} tensor(s) in all); training diverged")
+    with folder_swap(folder) as tmp:
+        save_safetensors_atomic(state, tmp / "model.safetensors")
+        save_config(tmp, model.config.to_dict())
+        tok.save_pretrained(str(tmp))
 
 
 def new_model(family: str, pc: PairConfig, tok, max_len: int = 64) -> torch.nn.Module:
@@ -260,7 +325,7 @@ def record_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "lla
     path = Path(folder) / "training.json"
     record = json.loads(path.read_text())
     record["accuracy"] = record.get("accuracy", {}) | pair_accuracy(folder, models)
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    write_json_atomic(path, record)
 
 
 SWITCHES: dict[str, dict[str, str]] = {
@@ -327,30 +392,39 @@ def train_switches(root: str | Path, seeds: tuple[int, ...], base: PairConfig = 
     :func:`pair_scores`). ``jobs > 1`` trains that many runs at once in worker processes (one run's step is
     compute-bound, so separate processes, not a batched step, are what speeds several runs up; see
     ``bench/small_pair_batching.py``)."""
+    labels, tasks = switch_tasks(root, seeds, base, switches, arm)
+    tables = in_order(_switch_run, tasks, jobs, cost=lambda task: task[1].steps_for(OBJECTIVE[task[2]]) * task[1].n_layers)
+    return pd.concat([table.assign(switch=name, seed=seed) for (name, seed), table in zip(labels, tables)], ignore_index=True)
+
+
+def switch_tasks(root: str | Path, seeds: tuple[int, ...], base: PairConfig = SWITCH_BASE,
+                 switches: dict[str, dict[str, str]] = SWITCHES, arm: bool = True
+                 ) -> tuple[list[tuple[str, int]], list[tuple[Path, PairConfig, str]]]:
+    """(switch, seed) labels and (folder, config, family) runs of :func:`train_switches`."""
     runs = [(name, change, "llada") for name, change in switches.items()]
     if arm:
         runs += [(name, change, "llama") for name, change in arm_switches(switches).items()]
     tasks = [(switch_folder(root, name, seed), replace(base, seed=seed, **change), family)
              for name, change, family in runs for seed in seeds]
-    labels = [(name, seed) for name, _, _ in runs for seed in seeds]
-    tables = in_order(_switch_run, tasks, jobs, cost=lambda task: task[1].steps_for(OBJECTIVE[task[2]]) * task[1].n_layers)
-    return pd.concat([table.assign(switch=name, seed=seed) for (name, seed), table in zip(labels, tables)], ignore_index=True)
+    return [(name, seed) for name, _, _ in runs for seed in seeds], tasks
 
 
 def finished_run(folder: Path, pc: PairConfig, family: str) -> bool:
-    """Whether ``folder`` holds ``family`` trained with ``pc``, to be reused instead of retrained. A model trained
+    """Whether ``folder`` holds ``family`` trained with ``pc`` to the end, to be reused instead of retrained (an
+    unfinished one is retrained from the start: training is seeded, so the result is the same). A model trained
     with another configuration (say another learning rate or step count, in a runs folder kept from an earlier
     recipe) is an error naming the folder and the fields that differ, never a stale result returned as this one."""
     if not (folder / family / "model.safetensors").exists():
         return False
     record = folder / "training.json"
-    found = json.loads(record.read_text()).get("config", {}) if record.exists() else {}
+    content = load_json(record) if record.exists() else {}
+    found = content.get("config", {}) if isinstance(content, dict) else {}
     wanted = asdict(pc)
     differing = sorted(key for key in wanted if found.get(key) != wanted[key])
     if differing:
         raise ValueError(f"{folder} holds a {family} model trained with another configuration (differs in "
                          f"{', '.join(differing)}); delete that folder or pass another --runs folder")
-    return True
+    return f"{family}_steps" in content
 
 
 def _switch_run(folder: Path, pc: PairConfig, family: str) -> pd.DataFrame:
@@ -395,24 +469,31 @@ def _replicate_run(folder: Path, pc: PairConfig, curve_every: int) -> None:
 def regenerate(out_dir: str | Path = SMALL_PAIR_DIR, runs: str | Path = "runs/small_pair_switches",
                seeds: tuple[int, ...] = (0,), pc: PairConfig | None = None,
                switch_base: PairConfig = SWITCH_BASE, jobs: int = 1, curve_every: int = 0,
-               arm_curve_every: int | None = None) -> Path:
+               arm_curve_every: int | None = None, overwrite: bool = False) -> Path:
     """Everything notebook 05 ships: the pair trained with ``pc`` in ``out_dir``; the MDM of the same recipe at the
     other ``seeds`` (under ``runs``, their training records copied to ``out_dir/replicate_seed<k>.json``);
     ``out_dir/switches.jsonl`` (:func:`pair_scores` of the MDMs of every switch and their ARMs, on ``switch_base``
     with each seed, under ``runs``) and ``out_dir/heads.jsonl`` (the per-head route and patching table of the
     switch MDMs and of the recipe's MDMs). ``pc`` defaults to :data:`SHIPPED_PAIR`; ``jobs`` as in
-    :func:`train_switches`, the curve intervals as in :func:`train_small_pair`."""
+    :func:`train_switches`, the curve intervals and ``overwrite`` as in :func:`train_small_pair`. Every runs folder
+    is checked against its recipe before anything trains; the old tables are removed before the pair retrains, so a
+    kill leaves no table describing another pair."""
     pc = pc or SHIPPED_PAIR
-    out = train_small_pair(out_dir, pc, curve_every=curve_every, arm_curve_every=arm_curve_every)
     replicates = tuple(seed for seed in seeds if seed != pc.seed)
-    for _ in in_order(_replicate_run, [(replicate_folder(runs, k), replace(pc, seed=k), curve_every) for k in replicates], jobs):
+    replicate_tasks = [(replicate_folder(runs, k), replace(pc, seed=k), curve_every) for k in replicates]
+    for folder, run_pc, family in [(f, c, "llada") for f, c, _ in replicate_tasks] + switch_tasks(runs, seeds, switch_base)[1]:
+        finished_run(folder, run_pc, family)  # a runs folder of another recipe is an error now, before any training
+    out = train_small_pair(out_dir, pc, curve_every=curve_every, arm_curve_every=arm_curve_every, overwrite=overwrite,
+                           rewriting_tables=True)
+    for _ in in_order(_replicate_run, replicate_tasks, jobs):
         pass
     for k in replicates:
-        shutil.copyfile(replicate_folder(runs, k) / "training.json", out / f"replicate_seed{k}.json")
+        write_text_atomic(out / f"replicate_seed{k}.json", (replicate_folder(runs, k) / "training.json").read_text())
     table = train_switches(runs, seeds, switch_base, jobs=jobs)
-    table.to_json(out / "switches.jsonl", orient="records", lines=True)
+    write_text_atomic(out / "switches.jsonl", table.to_json(orient="records", lines=True))
     recipe = [head_rows(out, RECIPE_LABEL, pc.seed)] + [head_rows(replicate_folder(runs, k), RECIPE_LABEL, k) for k in replicates]
-    pd.concat([switch_heads(runs, seeds), *recipe], ignore_index=True).to_json(out / "heads.jsonl", orient="records", lines=True)
+    heads = pd.concat([switch_heads(runs, seeds), *recipe], ignore_index=True)
+    write_text_atomic(out / "heads.jsonl", heads.to_json(orient="records", lines=True))
     return out
 
 

@@ -34,8 +34,10 @@ completions of the same file (totals over tokens, so shorter completions are fav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -45,8 +47,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
+from revlens.config import load_json
 from revlens.facts import Query, answer_logprobs, answer_scores
-from revlens.lm.small_pair import OBJECTIVE, Bucket, PairConfig, new_model, optimizer_step, save_model
+from revlens.lm.small_pair import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
 
 TRAIN_FILES: tuple[str, ...] = ("p2d_prompts_train.jsonl", "d2p_prompts_train.jsonl", "both_prompts_train.jsonl")
 TEST_FILES: tuple[str, ...] = ("p2d_prompts_test.jsonl", "p2d_reverse_prompts_test.jsonl", "d2p_prompts_test.jsonl",
@@ -62,12 +66,22 @@ class Example:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """One file of the layout; any line that is not ``{"prompt": str, "completion": str}`` is an error naming it."""
+    """One file of the layout; any line that is not ``{"prompt": str, "completion": str}`` is an error naming it.
+
+    Lines are split at newlines only (U+2028 inside a JSON string is text), text is normalised to Unicode NFC (so
+    a name typed decomposed is the same word), and the text of a special token (``<mask>``, ``</s>``, ...) is
+    refused: the tokenizer would read it as that token, not as words.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (a reversal dataset folder needs {', '.join(TRAIN_FILES + TEST_FILES)})")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                             f"{err.start + 1}); save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -81,6 +95,11 @@ def read_examples(path: str | Path) -> list[Example]:
                 raise ValueError(f"{path}, line {number}: missing key {key!r}")
             if not isinstance(record[key], str):
                 raise ValueError(f"{path}, line {number}: {key!r} must be a string, got {type(record[key]).__name__}")
+            record[key] = unicodedata.normalize("NFC", record[key])
+            special = next((t for t in SPECIAL if t in record[key].lower()), None)
+            if special is not None:
+                raise ValueError(f"{path}, line {number}: {key!r} contains the special-token text {special!r}, which "
+                                 "the tokenizer would read as that token; remove or reword it")
         if not record["completion"].strip():
             raise ValueError(f"{path}, line {number}: empty 'completion'")
         examples.append(Example(record["prompt"], record["completion"]))
@@ -95,6 +114,21 @@ def read_layout(folder: str | Path) -> dict[str, list[Example]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     return {name: read_examples(folder / name) for name in TRAIN_FILES + TEST_FILES}
+
+
+def train_test_overlap(layout: dict[str, list[Example]], tok) -> dict[str, int]:
+    """Per test file, how many of its lines (prompt and completion, normalised by ``tok``) are also a training line:
+    such a line measures memorised text, not a held-out paraphrase or an untrained direction."""
+    def text(ex: Example) -> str:
+        return normalise(tok, ex.prompt + " " + ex.completion)
+
+    trained = {text(ex) for name in TRAIN_FILES for ex in layout[name]}
+    return {name: sum(text(ex) in trained for ex in layout[name]) for name in TEST_FILES}
+
+
+def data_fingerprint(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of the layout: a run folder is reused only for the data it was trained on."""
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in TRAIN_FILES + TEST_FILES}
 
 
 def build_text_tokenizer(texts: list[str]):
@@ -217,6 +251,7 @@ def train_until_flat(family: str, buckets: list[Bucket], layout: dict[str, list[
         model.train()
         loss = optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt)
         step += 1
+        check_loss(loss, step, pc, f"train {family} ({objective})")
         bar.update(1)
         if step % hc.eval_every == 0 or step == limit:
             model.eval()
@@ -233,19 +268,55 @@ def train_until_flat(family: str, buckets: list[Bucket], layout: dict[str, list[
     return model, opt, step, history
 
 
-def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConfig = HarnessConfig()) -> pd.DataFrame:
+def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConfig = HarnessConfig(),
+                      overwrite: bool = False) -> pd.DataFrame:
     """Train the MDM and the ARM on ``data_dir`` and score every test file; writes ``out_dir``:
 
     ``results.csv`` (tidy: file x model x metric), ``scores.jsonl`` (one row per example and model),
-    ``training.json`` (budgets, histories, times) and the checkpoints ``llada/``, ``llama/`` and, when the
-    MDM needed more steps than the ARM, ``llama_at_mdm_budget/``.
+    ``training.json`` (budgets, histories, times, the data's SHA-256, the train/test overlap) and the checkpoints
+    ``llada/``, ``llama/`` and, when the MDM needed more steps than the ARM, ``llama_at_mdm_budget/``.
+
+    The run is built in a temporary folder beside ``out_dir`` and swapped in whole when it is finished, so a kill
+    leaves the previous folder untouched. Into an existing folder: a finished run of the same configuration and
+    data is returned as it is (nothing retrains); another run, or a folder this harness did not write, is refused
+    before anything trains unless ``overwrite`` (which replaces the whole folder).
     """
-    out = Path(out_dir)
+    out, data_dir = Path(out_dir), Path(data_dir)
     layout = read_layout(data_dir)
+    record: dict = {"config": asdict(hc), "data": data_fingerprint(data_dir)}
+    finished = finished_text_run(out, record, overwrite)
+    if finished is not None:
+        return finished
     tok = build_text_tokenizer([t for name in TRAIN_FILES for ex in layout[name] for t in (ex.prompt, ex.completion)])
     buckets = training_buckets(layout, tok)
-    record: dict = {"config": asdict(hc), "vocab_size": len(tok),
-                    "n_train_sequences": int(sum(len(b.tokens) for b in buckets)), "models": {}}
+    record |= {"vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
+               "train_test_overlap": train_test_overlap(layout, tok), "models": {}}
+    with folder_swap(out) as tmp:
+        results = _train_and_score(layout, tok, buckets, hc, tmp, record)
+    return results
+
+
+def finished_text_run(out: Path, record: dict, overwrite: bool) -> pd.DataFrame | None:
+    """The results of ``out`` when it is a finished run with ``record``'s configuration and data; None when ``out``
+    may be (re)written: new, empty, or replaced with ``overwrite``. Anything else is refused, naming what differs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+        return None
+    found = load_json(out / "training.json") if (out / "training.json").is_file() else None
+    if not (isinstance(found, dict) and isinstance(found.get("models"), dict) and (out / "results.csv").is_file()):
+        raise ValueError(f"{out} is a non-empty folder that is not a text-reversal run; refusing to overwrite it: "
+                         "choose a new --out, or pass --overwrite to replace the whole folder")
+    differing = [what for key, what in (("config", "configuration"), ("data", "dataset")) if found.get(key) != record[key]]
+    if differing:
+        raise ValueError(f"{out} holds a text-reversal run of another {' and '.join(differing)}; choose a new --out, "
+                         "or pass --overwrite to replace it")
+    return pd.read_csv(out / "results.csv")
+
+
+def _train_and_score(layout: dict[str, list[Example]], tok, buckets: list[Bucket], hc: HarnessConfig, out: Path,
+                     record: dict) -> pd.DataFrame:
+    """Train both models into ``out``, score every test file and write the tables (see :func:`run_text_reversal`)."""
     trained: dict[str, tuple] = {}
     for family in ("llada", "llama"):
         started = time.time()
@@ -262,10 +333,10 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
                                                    "history": history}
         models[f"ARM at the MDM's {mdm_steps} steps"] = ("llama", out / "llama_at_mdm_budget")
     scores = evaluate_models(models, layout)
-    scores.to_json(out / "scores.jsonl", orient="records", lines=True)
-    results = summarise(scores)
-    results.to_csv(out / "results.csv", index=False)
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text_atomic(out / "scores.jsonl", scores.to_json(orient="records", lines=True))
+    results = summarise(scores, record["train_test_overlap"])
+    write_text_atomic(out / "results.csv", results.to_csv(index=False))
+    write_json_atomic(out / "training.json", record)
     return results
 
 
@@ -281,12 +352,15 @@ def evaluate_models(models: dict[str, tuple[str, Path]], layout: dict[str, list[
     return pd.concat(tables, ignore_index=True)
 
 
-def summarise(scores: pd.DataFrame) -> pd.DataFrame:
-    """Tidy table: file x model x metric (accuracy, mean gold logp, mean gold rank, candidates, OOV golds, n)."""
+def summarise(scores: pd.DataFrame, overlap: dict[str, int] | None = None) -> pd.DataFrame:
+    """Tidy table: file x model x metric (accuracy, mean gold logp, mean gold rank, candidates, OOV golds, n, and
+    with ``overlap`` (:func:`train_test_overlap`) the file's lines also in training)."""
     rows = []
     for (file, model), group in scores.groupby(["file", "model"], sort=False):
         metrics = {"accuracy": group.correct.mean(), "mean gold logp": group.logp.mean(),
                    "mean gold rank": group["rank"].mean(), "candidates": group.gold.nunique(),
                    "gold with unknown words": int(group.gold_has_unk.sum()), "n": len(group)}
+        if overlap is not None:
+            metrics["lines also in training"] = overlap[file]
         rows += [{"file": file, "model": model, "metric": k, "value": float(v)} for k, v in metrics.items()]
     return pd.DataFrame(rows)
