@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from revlens.atomic import folder_swap, fsync_path, write_text_atomic
 from revlens.config import EncoderConfig, load_json
 from revlens.model import HookedEncoder
 from revlens.training import TrainConfig, TrainRun
@@ -68,12 +68,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a toy checkpoint :func:`save_run` wrote (its config records model and training), as
+    opposed to any folder with a ``config.json`` -- a downloaded model, say -- which is never replaced."""
+    if not ((folder / CONFIG).is_file() and (folder / WORLD).is_file()):
+        return False
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        meta = load_json(folder / CONFIG)
+    except ValueError:
+        return False
+    return isinstance(meta, dict) and {"model", "train", "seed"} <= set(meta)
 
 
 def check_destination(folder: str | Path) -> Path:
@@ -86,8 +90,9 @@ def check_destination(folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder; choose a new checkpoint folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG).is_file():
-        raise ValueError(f"{folder} is a non-empty folder that is not a revlens checkpoint; refusing to overwrite it")
+    if folder.is_dir() and any(folder.iterdir()) and not is_checkpoint(folder):
+        raise ValueError(f"{folder} is a non-empty folder that is not a revlens checkpoint; refusing to overwrite it: "
+                         "choose a new or empty folder")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -99,8 +104,7 @@ def check_destination(folder: str | Path) -> Path:
 def save_run(run: TrainRun, world: ReversalWorld, folder: str | Path) -> Path:
     """Write a trained run to ``folder`` atomically, replacing an earlier checkpoint there; returns the folder."""
     folder = check_destination(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with folder_swap(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         _write_json(tmp / CONFIG, {"model": run.model.cfg.to_dict(), "train": run.train_cfg.to_dict(), "seed": run.seed})
@@ -109,22 +113,9 @@ def save_run(run: TrainRun, world: ReversalWorld, folder: str | Path) -> Path:
         _write_json(tmp / HISTORY, run.history)
         files = (WEIGHTS, CONFIG, WORLD, METRICS, HISTORY)
         for name in files:
-            _fsync(tmp / name)
-        (tmp / f"{CHECKSUMS}.partial").write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=1) + "\n")
-        _fsync(tmp / f"{CHECKSUMS}.partial")
-        os.replace(tmp / f"{CHECKSUMS}.partial", tmp / CHECKSUMS)  # last, and atomically
-        _fsync(tmp)
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-        _fsync(folder.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            fsync_path(tmp / name)
+        # the checksums last: a folder without them was never finished
+        write_text_atomic(tmp / CHECKSUMS, json.dumps({name: _sha256(tmp / name) for name in files}, indent=1) + "\n")
     return folder
 
 
