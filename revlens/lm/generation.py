@@ -43,6 +43,7 @@ depend on earlier steps, so a run can be resumed from any step (and patched ther
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -52,7 +53,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from revlens.config import check_choice
+from revlens.config import check_choice, check_finite
 from revlens.patching import auto_sites_per_pass, site_patch_hooks
 
 REMASKING: tuple[str, ...] = ("low_confidence", "random", "margin", "entropy")
@@ -83,8 +84,29 @@ class PlannedStep:
     n_commit: int
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise a ValueError unless ``value`` is an integer (not a bool) in ``[low, high]``."""
+    if type(value) is not int or value < low or (high is not None and value > high):
+        where = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be {where} (an integer)")
+
+
 def plan_steps(n_slots: int, config: GenerationConfig) -> list[PlannedStep]:
     """Per step: its block and how many slots it commits. Refuses impossible settings with the reason."""
+    if type(config.steps) is not int:  # its range is checked against the generation length below
+        raise ValueError(f"steps must be an integer, got {config.steps!r}")
+    if config.block_length is not None:
+        _check_int("block_length", config.block_length, 1)
+    _check_int("seed", config.seed, 0, MAX_SEED)
+    # an infinite temperature would sample uniformly over the vocabulary (the mask token included), NaN would
+    # silently run as greedy: both are refused, as is a negative one
+    t = config.temperature
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
+        raise ValueError(f"temperature={t!r} must be >= 0 and finite (0 = greedy)")
+    check_finite("eps", config.eps)
     check_choice("remasking", config.remasking, REMASKING)
     check_choice("schedule", config.schedule, SCHEDULES)
     block = n_slots if config.block_length is None else config.block_length
@@ -97,8 +119,6 @@ def plan_steps(n_slots: int, config: GenerationConfig) -> list[PlannedStep]:
     if config.steps % n_blocks:
         raise ValueError(f"steps={config.steps} is not a multiple of the number of blocks {n_blocks} "
                          f"(generation length {n_slots} / block_length {block})")
-    if config.temperature < 0:
-        raise ValueError(f"temperature={config.temperature} must be >= 0 (0 = greedy)")
     if not 0 < config.eps < 1:
         raise ValueError(f"eps={config.eps} must lie in (0, 1)")
     per_block = config.steps // n_blocks
@@ -138,8 +158,9 @@ class StepCache:
     :attr:`nbytes_per_step` reports it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, n_steps: int | None = None) -> None:
         self.data: dict[int, dict[str, Tensor]] = {}
+        self.n_steps = n_steps  # the steps of the run it was cached from (checked by patch_generation)
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
         if step not in self.data:
@@ -278,8 +299,11 @@ def _masked_prompt(lm: Any, tokens: Tensor, gen_length: int | None) -> tuple[Ten
     tokens = lm._check_tokens(tokens)
     mask_id = int(lm.mask_token_id)
     if gen_length is not None:
-        if gen_length < 1:
-            raise ValueError(f"gen_length={gen_length} must be >= 1")
+        _check_int("gen_length", gen_length, 1)
+        if (tokens == mask_id).any():
+            row = int((tokens == mask_id).any(1).nonzero()[0])
+            raise ValueError(f"prompt {row} already holds mask tokens (id {mask_id}) and gen_length={gen_length} would "
+                             "append more: generate either the prompt's own masks (no gen_length) or appended ones")
         tokens = torch.cat([tokens, torch.full((tokens.shape[0], gen_length), mask_id, device=tokens.device)], 1)
     elif not (tokens == mask_id).any(1).all():
         row = int((~(tokens == mask_id).any(1)).nonzero()[0])
@@ -317,7 +341,7 @@ def generate(
     hooks or caching the model runs without any hook.
     """
     tokens, slots = _masked_prompt(lm, tokens, gen_length)
-    config = GenerationConfig(steps, block_length, remasking, float(temperature), schedule or lm.family.name, eps, seed)
+    config = GenerationConfig(steps, block_length, remasking, temperature, schedule or lm.family.name, eps, seed)
     plan_steps(slots.shape[1], config)  # refuse bad settings before any forward pass
     if targets is not None and tuple(targets.shape) != tuple(slots.shape):
         raise ValueError(f"targets must hold one token per slot, shape {tuple(slots.shape)}; got {tuple(targets.shape)}")
@@ -327,7 +351,7 @@ def generate(
             raise ValueError(f"a hook is (name, fn) or (name, fn, steps), got {entry!r}")
         name, fn, spec = (*entry, hook_steps) if len(entry) == 2 else entry
         user_hooks.append((lm.check_hook_names([name])[0], fn, _step_set(spec, steps, "hook steps")))
-    cache = StepCache()
+    cache = StepCache(steps)
     if cache_names is not None:
         cache_names = lm.check_hook_names([cache_names] if isinstance(cache_names, str) else cache_names)
         if not cache_names:
@@ -393,12 +417,27 @@ def patch_generation(
     steps = tuple(sorted(_step_set(steps, corrupted.n_steps, "patched steps")))
     if not steps:
         raise ValueError("no step to patch")
+    if clean_cache.n_steps not in (None, corrupted.n_steps):
+        raise ValueError(f"the clean cache comes from a run of {clean_cache.n_steps} steps, the corrupted run has "
+                         f"{corrupted.n_steps}: step s would patch another point of the schedule; generate both alike")
+    if sites_per_pass is not None:
+        _check_int("sites_per_pass", sites_per_pass, 1)
+    n_layers = lm.cfg.n_layers
+    for site in sites:
+        if not (isinstance(site, tuple) and len(site) == 2 and type(site[0]) is int and 0 <= site[0] < n_layers
+                and isinstance(site[1], tuple)):
+            raise ValueError(f"a site is (layer, index) with layer in 0..{n_layers - 1} and index a tuple, got {site!r}")
     needed = sorted({hook.format(layer=layer) for layer, _ in sites})
+    n, seq = corrupted.slots.shape[0], corrupted.states.shape[-1]
     for s in steps:
         missing = [name for name in needed if name not in clean_cache[s]]
         if missing:
             raise KeyError(f"the clean cache at step {s} lacks {missing}: generate the clean run with them in cache_names")
-    n = corrupted.slots.shape[0]
+        for name in needed:
+            shape = tuple(clean_cache[s][name].shape[:2])
+            if shape != (n, seq) and not (name.endswith(("hook_pattern", "hook_attn_scores")) and shape[0] == n):
+                raise ValueError(f"the clean cache's {name} at step {s} holds [batch, seq] = {list(shape)}, the corrupted "
+                                 f"run [{n}, {seq}]: patch from a clean run of the same batch and prompt length")
     per_pass = sites_per_pass or auto_sites_per_pass(lm, n, corrupted.states.shape[-1])
     answers, commits, logps = [], [], []
     for first in tqdm(range(0, len(sites), per_pass), desc="patching", disable=not progress):
