@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,26 @@ def check_finite(name: str, value: Any, minimum: float | None = None, *, strict:
     if not ok:
         bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_file_name(what: str, value: Any) -> str:
+    """``value`` if it can name a file inside a folder (letters, digits, ``_``, ``-``, ``.``; no ``/`` or ``..``).
+
+    Sweep and report names become file names: ``"../x"`` would write outside the folder meant for them.
+    """
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) or ".." in value:
+        raise ValueError(f"{what} {value!r} must be a plain name (letters, digits, '_', '-', '.'; no '/' or '..'), "
+                         "since it names files")
+    return value
+
+
+def check_seeds(value: Any) -> tuple[int, ...]:
+    """A non-empty list of distinct non-negative integer seeds, as a tuple; a repeated seed would duplicate rows."""
+    if not isinstance(value, list) or not value or not all(type(s) is int and 0 <= s < 2**63 for s in value):
+        raise ValueError(f"'seeds' must be a non-empty list of integers in [0, 2**63), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"'seeds' must be distinct, got {value}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

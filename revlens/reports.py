@@ -18,6 +18,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from revlens.atomic import write_json_atomic
+from revlens.config import check_file_name
+
 REPORT_ENV = "REVLENS_REPORT_DIR"
 
 
@@ -31,7 +34,7 @@ def save_figure(fig: Figure, name: str) -> Path | None:
     root = report_dir()
     if root is None:
         return None
-    path = root / "figures" / f"{name}.png"
+    path = root / "figures" / f"{check_file_name('figure name', name)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
@@ -42,11 +45,11 @@ def record(notebook: str, results: Mapping[str, Any]) -> Path | None:
     root = report_dir()
     if root is None:
         return None
-    path = root / "results" / f"{notebook}.json"
+    path = root / "results" / f"{check_file_name('notebook name', notebook)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.is_file() else {}
     existing.update(results)
-    path.write_text(json.dumps(existing, indent=1, default=float) + "\n")
+    write_json_atomic(path, existing, default=float)
     return path
 
 

@@ -54,7 +54,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm import tqdm
 
-from revlens.config import EncoderConfig
+from revlens.config import EncoderConfig, check_file_name, check_seeds
 from revlens.theory import pearson, spearman
 from revlens.training import TrainConfig
 from revlens.workers import check_jobs, in_order
@@ -561,7 +561,8 @@ class RoutingSweepSpec:
                 raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' needs \"layout\": \"fillers\" "
                                  "(text in position order); with gaps the next sequence index is not the next position")
         train = TrainConfig(**{"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
-        spec = cls(data["name"], dict(data.get("world", {})), train, tuple(data["seeds"]), tuple(cells),
+        spec = cls(check_file_name("routing sweep name", data.get("name")), dict(data.get("world", {})), train,
+                   check_seeds(data.get("seeds")), tuple(cells),
                    int(data.get("stack_size", 50)))
         for cell in cells:  # a bad training override fails now, not after the other cells have trained
             if "objective" in cell.train:

@@ -42,7 +42,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from revlens.config import check_choice, load_json
+from revlens.config import check_choice, check_file_name, check_seeds, load_json
 from revlens.evaluation import evaluate_under_control
 from revlens.experiments import Setting, code_fingerprint, train_setting
 from revlens.objectives import OBJECTIVES
@@ -89,11 +89,8 @@ class SweepSpec:
         unknown = sorted(set(data) - SPEC_KEYS)
         if unknown:
             raise ValueError(f"sweep file has unknown top-level keys {unknown}; expected some of {sorted(SPEC_KEYS)}")
-        seeds = data["seeds"]
-        if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
-            raise ValueError(f"'seeds' must be a non-empty list of integers, got {seeds!r}")
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"'seeds' must be distinct, got {seeds}")
+        name = check_file_name("sweep name", data["name"])
+        seeds = check_seeds(data["seeds"])
         if not isinstance(data["settings"], list) or not data["settings"]:
             raise ValueError(f"'settings' must be a non-empty list of settings, got {data['settings']!r}")
         settings = [_setting_from_dict(i, entry) for i, entry in enumerate(data["settings"])]
@@ -113,7 +110,7 @@ class SweepSpec:
                 setting.model_cfg(world)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"setting {setting.name!r}: bad model override: {err}") from None
-        return cls(str(data["name"]), world, train_cfg, tuple(seeds), tuple(settings))
+        return cls(name, world, train_cfg, seeds, tuple(settings))
 
     @classmethod
     def load(cls, path: str | Path) -> "SweepSpec":

@@ -51,3 +51,48 @@ def test_train_replaces_its_own_earlier_checkpoint(tmp_path):
     assert main(TINY_TRAIN + ["--out", str(out), "--seed", "1"]) == 0
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left beside it
+
+
+# ---- sweep files and report names -----------------------------------------------------------------------------------
+
+def _spec(path, **changes):
+    return {**json.loads(open(path).read()), **changes}
+
+
+SPEC_CASES = [
+    ("ablation sweep name leaving its folder", "data/ablations_sweep.json", {"name": "../outside"}, "must be a plain name"),
+    ("routing sweep name leaving its folder", "data/routing_sweep.json", {"name": "../../x"}, "must be a plain name"),
+    ("routing sweep with a repeated seed", "data/routing_sweep.json", {"seeds": [0, 0]}, "'seeds' must be distinct"),
+    ("routing sweep with a seed beyond torch's range", "data/routing_sweep.json", {"seeds": [2**70]},
+     r"'seeds' must be a non-empty list of integers in \[0, 2\*\*63\)"),
+    ("ablation sweep with a negative seed", "data/ablations_sweep.json", {"seeds": [-1]}, "'seeds' must be a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("case,path,changes,message", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_bad_sweep_files_are_refused_before_training(case, path, changes, message):
+    from revlens.routing import RoutingSweepSpec
+    from revlens.sweep import SweepSpec
+
+    spec = RoutingSweepSpec if "routing" in path else SweepSpec
+    with pytest.raises(ValueError, match=message):
+        spec.from_dict(_spec(path, **changes))
+
+
+@pytest.mark.parametrize("name", ["../figure", "a/b", "", "x y"])
+def test_report_names_never_leave_the_report_folder(tmp_path, monkeypatch, name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from revlens.reports import record, save_figure
+
+    monkeypatch.setenv("REVLENS_REPORT_DIR", str(tmp_path / "reports"))
+    fig = plt.figure()
+    with pytest.raises(ValueError, match="must be a plain name"):
+        save_figure(fig, name)
+    with pytest.raises(ValueError, match="must be a plain name"):
+        record(name, {"x": 1})
+    plt.close(fig)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
