@@ -52,6 +52,16 @@ def check_finite(name: str, value: Any, minimum: float | None = None, *, strict:
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
+MAX_SEED = 2**63 - 1  # the largest seed torch.manual_seed and torch.Generator accept
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise a ValueError unless ``value`` is an integer (not a bool) in ``[low, high]``."""
+    if type(value) is not int or value < low or (high is not None and value > high):
+        where = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be {where} (an integer)")
+
+
 def check_file_name(what: str, value: Any) -> str:
     """``value`` if it can name a file inside a folder (letters, digits, ``_``, ``-``, ``.``; no ``/`` or ``..``).
 
@@ -65,7 +75,7 @@ def check_file_name(what: str, value: Any) -> str:
 
 def check_seeds(value: Any) -> tuple[int, ...]:
     """A non-empty list of distinct non-negative integer seeds, as a tuple; a repeated seed would duplicate rows."""
-    if not isinstance(value, list) or not value or not all(type(s) is int and 0 <= s < 2**63 for s in value):
+    if not isinstance(value, list) or not value or not all(type(s) is int and 0 <= s <= MAX_SEED for s in value):
         raise ValueError(f"'seeds' must be a non-empty list of integers in [0, 2**63), got {value!r}")
     if len(set(value)) != len(value):
         raise ValueError(f"'seeds' must be distinct, got {value}")

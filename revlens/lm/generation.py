@@ -53,7 +53,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from revlens.config import check_choice, check_finite
+from revlens.config import MAX_SEED, check_choice, check_finite, check_int
 from revlens.patching import auto_sites_per_pass, site_patch_hooks
 
 REMASKING: tuple[str, ...] = ("low_confidence", "random", "margin", "entropy")
@@ -84,23 +84,13 @@ class PlannedStep:
     n_commit: int
 
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    """Raise a ValueError unless ``value`` is an integer (not a bool) in ``[low, high]``."""
-    if type(value) is not int or value < low or (high is not None and value > high):
-        where = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be {where} (an integer)")
-
-
 def plan_steps(n_slots: int, config: GenerationConfig) -> list[PlannedStep]:
     """Per step: its block and how many slots it commits. Refuses impossible settings with the reason."""
     if type(config.steps) is not int:  # its range is checked against the generation length below
         raise ValueError(f"steps must be an integer, got {config.steps!r}")
     if config.block_length is not None:
-        _check_int("block_length", config.block_length, 1)
-    _check_int("seed", config.seed, 0, MAX_SEED)
+        check_int("block_length", config.block_length, 1)
+    check_int("seed", config.seed, 0, MAX_SEED)
     # an infinite temperature would sample uniformly over the vocabulary (the mask token included), NaN would
     # silently run as greedy: both are refused, as is a negative one
     t = config.temperature
@@ -299,7 +289,7 @@ def _masked_prompt(lm: Any, tokens: Tensor, gen_length: int | None) -> tuple[Ten
     tokens = lm._check_tokens(tokens)
     mask_id = int(lm.mask_token_id)
     if gen_length is not None:
-        _check_int("gen_length", gen_length, 1)
+        check_int("gen_length", gen_length, 1)
         if (tokens == mask_id).any():
             row = int((tokens == mask_id).any(1).nonzero()[0])
             raise ValueError(f"prompt {row} already holds mask tokens (id {mask_id}) and gen_length={gen_length} would "
@@ -421,7 +411,7 @@ def patch_generation(
         raise ValueError(f"the clean cache comes from a run of {clean_cache.n_steps} steps, the corrupted run has "
                          f"{corrupted.n_steps}: step s would patch another point of the schedule; generate both alike")
     if sites_per_pass is not None:
-        _check_int("sites_per_pass", sites_per_pass, 1)
+        check_int("sites_per_pass", sites_per_pass, 1)
     n_layers = lm.cfg.n_layers
     for site in sites:
         if not (isinstance(site, tuple) and len(site) == 2 and type(site[0]) is int and 0 <= site[0] < n_layers
