@@ -75,8 +75,10 @@ def check_file_name(what: str, value: Any) -> str:
 
 def check_seeds(value: Any) -> tuple[int, ...]:
     """A non-empty list of distinct non-negative integer seeds, as a tuple; a repeated seed would duplicate rows."""
-    if not isinstance(value, list) or not value or not all(type(s) is int and 0 <= s <= MAX_SEED for s in value):
-        raise ValueError(f"'seeds' must be a non-empty list of integers in [0, 2**63), got {value!r}")
+    if not isinstance(value, list) or not value or not all(type(s) is int for s in value):
+        raise ValueError(f"'seeds' must be a non-empty list of integers, got {value!r}")
+    if not all(0 <= s <= MAX_SEED for s in value):
+        raise ValueError(f"'seeds' must lie in [0, {MAX_SEED}] (torch's seed range), got {value}")
     if len(set(value)) != len(value):
         raise ValueError(f"'seeds' must be distinct, got {value}")
     return tuple(value)
