@@ -30,7 +30,7 @@ def fsync_path(path: str | Path) -> None:
 
 
 @contextmanager
-def _temporary_beside(path: Path) -> Iterator[Path]:
+def temporary_beside(path: Path) -> Iterator[Path]:
     """A temporary file name beside ``path``, renamed over ``path`` if the block succeeds, removed if not."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,7 +47,7 @@ def _temporary_beside(path: Path) -> Iterator[Path]:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` by ``text`` (UTF-8) atomically."""
-    with _temporary_beside(Path(path)) as tmp:
+    with temporary_beside(Path(path)) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -59,7 +59,7 @@ def write_json_atomic(path: str | Path, data: Any, **dumps_kwargs: Any) -> None:
 
 def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Write a state dict as safetensors atomically (tensors made contiguous, detached)."""
-    with _temporary_beside(Path(path)) as tmp:
+    with temporary_beside(Path(path)) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
 
 

@@ -199,7 +199,7 @@ def load_run(folder: str | Path, *, require_checksums: bool = False) -> tuple[Tr
         raise ValueError(f"{folder / CONFIG} lacks {', '.join(repr(k) for k in missing)}")
     try:
         model = HookedEncoder(EncoderConfig.from_dict(meta["model"]))
-        train_cfg = TrainConfig(**meta["train"])
+        train_cfg = TrainConfig.from_dict(meta["train"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG}: {err}") from None
     load_weights(model, read_weights(folder / WEIGHTS), str(folder / WEIGHTS))

@@ -19,25 +19,42 @@ import os
 import sys
 from pathlib import Path
 
-from revlens.config import ATTENTION_DIRS, POSITIONALS, EncoderConfig
+from revlens.config import ATTENTION_DIRS, MAX_SEED, POSITIONALS, EncoderConfig, number_option
 from revlens.experiments import BASE_MODEL
 from revlens.objectives import OBJECTIVES
 
 DEFAULT_ATTENTION = {"mdm": "bidirectional", "bert": "bidirectional", "arm": "causal", "inplace": "bidirectional"}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# every numeric option goes through revlens.config.number_option: finite, in range, refused before any work
+_positive_int = number_option(int, 1)
+_positive_float = number_option(float, 0, strict=True)
+_seed = number_option(int, 0, MAX_SEED)  # what torch.manual_seed and torch.Generator accept
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _device(text: str) -> str:
+    """A torch device this machine has, checked while the arguments are read (not when weights are loaded)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"CUDA requested ({text!r}) but not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"MPS requested ({text!r}) but not available on this machine; use --device cpu")
+    return text
+
+
+def _file_path(text: str) -> Path:
+    """An output file path; an existing folder there is refused now, not after the work that would fill the file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give the path of a file to write")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--heads", type=_positive_int, default=BASE_MODEL["n_heads"])
     tr.add_argument("--d-model", type=_positive_int, default=BASE_MODEL["d_model"])
     tr.add_argument("--layers", type=_positive_int, default=BASE_MODEL["n_layers"])
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_seed, default=0)
     tr.add_argument("--steps", type=_positive_int, default=2000)
     tr.add_argument("--batch-size", type=_positive_int, default=256)
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--n-facts", type=int, default=200, help="world size (number of facts)")
-    tr.add_argument("--n-control", type=int, default=40, help="facts also trained in reverse")
-    tr.add_argument("--world-seed", type=int, default=0)
+    tr.add_argument("--lr", type=_positive_float, default=3e-3)
+    tr.add_argument("--n-facts", type=number_option(int, 2), default=200, help="world size (number of facts)")
+    tr.add_argument("--n-control", type=_positive_int, default=40, help="facts also trained in reverse")
+    tr.add_argument("--world-seed", type=_seed, default=0)
     tr.add_argument("--world", type=Path, default=None, help="load the world from this JSON file instead")
     tr.add_argument("--out", type=Path, required=True, help="output folder for the checkpoint")
     tr.add_argument("--no-progress", action="store_true")
@@ -68,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="run a grid of settings x seeds into one tidy JSON-lines table (resumable)")
     sw.add_argument("config", type=Path, help="sweep file, e.g. data/ablations_sweep.json")
-    sw.add_argument("--out", type=Path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
+    sw.add_argument("--out", type=_file_path, default=None, help="table path (default: reports/sweep_<name>.jsonl)")
     sw.add_argument("--jobs", type=_positive_int, default=2,
                     help="settings (routing sweeps: stacks) trained at once in worker processes, threads split between them (default 2)")
     sw.add_argument("--redo", action="store_true",
@@ -85,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", type=Path, default=Path("runs/small_pair_switches"), help="folder for the switch runs")
     sp.add_argument("--models", nargs="+", choices=("llada", "llama"), default=("llada", "llama"),
                     help="train only these of the pair (llada: the MDM, llama: the ARM)")
-    sp.add_argument("--seed", type=int, default=None, help="seed of the pair (world, initialisation, batches; default 0)")
+    sp.add_argument("--seed", type=_seed, default=None, help="seed of the pair (world, initialisation, batches; default 0)")
     sp.add_argument("--lr", type=_positive_float, default=None,
                     help="peak learning rate of the pair's one-cycle schedule (default: the shipped recipe's)")
     sp.add_argument("--curve-every", type=_positive_int, default=None,
@@ -100,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     fa = sub.add_parser("facts", help="score a model folder (LLaDA, Dream, Qwen2, LLaMA) on a fact set, both directions")
     fa.add_argument("model", help="local folder with config.json + safetensors (or a hub name when online)")
     fa.add_argument("--facts", type=Path, default=Path("data/real_facts.json"))
-    fa.add_argument("--device", default="cpu")
+    fa.add_argument("--device", type=_device, default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
     fa.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="cast the stored weights (default: keep them)")
     fa.add_argument("--rule", choices=("startswith", "exact", "substring"), default="startswith")
     fa.add_argument("--decode", choices=("sequential", "parallel"), default="sequential",
                     help="how a masked model fills the answer: one token per pass, most confident first "
                          "(sequential), or all in one pass (parallel, for models trained with whole-entity masking)")
-    fa.add_argument("--out", type=Path, default=None, help="also write every scored query as JSON lines")
+    fa.add_argument("--out", type=_file_path, default=None, help="also write every scored query as JSON lines")
 
     tx = sub.add_parser("text-reversal", help="train a small MDM and a matched ARM on a reversal dataset folder "
                         "(Berglund et al. layout) and score every test file")
@@ -116,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--layers", type=_positive_int, default=2)
     tx.add_argument("--d-model", type=_positive_int, default=128)
     tx.add_argument("--heads", type=_positive_int, default=4)
-    tx.add_argument("--seed", type=int, default=0)
+    tx.add_argument("--seed", type=_seed, default=0)
     tx.add_argument("--max-steps", type=_positive_int, default=40000, help="cap on steps per model")
     tx.add_argument("--eval-every", type=_positive_int, default=250, help="steps between validation evaluations")
     tx.add_argument("--patience", type=_positive_int, default=4,
@@ -228,8 +245,9 @@ def cmd_facts(args: argparse.Namespace) -> int:
     print(f"rule: {args.rule}, decode: {args.decode} (answer length = gold token count; see revlens.facts)")
     print(table.groupby(["relation", "direction"])[["correct", "logp"]].mean().unstack("direction").round(3).to_string())
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_json(args.out, orient="records", lines=True)
+        from revlens.atomic import write_text_atomic
+
+        write_text_atomic(args.out, table.to_json(orient="records", lines=True))
         print(f"rows written to {args.out}")
     return 0
 

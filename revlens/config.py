@@ -7,13 +7,14 @@ field rather than a copied class. The field names ``n_layers``, ``n_heads``,
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 AttentionDir = Literal["bidirectional", "causal"]
 Positional = Literal["rotary", "absolute", "alibi", "none"]
@@ -60,6 +61,44 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
     if type(value) is not int or value < low or (high is not None and value > high):
         where = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name}={value!r} must be {where} (an integer)")
+
+
+def number_option(kind: type[int] | type[float], low: float | None = None, high: float | None = None, *,
+                  strict: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type=`` for a numeric option: the text as ``kind``, finite and in range, else a clear error.
+
+    The one place the command line checks the numbers it is given: ``nan``, ``inf``, ``1e999`` or a
+    seed torch cannot take is refused while the arguments are read, before any work starts.
+    ``low`` is inclusive (exclusive if ``strict``), ``high`` inclusive.
+    """
+    what = "an integer" if kind is int else "a finite number"
+    if low is not None and high is not None and not strict:
+        what += f" in [{low}, {high}]"
+    else:
+        what += "".join(f" {op} {bound}" for op, bound in ((">" if strict else ">=", low), ("<=", high)) if bound is not None)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            value = None
+        ok = value is not None and math.isfinite(value) and (low is None or (value > low if strict else value >= low))
+        if not ok or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def check_fields(cls: type, data: Any) -> dict[str, Any]:
+    """``data`` if it is a mapping whose keys are all fields of the dataclass ``cls``; else an error naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} settings must be a JSON object of fields, got {data!r}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(map(str, unknown))}")
+    return data
 
 
 def check_file_name(what: str, value: Any) -> str:
@@ -115,11 +154,20 @@ class EncoderConfig:
         check_choice("positional", self.positional, POSITIONALS)
         for name in ("d_vocab", "n_ctx", "d_model", "n_heads", "d_head", "n_layers", "d_mlp"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if type(value) is not int or value < 1:  # not a bool, a float or a string either
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("attn_only", "residual", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a device name such as 'cpu', got {self.device!r}")
         if self.positional == "rotary" and self.d_head % 2:
             raise ValueError(f"rotary positions need an even d_head, got {self.d_head}")
         check_finite("rotary_base", self.rotary_base, 1, strict=True)
+        if not isinstance(self.untied_positions, (tuple, list, set, frozenset)) or not all(
+            isinstance(p, str) for p in self.untied_positions
+        ):
+            raise ValueError(f"untied_positions must be a list of projection names, got {self.untied_positions!r}")
         untied = tuple(sorted(set(self.untied_positions)))
         for proj in untied:
             check_choice("untied projection", proj, UNTIEABLE_PROJECTIONS)
@@ -138,10 +186,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig fields: {', '.join(unknown)}")
-        data = dict(data)
-        data["untied_positions"] = tuple(data.get("untied_positions", ()))
+        data = dict(check_fields(cls, data))
+        untied = data.get("untied_positions", ())
+        data["untied_positions"] = tuple(untied) if isinstance(untied, list) else untied  # JSON has lists only
         return cls(**data)

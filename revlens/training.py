@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.func import vmap
 from tqdm import tqdm
 
-from revlens.config import EncoderConfig, check_choice, check_finite
+from revlens.config import EncoderConfig, check_choice, check_fields, check_finite
 from revlens.evaluation import evaluate, evaluate_instances
 from revlens.model import HookedEncoder, functional_logits, stack_parameters
 from revlens.objectives import (
@@ -68,13 +68,18 @@ class TrainConfig:
         check_choice("objective", self.objective, OBJECTIVES)
         check_mask_eps(self.mask_eps)
         for name in ("steps", "batch_size", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:  # a bool is not a step count
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         check_finite("lr", self.lr, 0, strict=True)
         check_finite("weight_decay", self.weight_decay, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """The settings a JSON object names; an unknown or wrong-typed field is an error naming it."""
+        return cls(**check_fields(cls, data))
 
 
 @dataclass

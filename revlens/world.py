@@ -23,7 +23,7 @@ Chance level is 1 / n_facts: a guess that at least knows which alphabet the answ
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from revlens.atomic import write_json_atomic
 from revlens.config import load_json
 
 MASK, RELATION = "[M]", "r"
@@ -56,6 +57,17 @@ class EvalSet:
     """Position ids of the prompt tokens (None: 0 .. seq - 1)."""
 
 
+def _check_sizes(n_facts: Any, n_control: Any) -> None:
+    """At least 2 facts (integers, not bools) and room for both the forward-only and the control split."""
+    if type(n_facts) is not int or n_facts < 2:
+        raise ValueError(f"a world needs at least 2 facts, got n_facts={n_facts!r}")
+    if type(n_control) is not int or not 1 <= n_control <= n_facts - 1:
+        raise ValueError(
+            f"n_control={n_control!r} leaves no room for both splits: it must lie in "
+            f"[1, n_facts - 1] = [1, {n_facts - 1}]"
+        )
+
+
 @dataclass(frozen=True)
 class ReversalWorld:
     """A seeded set of facts (A_i, B_i) with a forward-only / control split."""
@@ -69,13 +81,7 @@ class ReversalWorld:
     @classmethod
     def generate(cls, n_facts: int = 200, n_control: int = 40, seed: int = 0) -> "ReversalWorld":
         """Draw a world; the first ``n_facts - n_control`` facts are forward-only."""
-        if not isinstance(n_facts, int) or n_facts < 2:
-            raise ValueError(f"a world needs at least 2 facts, got n_facts={n_facts!r}")
-        if not isinstance(n_control, int) or not 1 <= n_control <= n_facts - 1:
-            raise ValueError(
-                f"n_control={n_control!r} leaves no room for both splits: it must lie in "
-                f"[1, n_facts - 1] = [1, {n_facts - 1}]"
-            )
+        _check_sizes(n_facts, n_control)
         gen = torch.Generator().manual_seed(seed)
         first_a, first_b = 2, 2 + n_facts
         a_ids = tuple(first_a + i for i in torch.randperm(n_facts, generator=gen).tolist())
@@ -162,22 +168,55 @@ class ReversalWorld:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ReversalWorld":
+        """The world a :meth:`to_dict` object describes; a missing or wrong-typed field, an entity outside
+        its alphabet (a B where an A belongs, say) or an entity in two facts is an error naming it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a world must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("n_facts", "n_control", "seed", "facts") if k not in data]
+        if missing:
+            raise ValueError(f"world lacks the field(s) {', '.join(repr(k) for k in missing)}")
+        _check_sizes(data["n_facts"], data["n_control"])
+        if type(data["seed"]) is not int:
+            raise ValueError(f"world field 'seed' must be an integer, got {data['seed']!r}")
         world = cls(data["n_facts"], data["n_control"], data["seed"], (), ())
-        index = {tok: i for i, tok in enumerate(world.vocab)}
         if data.get("vocab", world.vocab) != world.vocab:
             raise ValueError("world file's vocabulary does not match its n_facts")
-        try:
-            a_ids = tuple(index[a] for a, _ in data["facts"])
-            b_ids = tuple(index[b] for _, b in data["facts"])
-        except KeyError as err:
-            raise ValueError(f"world file names an entity outside its vocabulary: {err}") from None
-        if len(a_ids) != world.n_facts:
-            raise ValueError(f"world file lists {len(a_ids)} facts but says n_facts={world.n_facts}")
-        return cls(world.n_facts, world.n_control, world.seed, a_ids, b_ids)
+        facts = data["facts"]
+        if not isinstance(facts, list) or not all(
+            isinstance(f, list) and len(f) == 2 and all(isinstance(t, str) for t in f) for f in facts
+        ):
+            raise ValueError("world field 'facts' must be a list of [A, B] pairs of entity names")
+        if len(facts) != world.n_facts:
+            raise ValueError(f"world file lists {len(facts)} facts but says n_facts={world.n_facts}")
+        index = {tok: i for i, tok in enumerate(world.vocab)}
+        ids = []
+        for side, alphabet in ((0, world.alphabet("A")), (1, world.alphabet("B"))):
+            kind = "AB"[side]
+            first, last = int(alphabet[0]), int(alphabet[-1])
+            for i, fact in enumerate(facts):
+                if fact[side] not in index:
+                    raise ValueError(f"world fact {i} {fact} names an entity outside its vocabulary: {fact[side]!r}")
+                if not first <= index[fact[side]] <= last:
+                    raise ValueError(f"world fact {i} {fact}: {fact[side]!r} is not an {kind} entity "
+                                     f"(facts are [A, B] pairs, A0..A{world.n_facts - 1} then B0..B{world.n_facts - 1})")
+            side_ids = tuple(index[f[side]] for f in facts)
+            if len(set(side_ids)) != len(side_ids):
+                repeated = sorted(name for name, n in Counter(f[side] for f in facts).items() if n > 1)
+                raise ValueError(f"world facts repeat the {kind} entit{'y' if len(repeated) == 1 else 'ies'} "
+                                 f"{', '.join(repeated)}: each entity belongs to exactly one fact")
+            ids.append(side_ids)
+        return cls(world.n_facts, world.n_control, world.seed, ids[0], ids[1])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write the world as JSON atomically (a crash leaves the old file or the new one)."""
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ReversalWorld":
-        return cls.from_dict(load_json(path))
+        """Read a world file; any problem with its content is a ValueError naming the file."""
+        try:
+            return cls.from_dict(load_json(path))
+        except ValueError as err:
+            if str(err).startswith(str(path)):  # load_json already names it
+                raise
+            raise ValueError(f"{path}: {err}") from None

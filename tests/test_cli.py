@@ -105,7 +105,7 @@ def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_pa
     assert {"llada forward control", "llama forward control"} <= set(record["accuracy"])
     with pytest.raises(SystemExit):
         main(["small-pair", "--lr", "0", "--out", str(out)])
-    assert "--lr: must be a positive number, got 0" in capsys.readouterr().err
+    assert "--lr: must be a finite number > 0, got '0'" in capsys.readouterr().err
 
 
 def test_text_reversal_command(tmp_path, capsys):

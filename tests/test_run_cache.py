@@ -168,8 +168,10 @@ def test_train_replaces_an_earlier_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("lr", ["nan", "inf", "-inf", "0"])
 def test_non_finite_or_non_positive_lr_is_refused_before_training(tmp_path, capsys, lr):
-    assert cli.main(["train", "--steps", "3", "--no-progress", f"--lr={lr}", "--out", str(tmp_path / "ck")]) == 2
-    assert "lr must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused while the arguments are read
+        cli.main(["train", "--steps", "3", "--no-progress", f"--lr={lr}", "--out", str(tmp_path / "ck")])
+    assert exit_.value.code == 2
+    assert "argument --lr: must be a finite number > 0" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()
 
 
