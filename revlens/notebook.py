@@ -21,16 +21,19 @@ def setup(threads: int = 2) -> None:
 
 
 def strip_stderr(path: str) -> int:
-    """Remove stderr stream outputs (progress-bar frames, warnings) from an executed notebook, in place.
+    """Remove stderr stream outputs and per-cell execution timestamps from an executed notebook, in place.
 
     Progress bars are for the person watching a run; committed as hundreds of ``\\r`` frames they are
-    noise in the file and its diffs. Returns the number of outputs removed.
+    noise in the file and its diffs. So are the times nbclient (``jupyter nbconvert --execute``) writes
+    into every cell's ``metadata.execution``, which change on every run. Returns the number of outputs
+    removed.
     """
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     removed = 0
     for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
         if cell.cell_type == "code":
             kept = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
             removed += len(cell.outputs) - len(kept)
@@ -43,4 +46,4 @@ if __name__ == "__main__":  # python -m revlens.notebook NOTEBOOK.ipynb ...
     import sys
 
     for notebook in sys.argv[1:]:
-        print(f"{notebook}: removed {strip_stderr(notebook)} stderr outputs")
+        print(f"{notebook}: removed {strip_stderr(notebook)} stderr outputs and the execution timestamps")

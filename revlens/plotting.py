@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -17,6 +18,9 @@ SET_LABELS = {
     "reverse": "reverse\nB r [M] → A",
     "control_reverse": "control reverse\n(trained both ways)",
 }
+
+MAX_WIDTH = 10.0
+"""Widest figure in inches: at the notebook's default 100 dpi it fits a JupyterLab output area beside the sidebar."""
 
 
 def accuracy_bars(table: pd.DataFrame, chance: float, sets: Sequence[str] = EVAL_SETS) -> Figure:
@@ -76,13 +80,21 @@ def grid_heatmaps(
     symmetric: bool = True,
     colorbar_label: str = "",
 ) -> Figure:
-    """Side-by-side [layer x something] heatmaps on one colour scale (route correlations, patching maps)."""
+    """[layer x something] heatmaps on one colour scale (route correlations, patching maps), at most three a row.
+
+    The figure is at most :data:`MAX_WIDTH` inches wide.
+    """
     values = np.concatenate([np.asarray(g, dtype=float).ravel() for g in grids.values()])
     finite = values[np.isfinite(values)]
     top = float(np.abs(finite).max()) if finite.size else 1.0
     vmin, vmax = (-top, top) if symmetric else (float(finite.min()), float(finite.max()))
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.4 * len(grids) + 1.0, 3.0), squeeze=False, layout="constrained")
-    for ax, (title, grid) in zip(axes[0], grids.items()):
+    nrows = math.ceil(len(grids) / 3)
+    ncols = math.ceil(len(grids) / nrows)  # four grids: two rows of two, not three and one
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(MAX_WIDTH, 3.0 * ncols + 1.0), 3.0 * nrows), squeeze=False,
+                             layout="constrained")
+    for ax in list(axes.flat)[len(grids):]:
+        ax.set_visible(False)
+    for ax, (title, grid) in zip(axes.flat, grids.items()):
         grid = np.asarray(grid, dtype=float)
         image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_title(title, fontsize=9)
@@ -93,5 +105,5 @@ def grid_heatmaps(
             ax.set_xticks(range(len(xticklabels)), xticklabels, rotation=60, fontsize=7)
         else:
             ax.set_xticks(range(grid.shape[1]))
-    fig.colorbar(image, ax=list(axes[0]), label=colorbar_label, shrink=0.85)
+    fig.colorbar(image, ax=list(axes.flat)[: len(grids)], label=colorbar_label, shrink=0.85)
     return fig

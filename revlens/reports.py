@@ -6,20 +6,26 @@ notebook interactively or under nbval writes no files, and the main job writes
 ``reports/figures/*.png``, ``reports/results/*.json``, the executed notebooks and
 ``reports/summary.md``.
 
-Each run starts a fresh results set: it removes the figures, results, notebooks and summary an
+Each run makes a fresh results set: it removes the figures, results, notebooks and summary an
 earlier run wrote (a marker file records that it wrote them), so no number of a notebook not run
 this time survives beside the new ones. It never removes anything else; a folder holding such
-entries that it did not write is refused. A notebook that fails is saved, executed up to the
-failing cell, and the error names it and the cell.
+entries that it did not write is refused. A notebook that fails or runs past the cell timeout is
+saved, executed up to the failing cell, and the error names it and the cell.
+
+A run that stops (a failure, a timeout, Ctrl-C) resumes where it stopped: the marker file records,
+for every notebook that ran to the end, the sha256 of its source, of the ``revlens`` package sources
+and of its saved executed copy, and the files it wrote. A rerun keeps such a notebook and its files
+when all of these still match, and executes everything else afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,13 @@ from revlens.config import check_file_name
 
 REPORT_ENV = "REVLENS_REPORT_DIR"
 MARKER = ".revlens-reproduce"
-"""File in a report folder saying that :func:`run_suite` wrote the entries :data:`OWNED` there."""
+"""File in a report folder saying that :func:`run_suite` wrote the entries :data:`OWNED` there.
+
+It is JSON: a note for a person, the package hash of the run and one entry per finished notebook
+(see :func:`run_suite`), from which a rerun resumes.
+"""
+MARKER_NOTE = ("revlens reproduce wrote figures, results, notebooks and summary.md in this folder and replaces them "
+               "on its next run here (keeping the notebooks recorded below when nothing they depend on changed).")
 OWNED: tuple[str, ...] = ("figures", "results", "notebooks", "summary.md")
 
 
@@ -83,76 +95,190 @@ def summary_markdown(root: Path) -> str:
     return "\n".join(lines)
 
 
-def start_report_dir(out: Path) -> None:
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def package_sha256() -> str:
+    """sha256 over every ``.py`` file of the ``revlens`` package (subpackages included), by relative path.
+
+    A notebook executed by other library code is not reused by a resumed run.
+    """
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def read_record(out: Path) -> dict[str, Any]:
+    """The finished-notebook record in ``out``'s marker, or an empty one (no marker, or not a record)."""
+    try:
+        data = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return {"notebooks": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("notebooks"), dict):
+        return {"notebooks": {}}
+    return data
+
+
+def _write_record(out: Path, package: str, finished: Mapping[str, Mapping[str, Any]]) -> None:
+    write_json_atomic(out / MARKER, {"note": MARKER_NOTE, "package_sha256": package, "notebooks": dict(finished)},
+                      indent=1)
+
+
+def reusable_notebooks(out: Path, notebooks: Sequence[Path], package: str) -> dict[str, dict[str, Any]]:
+    """Record entries of the ``notebooks`` whose earlier run in ``out`` can be kept as it is.
+
+    An entry is kept when the notebook finished, its source and the package sources hash as they did
+    then, and its saved executed copy and every file it wrote are still there (the copy unchanged).
+    """
+    record_ = read_record(out)
+    if record_.get("package_sha256") != package:
+        return {}
+    kept = {}
+    for path in notebooks:
+        entry = record_["notebooks"].get(path.name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("outputs"), list):
+            continue
+        saved = out / "notebooks" / path.name
+        outputs_there = all(isinstance(f, str) and (out / f).is_file() for f in entry["outputs"])
+        if (entry.get("source_sha256") == sha256_file(path) and saved.is_file() and outputs_there
+                and entry.get("executed_sha256") == sha256_file(saved)):
+            kept[path.name] = entry
+    return kept
+
+
+def start_report_dir(out: Path, keep: Collection[str] = (), package: str = "") -> None:
     """Make ``out`` hold a fresh results set: remove what an earlier :func:`run_suite` wrote there, nothing else.
 
-    Entries of :data:`OWNED` that no run wrote (no :data:`MARKER`) are refused, naming them: they may
-    be someone's own files. Other files in ``out`` (a sweep table, say) stay as they are.
+    Files named in ``keep`` (paths relative to ``out``: the saved copies and outputs of notebooks a
+    resumed run reuses) stay. Entries of :data:`OWNED` that no run wrote (no :data:`MARKER`) are
+    refused, naming them: they may be someone's own files. Other files in ``out`` (a sweep table,
+    say) stay as they are.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder; choose a folder for the reports")
-    present = [name for name in OWNED if (out / name).exists()]
+    present = [name for name in OWNED if (out / name).exists() or (out / name).is_symlink()]
     if present and not (out / MARKER).is_file():
         raise ValueError(f"{out} holds {', '.join(present)} that revlens reproduce did not write; refusing to "
                          "replace them: move them away or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / MARKER, f"revlens reproduce wrote {', '.join(OWNED)} in this folder and replaces them "
-                                    "as a whole on its next run here.\n")
+    kept = {Path(name) for name in keep}
+    finished = {k: v for k, v in read_record(out)["notebooks"].items() if Path("notebooks", k) in kept}
+    _write_record(out, package, finished)
     for name in present:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
+        _remove_except(out / name, Path(name), kept)
+
+
+def _remove_except(path: Path, rel: Path, kept: Collection[Path]) -> None:
+    """Remove ``path`` (a file or a folder, ``rel`` relative to the report folder) except the ``kept`` files in it."""
+    if path.is_dir() and not path.is_symlink():
+        if not any(rel in k.parents for k in kept):
             shutil.rmtree(path)
-        else:
-            path.unlink()
+            return
+        for child in path.iterdir():
+            _remove_except(child, rel / child.name, kept)
+    elif rel not in kept:
+        path.unlink()
+
+
+def _output_state(out: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file under ``figures`` and ``results``, by path relative to ``out``."""
+    state = {}
+    for folder in ("figures", "results"):
+        for path in (out / folder).rglob("*"):
+            if path.is_file():
+                info = path.stat()
+                state[path.relative_to(out).as_posix()] = (info.st_mtime_ns, info.st_size)
+    return state
 
 
 def _write_notebook(nb: Any, path: Path) -> None:
-    """``nbformat.write`` (same bytes), atomically."""
+    """``nbformat.write`` (same bytes) without per-cell execution timestamps, atomically.
+
+    nbclient stores when each cell ran in ``metadata.execution``; those times change on every run
+    and are noise in a saved or committed notebook.
+    """
     import nbformat
 
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
     text = nbformat.writes(nb)
     write_text_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
-def _failed_cell(nb: Any) -> str:
-    """`` in cell N`` for the first code cell with an error output (N counts every cell from 1), else ``""``."""
-    for i, cell in enumerate(nb.cells, 1):
-        if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
-            return f" in cell {i}"
-    return ""
-
-
 def run_suite(
-    notebooks: Sequence[Path], out: str | Path = "reports", timeout: int = 1800
+    notebooks: Sequence[Path], out: str | Path = "reports", timeout: int | None = None, *, fresh: bool = False
 ) -> Path:
     """Execute each notebook in a fresh kernel (in order), saving outputs into ``out`` (a fresh results set).
 
-    A failing notebook stops the run with a ValueError naming the notebook and the cell; the notebook,
-    executed up to that cell, is saved under ``out/notebooks`` for inspection.
+    ``timeout`` is the most seconds one cell may run (None: no limit). A notebook that finished in an
+    earlier run into ``out`` is not executed again when its source and the package sources are
+    unchanged (see the module docstring); ``fresh`` executes every notebook regardless. A failing or
+    timed-out notebook stops the run with a ValueError naming the notebook and the cell; the notebook,
+    executed up to that cell, is saved under ``out/notebooks`` for inspection, and the notebooks
+    finished before it are kept for the next run.
     """
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError
     from tqdm import tqdm
 
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive whole number of seconds or None (no limit), got {timeout!r}")
     out = Path(out).resolve()
-    start_report_dir(out)
+    package = package_sha256()
+    reused = {} if fresh else reusable_notebooks(out, notebooks, package)
+    keep = [f"notebooks/{name}" for name in reused] + [f for entry in reused.values() for f in entry["outputs"]]
+    start_report_dir(out, keep, package)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     os.environ[REPORT_ENV] = str(out)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    timings = {}
+    finished: dict[str, dict[str, Any]] = dict(reused)
+    timings: dict[str, str] = {}
     for path in tqdm(notebooks, desc="notebooks", unit="nb"):
+        if path.name in reused:
+            tqdm.write(f"{path.name}: unchanged since it finished in an earlier run into {out}; kept")
+            timings[path.stem] = f"{reused[path.name].get('seconds', '?')} (an earlier run; kept)"
+            continue
         start = time.perf_counter()
+        source_sha = sha256_file(path)
         nb = nbformat.read(path, as_version=4)
         saved = out / "notebooks" / path.name
+        before = _output_state(out)
+        current = {"cell": 0}
+
+        def on_cell_start(cell: Any, cell_index: int, current: dict[str, int] = current) -> None:
+            current["cell"] = cell_index + 1  # counts every cell from 1, as the notebook shows them
+
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                                on_cell_start=on_cell_start, resources={"metadata": {"path": str(path.parent)}})
         try:
-            NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-        except Exception as err:  # nbclient's CellExecutionError, CellTimeoutError, DeadKernelError
+            client.execute()
+        except CellTimeoutError:
             _write_notebook(nb, saved)
+            raise ValueError(f"notebook {path} timed out in cell {current['cell']}: the cell ran longer than the "
+                             f"--timeout of {timeout} s. Rerun with a larger --timeout SECONDS, or without --timeout "
+                             f"for no limit; the notebooks that finished are kept and the rerun resumes at {path.name}. "
+                             f"The notebook, executed up to there, is saved as {saved}") from None
+        except Exception as err:  # nbclient's CellExecutionError, DeadKernelError, ...
+            _write_notebook(nb, saved)
+            where = f" in cell {current['cell']}" if current["cell"] else ""
             reason = f"{err.ename}: {err.evalue}" if hasattr(err, "ename") else f"{type(err).__name__}: {err}"
-            raise ValueError(f"notebook {path} failed{_failed_cell(nb)} ({reason}); the notebook, executed up to "
+            raise ValueError(f"notebook {path} failed{where} ({reason}); the notebook, executed up to "
                              f"there, is saved as {saved}") from None
         _write_notebook(nb, saved)
-        timings[path.stem] = round(time.perf_counter() - start, 1)
+        after = _output_state(out)
+        seconds = round(time.perf_counter() - start, 1)
+        finished[path.name] = {"source_sha256": source_sha, "executed_sha256": sha256_file(saved), "seconds": seconds,
+                               "outputs": sorted(f for f, state in after.items() if before.get(f) != state)}
+        for other in finished.values():  # a file this notebook rewrote is no longer another's
+            if other is not finished[path.name]:
+                other["outputs"] = [f for f in other["outputs"] if f not in finished[path.name]["outputs"]]
+        _write_record(out, package, finished)
+        timings[path.stem] = str(seconds)
     summary = summary_markdown(out)
     summary += "\n## Run time (s)\n\n" + "\n".join(f"- {k}: {v}" for k, v in timings.items()) + "\n"
     write_text_atomic(out / "summary.md", summary)

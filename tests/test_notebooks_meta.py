@@ -72,3 +72,33 @@ def test_text_cites_nothing_outside_the_repository(path):
     )
     hits = sorted({m.group(0) for m in EXTERNAL_REFERENCES.finditer(text)})
     assert not hits, f"{path.name} refers to documents or processes outside the repository: {hits}"
+
+
+MAX_LINE = 120
+"""Widest committed output line: what a JupyterLab output area shows beside the file browser without wrapping."""
+
+
+def text_outputs(path):
+    """(cell number counting every cell from 1, kind, text) of each stdout stream and text/plain output."""
+    for i, cell in enumerate(json.loads(path.read_text())["cells"], 1):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stdout":
+                yield i, "stdout", "".join(output["text"])
+            elif "text/plain" in output.get("data", {}):
+                yield i, "text/plain", "".join(output["data"]["text/plain"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_text_outputs_fit_a_120_character_output_area(path):
+    """A wide table or message wraps or scrolls sideways in JupyterLab; render tables as DataFrames instead."""
+    wide = [f"cell {i} ({kind}): {len(line)} characters: {line[:60]!r}..."
+            for i, kind, text in text_outputs(path) for line in text.splitlines() if len(line) > MAX_LINE]
+    assert not wide, f"{path.name} commits output lines over {MAX_LINE} characters:\n" + "\n".join(wide)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_execution_timestamps_are_committed(path):
+    """nbclient writes when each cell ran into metadata.execution; it changes on every run (strip it with
+    python -m revlens.notebook NOTEBOOK.ipynb)."""
+    stamped = [i for i, c in enumerate(json.loads(path.read_text())["cells"], 1) if "execution" in c.get("metadata", {})]
+    assert not stamped, f"{path.name} commits execution timestamps in cells {stamped}"
