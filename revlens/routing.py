@@ -42,22 +42,21 @@ sweep (:class:`RoutingSweepSpec`, :func:`run_routing_sweep`; ``revlens sweep`` d
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm import tqdm
 
-from revlens.config import EncoderConfig, check_file_name, check_seeds
+from revlens.config import EncoderConfig, check_choice, check_file_name, check_finite, check_int, check_seeds
 from revlens.theory import pearson, spearman
-from revlens.training import TrainConfig
-from revlens.workers import check_jobs, in_order
+from revlens.objectives import OBJECTIVES
+from revlens.sweep import Planned, config_hash
+from revlens.training import TrainConfig, init_noise
 from revlens.world import EvalSet
 
 MASK = "[M]"
@@ -516,11 +515,60 @@ class RoutingCell:
         return EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, **fields)
 
 
+def _positive_ints(label: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(type(v) is int and v >= 1 for v in value):
+        raise ValueError(f"{label} must be a non-empty list of positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _cell_from_dict(index: int, entry: Any) -> RoutingCell:
+    """One entry of a routing sweep file's ``cells`` list, every field checked, errors naming the cell."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"cells[{index}] must be a JSON object, got {entry!r}")
+    label = f"cell {index} ({entry.get('name')!r})"
+    extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size",
+                          "shift_positions"}
+    if extra or not {"name", "objective", "deltas"} <= set(entry):
+        raise ValueError(f"{label} needs name, objective, deltas; unknown keys {sorted(extra)}")
+    for key in ("name", "objective"):
+        if not isinstance(entry[key], str) or not entry[key]:
+            raise ValueError(f"{label}: {key!r} must be a non-empty string, got {entry[key]!r}")
+    check_choice("objective", entry["objective"], OBJECTIVES)
+    for key in ("model", "train"):
+        if not isinstance(entry.get(key, {}), dict):
+            raise ValueError(f"{label}: {key!r} must be a JSON object, got {entry[key]!r}")
+    if not isinstance(entry.get("group", ""), str):
+        raise ValueError(f"{label}: 'group' must be a string, got {entry['group']!r}")
+    if not isinstance(entry.get("shift_positions", False), bool):
+        raise ValueError(f"{label}: 'shift_positions' must be true or false, got {entry['shift_positions']!r}")
+    bases = entry.get("bases", [10000.0])
+    if not isinstance(bases, list) or not bases:
+        raise ValueError(f"{label}: 'bases' must be a non-empty list of RoPE bases, got {bases!r}")
+    for base in bases:
+        check_finite(f"{label}: RoPE base", base, 1, strict=True)
+    layout = entry.get("layout", "gaps")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{label}: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    stack_size = entry.get("stack_size")
+    if stack_size is not None:
+        check_int(f"{label}: stack_size", stack_size, 1)
+    return RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
+                       _positive_ints(f"{label}: 'deltas'", entry["deltas"]), tuple(float(b) for b in bases),
+                       entry.get("group", ""), layout, dict(entry.get("train", {})), entry.get("shift_positions", False),
+                       stack_size)
+
+
+Job = tuple[RoutingCell, int, float, int]
+"""(cell, delta, RoPE base, seed): one model of a routing sweep."""
+
+
 @dataclass(frozen=True)
 class RoutingSweepSpec:
     """A routing sweep file (``"family": "routing"``): world size, training settings, seeds, cells.
 
-    Seed s trains model seed s on the world with seed s (own facts, own distractor draws)."""
+    Seed s trains model seed s on the world with seed s (own facts, own distractor draws). A row per
+    model, keyed by (cell, delta, base, seed); :func:`revlens.sweep.run_table` runs it (provenance,
+    stale-row refusal, ``--redo``, atomic writes, torn-line recovery), like an ablation sweep."""
 
     name: str
     world: dict[str, Any]
@@ -528,28 +576,27 @@ class RoutingSweepSpec:
     seeds: tuple[int, ...]
     cells: tuple[RoutingCell, ...]
     stack_size: int = 50
+    key_fields: ClassVar[tuple[str, ...]] = ("cell", "delta", "base", "seed")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoutingSweepSpec":
+        if not isinstance(data, dict):
+            raise ValueError(f"a routing sweep file holds a JSON object, got {type(data).__name__}")
         allowed = {"name", "family", "world", "train", "seeds", "cells", "stack_size"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"routing sweep file has unknown keys {sorted(unknown)}")
-        cells = []
-        for i, entry in enumerate(data.get("cells", [])):
-            extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size",
-                                  "shift_positions"}
-            if extra or not {"name", "objective", "deltas"} <= set(entry):
-                raise ValueError(f"cell {i} ({entry.get('name')!r}) needs name, objective, deltas; unknown keys {sorted(extra)}")
-            bases = tuple(float(b) for b in entry.get("bases", (10000.0,)))
-            layout = entry.get("layout", "gaps")
-            if layout not in LAYOUTS:
-                raise ValueError(f"cell {i} ({entry['name']!r}): unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-            cells.append(RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
-                                     tuple(entry["deltas"]), bases, entry.get("group", ""), layout, dict(entry.get("train", {})),
-                                     bool(entry.get("shift_positions", False)),
-                                     None if entry.get("stack_size") is None else int(entry["stack_size"])))
-        if len({c.name for c in cells}) != len(cells) or not cells:
+        for key in ("world", "train"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ValueError(f"routing sweep file: {key!r} must be a JSON object, got {data[key]!r}")
+        world_keys = set(data.get("world", {})) - {"n_facts", "sentences_per_fact"}
+        if world_keys:
+            raise ValueError(f"routing sweep file: unknown 'world' keys {sorted(world_keys)}; expected n_facts, "
+                             "sentences_per_fact (each cell sets the offset, seed and layout)")
+        if not isinstance(data.get("cells"), list) or not data["cells"]:
+            raise ValueError(f"routing sweep file: 'cells' must be a non-empty list of cells, got {data.get('cells')!r}")
+        cells = [_cell_from_dict(i, entry) for i, entry in enumerate(data["cells"])]
+        if len({c.name for c in cells}) != len(cells):
             raise ValueError("a routing sweep needs cells with unique names")
         for cell in cells:
             if max(cell.deltas) * 2 + 2 > N_CTX:
@@ -560,20 +607,29 @@ class RoutingSweepSpec:
             if cell.objective == "arm" and cell.layout != "fillers":
                 raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' needs \"layout\": \"fillers\" "
                                  "(text in position order); with gaps the next sequence index is not the next position")
-        train = TrainConfig(**{"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
+        try:
+            train = TrainConfig.from_dict({"log_every": data.get("train", {}).get("steps", 2000), **data.get("train", {})})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"routing sweep file: bad 'train': {err}") from None
+        stack_size = data.get("stack_size", 50)
+        check_int("stack_size", stack_size, 1)
         spec = cls(check_file_name("routing sweep name", data.get("name")), dict(data.get("world", {})), train,
-                   check_seeds(data.get("seeds")), tuple(cells),
-                   int(data.get("stack_size", 50)))
-        for cell in cells:  # a bad training override fails now, not after the other cells have trained
+                   check_seeds(data.get("seeds")), tuple(cells), stack_size)
+        for cell in cells:  # a bad override fails now, not after the other cells have trained
             if "objective" in cell.train:
                 raise ValueError(f"cell {cell.name!r}: set the objective with the cell's 'objective', not in its 'train'")
             try:
                 spec.train_for(cell)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"cell {cell.name!r}: bad 'train' override: {err}") from None
+            try:
+                world = spec.world_for(cell.deltas[0], spec.seeds[0], cell.layout)
+                cell.model_cfg(world, cell.bases[0])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"cell {cell.name!r}: bad 'model' override or world: {err}") from None
         return spec
 
-    def jobs(self) -> list[tuple[RoutingCell, int, float, int]]:
+    def jobs(self) -> list[Job]:
         """Every (cell, delta, base, seed) in file order."""
         return [(c, d, b, s) for c in self.cells for d in c.deltas for b in c.bases for s in self.seeds]
 
@@ -585,13 +641,49 @@ class RoutingSweepSpec:
         the cell's own changes."""
         return dataclasses.replace(self.train, objective=cell.objective, **cell.train)
 
+    # ---- the sweep engine's plan (revlens.sweep.SweepPlan) ----
+    def config(self, job: Job) -> str:
+        """Hash of what determines one model's numbers: model and training configs, world, position shifts."""
+        cell, delta, base, seed = job
+        world = self.world_for(delta, seed, cell.layout)
+        return config_hash({"model": cell.model_cfg(world, base).to_dict(), "train": self.train_for(cell).to_dict(),
+                            "world": {**self.world, "delta": delta, "seed": seed, "layout": cell.layout},
+                            "shift_positions": cell.shift_positions, "init_noise": init_noise()})
 
-def row_key(row: dict[str, Any]) -> tuple[str, int, float, int]:
-    return row["cell"], row["delta"], float(row["base"]), row["seed"]
+    def planned(self) -> list[Planned]:
+        return [Planned((job[0].name, job[1], job[2], job[3]), self.config(job), {"group": job[0].group})
+                for job in self.jobs()]
+
+    def tasks(self, todo: Sequence[Planned]) -> list[tuple[Any, ...]]:
+        """Stacks of models to train together: one cell each, one sentence length (fillers: 2 delta + 2
+        tokens), at most the cell's (else the file's) stack size."""
+        wanted = {p.key for p in todo}
+        chunks: list[list[Job]] = []
+        for job in self.jobs():
+            if (job[0].name, job[1], job[2], job[3]) not in wanted:
+                continue
+            if chunks and chunks[-1][0][0] is job[0] and len(chunks[-1]) < (job[0].stack_size or self.stack_size) and (
+                job[0].layout == "gaps" or chunks[-1][0][1] == job[1]
+            ):
+                chunks[-1].append(job)
+            else:
+                chunks.append([job])
+        return [(self, chunk) for chunk in chunks]
+
+    def cost(self, task: tuple[Any, ...]) -> float:
+        """Rough training cost of a stack (steps x sentence length x models), to start the longest first."""
+        chunk = task[1]
+        cell, delta = chunk[0][0], chunk[0][1]
+        length = 2 * delta + 2 if cell.layout == "fillers" else 2 + N_DISTRACTORS
+        return self.train_for(cell).steps * length * len(chunk)
+
+    @property
+    def worker(self):
+        return train_rows
 
 
-def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, float, int]]) -> list[dict[str, Any]]:
-    """Train ``jobs`` (all of one cell) as one stack and return their table rows."""
+def train_rows(spec: RoutingSweepSpec, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """Train ``jobs`` (all of one cell) as one stack and return their table rows (without provenance)."""
     from revlens.stack import Member, train_stack
     from revlens.theory import rope_score_correlation
 
@@ -617,56 +709,18 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[tuple[RoutingCell, int, fl
     return rows
 
 
-def _chunk_cost(spec: RoutingSweepSpec, chunk: Sequence[tuple[RoutingCell, int, float, int]]) -> int:
-    """Rough training cost of a chunk (steps x sentence length x models), to start the longest first."""
-    cell, delta = chunk[0][0], chunk[0][1]
-    length = 2 * delta + 2 if cell.layout == "fillers" else 2 + N_DISTRACTORS
-    return spec.train_for(cell).steps * length * len(chunk)
+def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = True, jobs: int = 1,
+                      redo: bool = False) -> Path:
+    """Train every (cell, delta, base, seed) not yet in ``out`` (JSON lines), a stack per chunk of a cell.
 
-
-def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = True, jobs: int = 1) -> Path:
-    """Train every (cell, delta, base, seed) not yet in ``out`` (JSON lines), a stack per cell chunk, appending rows.
-
-    ``jobs > 1`` trains that many chunks at once in worker processes (longest first, threads split between
-    them), as ``revlens.sweep.run_sweep`` does; rows are still appended in the sweep file's order, each chunk
-    once every chunk before it is written, so an interrupted sweep resumes where it stopped and the table
-    equals a one-process run's.
+    The sweep engine :func:`revlens.sweep.run_table` does the rest: rows carry provenance, a resume
+    keeps only rows this file and library would write (others refused, or retrained with ``redo``),
+    writes are atomic, a torn last line is dropped with a warning. ``jobs > 1`` trains that many stacks
+    at once in worker processes (longest first); the table equals a one-process run's.
     """
-    check_jobs(jobs)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.is_file():
-        for number, line in enumerate(out.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    key = row_key(json.loads(line))
-                except (json.JSONDecodeError, KeyError) as err:
-                    raise ValueError(f"{out}, line {number}: not a routing sweep row ({err})") from None
-                if key in done:  # e.g. two sweeps appended to one table at once
-                    raise ValueError(f"{out}, line {number}: duplicate row for (cell, delta, base, seed) = {key}")
-                done.add(key)
-    todo = [job for job in spec.jobs() if (job[0].name, job[1], job[2], job[3]) not in done]
-    chunks: list[list[tuple[RoutingCell, int, float, int]]] = []
-    for job in todo:  # a stack shares one cell and one sentence length (fillers: 2 delta + 2 tokens)
-        if chunks and chunks[-1][0][0] is job[0] and len(chunks[-1]) < (job[0].stack_size or spec.stack_size) and (
-            job[0].layout == "gaps" or chunks[-1][0][1] == job[1]
-        ):
-            chunks[-1].append(job)
-        else:
-            chunks.append([job])
-    bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="model", disable=not progress)
+    from revlens.sweep import run_table
 
-    def append(rows: list[dict[str, Any]]) -> None:
-        with out.open("a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        bar.update(len(rows))
-
-    tasks = [(spec, chunk) for chunk in chunks]
-    for rows in in_order(train_rows, tasks, jobs, cost=lambda task: _chunk_cost(spec, task[1])):
-        append(rows)
-    bar.close()
-    return out
+    return run_table(spec, out, progress=progress, jobs=jobs, redo=redo)
 
 
 def read_table(path: str | Path):

@@ -32,16 +32,16 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from tqdm import tqdm
 
+from revlens.atomic import write_text_atomic
 from revlens.config import check_choice, check_file_name, check_seeds, load_json
 from revlens.evaluation import evaluate_under_control
 from revlens.experiments import Setting, code_fingerprint, train_setting
@@ -119,13 +119,33 @@ class SweepSpec:
         except ValueError as err:
             raise ValueError(err if str(err).startswith(str(path)) else f"{path}: {err}") from None
 
-    def provenance(self, setting: Setting) -> dict[str, str]:
-        """What produces ``setting``'s rows: a hash of its model, training and world configs, and the library."""
+    key_fields: ClassVar[tuple[str, ...]] = ("setting", "seed")
+
+    def config(self, setting: Setting) -> str:
+        """Hash of what determines ``setting``'s numbers: its model, training and world configs."""
         train_cfg = dataclasses.replace(self.train, objective=setting.objective)
-        payload = {"model": setting.model_cfg(self.world).to_dict(), "train": train_cfg.to_dict(),
-                   "world": self.world.to_dict(), "init_noise": init_noise()}
-        config = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-        return {"config": config, "revlens": code_fingerprint()}
+        return config_hash({"model": setting.model_cfg(self.world).to_dict(), "train": train_cfg.to_dict(),
+                            "world": self.world.to_dict(), "init_noise": init_noise()})
+
+    def provenance(self, setting: Setting) -> dict[str, str]:
+        """What produces ``setting``'s rows: :meth:`config` and the library fingerprint."""
+        return {"config": self.config(setting), "revlens": code_fingerprint()}
+
+    def planned(self) -> list[Planned]:
+        return [Planned((setting.name, seed), self.config(setting), {"group": group})
+                for setting, group in self.settings for seed in self.seeds]
+
+    def tasks(self, todo: Sequence[Planned]) -> list[tuple[Any, ...]]:
+        """One task per setting with a row to do: the setting trains all its seeds at once."""
+        missing = {p.key[0] for p in todo}
+        return [(setting, group, self) for setting, group in self.settings if setting.name in missing]
+
+    def cost(self, task: tuple[Any, ...]) -> float:
+        return step_seconds(task[0], self)
+
+    @property
+    def worker(self) -> Callable[..., list[dict[str, Any]]]:
+        return _train_rows
 
 
 def _setting_from_dict(index: int, entry: Any) -> tuple[Setting, str]:
@@ -181,7 +201,7 @@ def run_rows(
         yield {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
-def _read_table(path: Path) -> tuple[list[dict[str, Any]], bool]:
+def _read_table(path: Path, key_fields: Sequence[str] = ("setting", "seed")) -> tuple[list[dict[str, Any]], bool]:
     """Rows of a table and whether a torn last line was dropped (see :func:`read_rows`)."""
     if not path.is_file():
         return [], False
@@ -195,77 +215,169 @@ def _read_table(path: Path) -> tuple[list[dict[str, Any]], bool]:
         except json.JSONDecodeError as err:
             if i == len(lines) and i == numbered[-1][0]:  # the last line, without its newline: an append cut short
                 warnings.warn(f"{path}, line {i}: incomplete last row dropped ({err.msg}); "
-                              "a resume retrains the setting it belonged to", SweepWarning, stacklevel=3)
+                              "a resume retrains the models it belonged to", SweepWarning, stacklevel=3)
                 torn = True
                 continue
             raise ValueError(f"{path}, line {i}: not a JSON row ({err.msg}, column {err.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("setting"), str) or type(row.get("seed")) is not int:
-            raise ValueError(f"{path}, line {i}: a row must be a JSON object with a string 'setting' and an integer 'seed'")
+        if not isinstance(row, dict) or any(field not in row for field in key_fields):
+            raise ValueError(f"{path}, line {i}: a row must be a JSON object with the fields {', '.join(key_fields)}")
         rows.append(row)
     return rows, torn
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
+def read_rows(path: str | Path, key_fields: Sequence[str] = ("setting", "seed")) -> list[dict[str, Any]]:
     """The rows of a sweep table (empty if the file does not exist).
 
-    A line that is not a JSON row is an error naming the file and line, except an unterminated last
-    line -- what a crash in the middle of an append leaves -- which is dropped with a warning.
+    A line that is not a JSON row (an object holding ``key_fields``) is an error naming the file and
+    line, except an unterminated last line -- what a crash in the middle of an append leaves -- which
+    is dropped with a warning.
     """
-    return _read_table(Path(path))[0]
+    return _read_table(Path(path), key_fields)[0]
 
 
 def write_rows(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Replace the table at ``path`` by ``rows`` atomically: temporary file, fsync, rename, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def stale_rows(rows: Sequence[dict[str, Any]], spec: "SweepSpec") -> dict[int, str]:
-    """Rows (by index) that a resume of ``spec`` must not keep, each with the reason."""
-    expected = {s.name: spec.provenance(s) for s, _ in spec.settings}
-    seen: set[tuple[str, int]] = set()
+def config_hash(payload: Any) -> str:
+    """Short hash of a JSON payload: what determines a row's numbers (``provenance["config"]``)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RowKey = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A row a sweep file asks for: its key, the hash of what determines its numbers, and its labels
+    (descriptive fields such as ``group`` that a sweep file may rename without changing any number)."""
+
+    key: RowKey
+    config: str
+    labels: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class SweepPlan(Protocol):
+    """What :func:`run_table` needs of a sweep family (ablation sweeps: :class:`SweepSpec`; routing sweeps:
+    :class:`revlens.routing.RoutingSweepSpec`)."""
+
+    name: str
+    key_fields: tuple[str, ...]
+    """Row fields that identify a row (one model), e.g. ``("setting", "seed")``."""
+    def planned(self) -> list[Planned]:
+        """Every row of the sweep, in the sweep file's order."""
+
+    def tasks(self, todo: Sequence[Planned]) -> list[tuple[Any, ...]]:
+        """Work units (arguments of :meth:`worker`) that produce at least the rows ``todo``, in file order."""
+
+    def cost(self, task: tuple[Any, ...]) -> float:
+        """Relative training cost of a task (longest first when training in worker processes)."""
+
+    @property
+    def worker(self) -> Callable[..., list[dict[str, Any]]]:
+        """A module-level function (so worker processes can unpickle it): ``worker(*task)`` trains one task
+        and returns its rows, without provenance (:func:`run_table` adds it)."""
+
+
+def stale_rows(rows: Sequence[dict[str, Any]], plan: SweepPlan) -> dict[int, str]:
+    """Rows (by index) that a resume of ``plan`` must not keep, each with the reason."""
+    expected = {p.key: p for p in plan.planned()}
+    revlens = code_fingerprint()
+    seen: set[RowKey] = set()
     stale = {}
     for i, row in enumerate(rows):
-        key, have = (row["setting"], row["seed"]), row.get("provenance")
-        want = expected.get(row["setting"])
-        if want is None:
-            stale[i] = "setting not in the sweep file"
-        elif row["seed"] not in spec.seeds:
-            stale[i] = "seed not in the sweep file"
+        key, have = row_key(row, plan.key_fields), row.get("provenance")
+        if key not in expected:  # name the first key field (setting, cell) if that is what the file lacks
+            known_first = key[0] in {k[0] for k in expected}
+            stale[i] = f"{', '.join(plan.key_fields[1:] if known_first else plan.key_fields[:1])} not in the sweep file"
         elif key in seen:
             stale[i] = "duplicate row"
         elif not isinstance(have, dict):
             stale[i] = "unknown provenance (row written before rows carried one)"
-        elif have.get("config") != want["config"]:
+        elif have.get("config") != expected[key].config:
             stale[i] = "produced by a different model/train/world config"
-        elif have.get("revlens") != want["revlens"]:
-            stale[i] = f"produced by a different revlens version ({have.get('revlens')}, this is {want['revlens']})"
+        elif have.get("revlens") != revlens:
+            stale[i] = f"produced by a different revlens version ({have.get('revlens')}, this is {revlens})"
         seen.add(key)
     return stale
 
 
-def _describe(rows: Sequence[dict[str, Any]], stale: dict[int, str]) -> str:
-    """"setting seeds [..]: reason" per (setting, reason), in table order."""
-    groups: dict[tuple[str, str], list[int]] = {}
+def row_key(row: dict[str, Any], key_fields: Sequence[str]) -> RowKey:
+    """The key of a table row (``100`` and ``100.0`` compare and hash alike, so either names one RoPE base)."""
+    return tuple(row[f] for f in key_fields)
+
+
+def _describe(rows: Sequence[dict[str, Any]], stale: dict[int, str], key_fields: Sequence[str]) -> str:
+    """"<first key> <last key field>s [..]: reason" per (first key fields, reason), in table order."""
+    groups: dict[tuple[RowKey, str], list[Any]] = {}
     for i, reason in stale.items():
-        groups.setdefault((rows[i]["setting"], reason), []).append(rows[i]["seed"])
-    return "; ".join(f"{name} seeds {seeds}: {reason}" for (name, reason), seeds in groups.items())
+        key = row_key(rows[i], key_fields)
+        groups.setdefault((key[:-1], reason), []).append(key[-1])
+    return "; ".join(f"{' '.join(map(str, head))} {key_fields[-1]}s {tails}: {reason}"
+                     for (head, reason), tails in groups.items())
+
+
+def run_table(plan: SweepPlan, out: str | Path, progress: bool = True, jobs: int = 1, redo: bool = False) -> Path:
+    """Train every row of ``plan`` not yet in ``out`` (a .jsonl table) and add it, with its provenance.
+
+    The one sweep engine (see the module docstring for the guarantees). Rows already in ``out`` are
+    kept only if their provenance matches ``plan`` and this library; others make this a ValueError
+    naming them, or with ``redo`` are dropped (with a :class:`SweepWarning` naming them) and retrained.
+    A row whose labels (e.g. ``group``) the sweep file has renamed is relabelled in place, with a
+    warning: labels change no number. ``jobs > 1`` trains that many tasks at once in worker processes
+    (:func:`revlens.workers.in_order`); rows are written in the sweep file's order, each task as soon as
+    every task before it is written, so the table equals a one-process run's and an interrupted sweep
+    resumes where it stopped.
+    """
+    check_jobs(jobs)
+    out = Path(out)
+    if out.exists() and not out.is_file():
+        raise ValueError(f"{out} exists and is not a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table, torn = _read_table(out, plan.key_fields)
+    stale = stale_rows(table, plan)
+    if stale and not redo:
+        raise ValueError(f"{out}: {len(stale)} row(s) do not match the sweep file {plan.name!r} and this revlens: "
+                         f"{_describe(table, stale, plan.key_fields)}. Rerun with --redo to drop and retrain them, "
+                         "or write to a new --out.")
+    if stale:
+        warnings.warn(f"{out}: dropping {len(stale)} row(s) to retrain: {_describe(table, stale, plan.key_fields)}",
+                      SweepWarning, stacklevel=2)
+    planned = plan.planned()
+    by_key = {p.key: p for p in planned}
+    table = [row for i, row in enumerate(table) if i not in stale]
+    relabelled = [row for row in table if any(row.get(k) != v for k, v in by_key[row_key(row, plan.key_fields)].labels.items())]
+    if relabelled:
+        warnings.warn(f"{out}: {len(relabelled)} row(s) relabelled as the sweep file now names them "
+                      f"({', '.join(sorted({k for p in planned for k in p.labels}))}); no number changes", SweepWarning,
+                      stacklevel=2)
+        for row in relabelled:
+            row.update(by_key[row_key(row, plan.key_fields)].labels)
+    if stale or torn or relabelled:
+        write_rows(out, table)
+    done = {row_key(row, plan.key_fields) for row in table}
+    todo = [p for p in planned if p.key not in done]
+    tasks = plan.tasks(todo)
+    revlens = code_fingerprint()
+    bar = tqdm(total=len(planned), initial=len(done), desc=f"sweep {plan.name}", unit="model", disable=not progress)
+    for rows in in_order(plan.worker, tasks, jobs, cost=plan.cost if jobs > 1 and len(tasks) > 1 else None):
+        for row in rows:
+            key = row_key(row, plan.key_fields)
+            if key in by_key and key not in done:
+                done.add(key)
+                table.append({**{k: v for k, v in row.items() if k != "provenance"}, **by_key[key].labels,
+                              "provenance": {"config": by_key[key].config, "revlens": revlens}})
+        write_rows(out, table)
+        bar.update(len(done) - bar.n)
+    bar.close()
+    return out
 
 
 def _train_rows(setting: Setting, group: str, spec: SweepSpec) -> list[dict[str, Any]]:
     """Worker: train one setting (all seeds, batched); its rows."""
     runs = train_setting(setting, spec.world, spec.seeds, spec.train, progress=False)
-    return list(run_rows(setting, group, runs, spec.world, spec.provenance(setting)))
+    return list(run_rows(setting, group, runs, spec.world))
 
 
 def step_seconds(setting: Setting, spec: SweepSpec, repeats: int = 3) -> float:
@@ -279,46 +391,11 @@ def step_seconds(setting: Setting, spec: SweepSpec, repeats: int = 3) -> float:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, progress: bool = True, jobs: int = 1, redo: bool = False) -> Path:
-    """Run every setting not yet complete in ``out`` (a .jsonl file) and add its rows.
+    """Run every setting not yet complete in ``out`` (a .jsonl file) and add its rows (:func:`run_table`).
 
-    Rows already in ``out`` are kept only if their provenance matches ``spec`` and this library
-    (see the module docstring); others make this a ValueError naming them, or with ``redo`` are
-    dropped (with a :class:`SweepWarning` naming them) and their settings retrained.
-
-    ``jobs > 1`` trains that many settings at once in worker processes, splitting the machine's
-    threads between them: the tiny per-setting steps use two single-threaded processes better than
-    one two-threaded one (results are identical; seeded CPU kernels gave bit-identical weights at 1
-    and 2 threads here). Rows are written in the sweep file's order, each setting as soon as all
-    settings before it are written, so an interrupted sweep still resumes where it stopped. Workers
-    exit when this process dies.
+    A setting trains all its seeds as one batched run. ``jobs > 1`` trains that many settings at once
+    in worker processes, splitting the machine's threads between them: the tiny per-setting steps use
+    two single-threaded processes better than one two-threaded one (results are identical; seeded CPU
+    kernels gave bit-identical weights at 1 and 2 threads here). Workers exit when this process dies.
     """
-    check_jobs(jobs)
-    out = Path(out)
-    if out.exists() and not out.is_file():
-        raise ValueError(f"{out} exists and is not a file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table, torn = _read_table(out)
-    stale = stale_rows(table, spec)
-    if stale and not redo:
-        raise ValueError(f"{out}: {len(stale)} row(s) do not match the sweep file {spec.name!r} and this revlens: "
-                         f"{_describe(table, stale)}. Rerun with --redo to drop and retrain them, or write to a new --out.")
-    if stale:
-        warnings.warn(f"{out}: dropping {len(stale)} row(s) to retrain: {_describe(table, stale)}", SweepWarning, stacklevel=2)
-    table = [row for i, row in enumerate(table) if i not in stale]
-    if stale or torn:
-        write_rows(out, table)
-    done = {(r["setting"], r["seed"]) for r in table}
-    todo = [(s, g) for s, g in spec.settings if not all((s.name, seed) in done for seed in spec.seeds)]
-
-    def write(rows: list[dict[str, Any]]) -> None:
-        table.extend(row for row in rows if (row["setting"], row["seed"]) not in done)
-        write_rows(out, table)
-
-    bar = tqdm(total=len(todo), desc=f"sweep {spec.name}", unit="setting", disable=not progress)
-    cost = {setting.name: step_seconds(setting, spec) for setting, _ in todo} if jobs > 1 and len(todo) > 1 else {}
-    tasks = [(setting, group, spec) for setting, group in todo]
-    for rows in in_order(_train_rows, tasks, jobs, cost=lambda task: cost[task[0].name]):
-        write(rows)
-        bar.update()
-    bar.close()
-    return out
+    return run_table(spec, out, progress=progress, jobs=jobs, redo=redo)

@@ -194,7 +194,7 @@ def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         run_routing_sweep(spec, out, progress=False)
     out.write_text(lines[0] + "\n" + lines[0] + "\n")
-    with pytest.raises(ValueError, match="line 2: duplicate row"):
+    with pytest.raises(ValueError, match=r"1 row\(s\) do not match .*core 1 10000.0 seeds \[0\]: duplicate row"):
         run_routing_sweep(spec, out, progress=False)
 
 
