@@ -140,3 +140,13 @@ def _cell(**changes) -> dict:
 def test_malformed_routing_sweep_files_are_refused_naming_the_field(data, message):
     with pytest.raises(ValueError, match=message):
         RoutingSweepSpec.from_dict(data)
+
+
+def test_the_shipped_table_covers_its_sweep_file_with_provenance():
+    """data/routing.jsonl: one row per planned model, each with the config hash the sweep file gives it (the
+    library fingerprint changes with any edit and is not compared), in the sweep file's order, which is the
+    order a fresh run writes and notebook 06's groupings print."""
+    spec = RoutingSweepSpec.from_dict(json.loads((DATA / "routing_sweep.json").read_text()))
+    rows = read_rows(DATA / "routing.jsonl", KEY)
+    assert [(tuple(r[k] for k in KEY), r["provenance"]["config"], r["group"]) for r in rows] == \
+        [(p.key, p.config, p.labels["group"]) for p in spec.planned()]
