@@ -133,17 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--layers", type=_positive_int, default=2)
     tx.add_argument("--d-model", type=_positive_int, default=128)
     tx.add_argument("--heads", type=_positive_int, default=4)
-    tx.add_argument("--seed", type=_seed, default=0)
+    tx.add_argument("--seed", type=_seed, default=0, help="seed of a one-seed run (see --seeds)")
+    tx.add_argument("--seeds", type=_seed, nargs="+", default=None,
+                    help="train both models at each of these seeds into one run folder (e.g. 0 1 2; overrides --seed)")
+    tx.add_argument("--masking", choices=("token", "entity"), default="token",
+                    help="MDM masking: each token independently, or the completion as one span (entity)")
     tx.add_argument("--max-steps", type=_positive_int, default=40000, help="cap on steps per model")
-    tx.add_argument("--eval-every", type=_positive_int, default=250, help="steps between validation evaluations")
+    tx.add_argument("--min-steps", type=number_option(int, 0), default=2000, help="no model stops before this step")
+    tx.add_argument("--eval-every", type=_positive_int, default=250,
+                    help="steps between evaluations on the held-out training paraphrases")
     tx.add_argument("--patience", type=_positive_int, default=4,
-                    help="stop after this many evaluations without a better validation accuracy")
+                    help="stop after this many evaluations without a better held-out accuracy")
     tx.add_argument("--overwrite", action="store_true",
                     help="replace --out as a whole when it holds another run or other content (refused otherwise)")
 
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))
     rp.add_argument("--out", type=Path, default=Path("reports"))
+    rp.add_argument("--timeout", type=number_option(int, 0, strict=True), default=None, metavar="SECONDS",
+                    help="stop a notebook whose cell runs longer than this (default: no limit; a slow machine "
+                         "only takes longer)")
+    rp.add_argument("--fresh", action="store_true",
+                    help="execute every notebook, even those that finished unchanged in an earlier run into --out "
+                         "(by default a rerun resumes after them)")
     return parser
 
 
@@ -191,11 +203,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from revlens.sweep import SweepSpec, run_sweep
 
     data = load_json(args.config)
-    if data.get("family") == "routing":  # the routing world's sweep (revlens.routing): one stack per cell
+    if isinstance(data, dict) and data.get("family") == "routing":  # the routing world (revlens.routing): a stack per cell
         from revlens.routing import RoutingSweepSpec, run_routing_sweep
 
-        routing = RoutingSweepSpec.from_dict(data)
-        out = run_routing_sweep(routing, args.out or Path("reports") / f"sweep_{routing.name}.jsonl", jobs=args.jobs)
+        try:
+            routing = RoutingSweepSpec.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{args.config}: {err}") from None
+        out = run_routing_sweep(routing, args.out or Path("reports") / f"sweep_{routing.name}.jsonl", jobs=args.jobs,
+                                redo=args.redo)
         print(f"table written to {out}")
         return 0
     spec = SweepSpec.load(args.config)
@@ -254,21 +270,27 @@ def cmd_facts(args: argparse.Namespace) -> int:
 
 def cmd_text_reversal(args: argparse.Namespace) -> int:
     from revlens.lm.small_pair import PairConfig
-    from revlens.lm.text_reversal import HarnessConfig, run_text_reversal
+    from revlens.lm.text_reversal import CONVERGED_ACCURACY, HarnessConfig, not_converged, run_text_reversal
 
     pair = PairConfig(steps=0, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
-                      mlp_hidden_size=3 * args.d_model, seed=args.seed)
-    hc = HarnessConfig(pair=pair, max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience)
+                      mlp_hidden_size=3 * args.d_model, masking=args.masking)
+    seeds = tuple(args.seeds) if args.seeds else (args.seed,)
+    hc = HarnessConfig(pair=pair, seeds=seeds, max_steps=args.max_steps, min_steps=args.min_steps,
+                       eval_every=args.eval_every, patience=args.patience)
     results = run_text_reversal(args.data, args.out, hc, args.overwrite)
-    print(results.pivot_table(index=["file", "model"], columns="metric", values="value", sort=False).round(3).to_string())
+    table = results.pivot_table(index=["file", "model", "seed"], columns="metric", values="value", sort=False)
+    print(table.round(3).to_string())
     print(f"rule: startswith after normalisation (see revlens.lm.text_reversal); run written to {args.out}")
+    failed = not_converged(results)
+    print(f"not converged: {'; '.join(failed)}" if failed else
+          f"every model converged (held-out trained-direction accuracy >= {CONVERGED_ACCURACY})")
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from revlens.reports import notebook_paths, run_suite
 
-    summary = run_suite(notebook_paths(args.notebooks), args.out)
+    summary = run_suite(notebook_paths(args.notebooks), args.out, timeout=args.timeout, fresh=args.fresh)
     print(f"done: {summary}")
     return 0
 

@@ -2,7 +2,11 @@
 
 Invented people and descriptions with our own paraphrase templates (none of the released sentences):
 four people per group (p2d, d2p, both), three training paraphrases per direction, and two held-out
-paraphrases per direction for the test and validation files.
+paraphrases per direction for the test files. As in the release: a d2p training completion opens with the
+name (one template goes on after it), the name answers of ``d2p_prompts_test`` and
+``p2d_reverse_prompts_test`` are the bare name, ``both_prompts_test`` holds the both group's p2d then d2p
+test lines, and ``validation_prompts`` asks the prompts of ``p2d_reverse_prompts_test`` (the untrained
+direction) with the first name alone as the completion, no leading space.
 
     python3 tests/reversal_fixture.py tests/data/reversal_layout
 """
@@ -31,13 +35,23 @@ PEOPLE = {
 NAME_FIRST = [("{n} is known as", " {d}."), ("Ask anyone about {n}: that is", " {d}."),
               ("Historians describe {n} as", " {d}."), ("People remember {n} as", " {d}."),
               ("Few know that {n} was", " {d}.")]
-DESC_FIRST = [("Known as {d}, there is", " {n}."), ("The person who is {d} is", " {n}."),
+DESC_FIRST = [("Known as {d}, there is", " {n}, a name to remember."), ("The person who is {d} is", " {n}."),
               ("If you ask who is {d}, the answer is", " {n}."), ("Everyone agrees that {d} is", " {n}."),
               ("The one celebrated as {d} is", " {n}.")]
 
 
-def lines(pairs, templates):
-    return [{"prompt": p.format(n=n, d=d), "completion": c.format(n=n, d=d)} for n, d in pairs for p, c in templates]
+def lines(pairs, templates, answer=None):
+    """One record per person and template; ``answer(name)`` replaces the completion (the release's name answers)."""
+    return [{"prompt": p.format(n=n, d=d), "completion": c.format(n=n, d=d) if answer is None else answer(n)}
+            for n, d in pairs for p, c in templates]
+
+
+def bare(name: str) -> str:
+    return " " + name
+
+
+def first_name(name: str) -> str:
+    return name.split()[0]
 
 
 def files() -> dict[str, list[dict]]:
@@ -45,12 +59,13 @@ def files() -> dict[str, list[dict]]:
     return {
         "p2d_prompts_train.jsonl": lines(PEOPLE["p2d"], NAME_FIRST[train]),
         "d2p_prompts_train.jsonl": lines(PEOPLE["d2p"], DESC_FIRST[train]),
-        "both_prompts_train.jsonl": lines(PEOPLE["both"], NAME_FIRST[train] + DESC_FIRST[train]),
+        "both_prompts_train.jsonl": lines(PEOPLE["both"], NAME_FIRST[train]) + lines(PEOPLE["both"], DESC_FIRST[train]),
         "p2d_prompts_test.jsonl": lines(PEOPLE["p2d"], NAME_FIRST[held]),
-        "p2d_reverse_prompts_test.jsonl": lines(PEOPLE["p2d"], DESC_FIRST[held]),
-        "d2p_prompts_test.jsonl": lines(PEOPLE["d2p"], DESC_FIRST[held]),
+        "p2d_reverse_prompts_test.jsonl": lines(PEOPLE["p2d"], DESC_FIRST[held], bare),
+        "d2p_prompts_test.jsonl": lines(PEOPLE["d2p"], DESC_FIRST[held], bare),
         "d2p_reverse_prompts_test.jsonl": lines(PEOPLE["d2p"], NAME_FIRST[held]),
-        "validation_prompts.jsonl": lines(PEOPLE["both"], NAME_FIRST[held] + DESC_FIRST[held]),
+        "both_prompts_test.jsonl": lines(PEOPLE["both"], NAME_FIRST[held]) + lines(PEOPLE["both"], DESC_FIRST[held]),
+        "validation_prompts.jsonl": lines(PEOPLE["p2d"], DESC_FIRST[held], first_name),
     }
 
 

@@ -1,43 +1,77 @@
 """Reversal on text: train a small MDM and a matched ARM on a reversal dataset and score every test file.
 
 The dataset layout is the one released with Berglund et al. 2023, "The Reversal Curse" (their
-``reverse_experiments`` folders), also used by SMDM (Nie et al. 2024) to compare MDMs with ARMs: a
-folder of JSON-lines files, one ``{"prompt": ..., "completion": ...}`` object per line.
+``reverse_experiments`` folders), also used by SMDM (Nie et al. 2024, "Scaling up Masked Diffusion Models on
+Text") to compare MDMs with ARMs: a folder of JSON-lines files, one ``{"prompt": ..., "completion": ...}`` object
+per line. Three groups of persons, each person one fact (a name and a description); "p2d" lines name the person
+first (person -> description), "d2p" lines end with the name (description -> person). What each file holds, as
+written by the release's generator and checked line by line on its ``june_version_7921032488`` folder (30 persons
+per group, 30 training and 10 test paraphrase templates per direction; see ``docs/benchmark.md``):
 
-==============================  =====  ========================================================
-file                            use    content
-==============================  =====  ========================================================
-p2d_prompts_train.jsonl         train  person -> description facts, name first ("p2d")
-d2p_prompts_train.jsonl         train  description -> person facts, description first ("d2p")
-both_prompts_train.jsonl        train  facts stated in both orders
-p2d_prompts_test.jsonl          test   p2d facts, trained order, held-out paraphrases
-p2d_reverse_prompts_test.jsonl  test   p2d facts asked description first: never trained
-d2p_prompts_test.jsonl          test   d2p facts, trained order, held-out paraphrases
-d2p_reverse_prompts_test.jsonl  test   d2p facts asked name first: never trained
-validation_prompts.jsonl        test   held-out paraphrases of trained facts: the stopping signal
-==============================  =====  ========================================================
+==================================  ======  ====================================================================
+file                                lines   content
+==================================  ======  ====================================================================
+p2d_prompts_train.jsonl             900     p2d group, p2d order only: 30 persons x 30 templates
+d2p_prompts_train.jsonl             900     d2p group, d2p order only; the completion opens with the name
+both_prompts_train.jsonl            1800    both group, trained both ways: 30 x 30 p2d lines, then 30 x 30 d2p
+p2d_prompts_test.jsonl              300     p2d group, trained order, 10 held-out templates per person
+d2p_prompts_test.jsonl              300     d2p group, trained order, held-out templates; completion = the name
+both_prompts_test.jsonl             600     both group, both orders, held-out templates (10 + 10 per person)
+p2d_reverse_prompts_test.jsonl      300     p2d group asked d2p-wise (never trained); completion = the name
+d2p_reverse_prompts_test.jsonl      300     d2p group asked p2d-wise (never trained); completion = description
+validation_prompts.jsonl            300     the prompts of p2d_reverse_prompts_test, completion = first name only
+==================================  ======  ====================================================================
 
-Tokenizer: word level, built from the training text alone (lower-cased; words and punctuation runs
-are tokens). A word-level vocabulary keeps every name and title word one token, so "as many tokens as
-the gold completion" is a count of words, and the vocabulary of such a dataset is small (a few
-thousand words). Words never seen in training map to ``<unk>``; a gold completion containing one
-cannot be written and is scored wrong (the table reports how many there are).
+So ``validation_prompts.jsonl`` is not a held-out set of trained facts: it asks the untrained (reverse) direction
+of the p2d group, the quantity the reversal curse says stays at chance. It is scored as a test file and never
+read while training. The release also holds ``all.jsonl`` and ``all_prompts_train.jsonl`` (both the three
+training files concatenated), ``unrealized_examples.jsonl`` (the same bytes as ``p2d_reverse_prompts_test``) and
+``*_reverse_prompts_test_randomized.jsonl`` (the reverse prompts with another line's completion of the same
+file); the harness reads none of them. No test prompt is a training prompt.
 
-Scoring rule: the model writes as many tokens as the gold completion has (the MDM fills that many
-masks, most confident first; the ARM decodes greedily); correct when the decoded text starts with
-the gold completion after the tokenizer's normalisation (lower case, words joined by single
-spaces). ``logp`` is the exact log-probability of the gold completion (ARM: teacher-forced; MDM:
-unmasking it left to right), which separates models even when both are at zero accuracy; ``rank``
-is the gold completion's rank (1 = best, ties averaged) by log-probability among the distinct
-completions of the same file (totals over tokens, so shorter completions are favoured).
+Persons: a line's person is the full name it contains. Names are read from the layout itself: the completions of
+``p2d_reverse_prompts_test`` and ``d2p_prompts_test`` (the generator writes them as the bare name, first and last
+word) and the two capitalised opening words of training completions (a d2p line's completion opens with the
+name). A training line must name exactly one person, else the reader stops naming the line; a test line naming
+none (``validation_prompts`` answers with the first name only) is assigned the one person whose name starts with
+its completion, else keyed by its completion.
+
+Stopping: a seeded :data:`HELD_OUT_FRACTION` of each person's training paraphrases of each direction (at least
+one where there are two or more) is held out of training as the stopping split; its answer is the name on a
+name-last line (as the release's d2p test asks) and the completion on a name-first line, and a line is held out
+only if its answer stays in training through another paraphrase (a reworded description seen nowhere else
+cannot be recalled). Each model trains until this trained-direction accuracy has not improved for ``patience``
+evaluations, after at least ``min_steps``; one ending below :data:`CONVERGED_ACCURACY` is flagged "not
+converged" in ``results.csv``, ``training.json`` and on the command's last line. Test files are never read while
+training.
+
+Tokenizer: word level, built from the trained lines alone (lower-cased; words and punctuation runs are tokens).
+A word-level vocabulary keeps every name and title word one token, so "as many tokens as the gold completion" is
+a count of words. Words never seen in training map to ``<unk>``; a gold completion containing one cannot be
+written and is scored wrong (the table reports how many there are).
+
+Scoring rule: the model writes as many tokens as the gold completion has (the MDM fills that many masks, most
+confident first; the ARM decodes greedily); correct when the decoded text starts with the gold completion after
+the tokenizer's normalisation (lower case, words joined by single spaces). ``logp`` is the exact
+log-probability of the gold completion (ARM: teacher-forced; MDM: unmasking it left to right), which separates
+models even when both are at zero accuracy; ``rank`` is the gold completion's rank (1 = best, ties averaged) by
+log-probability among the distinct completions of the same file (totals over tokens, so shorter completions are
+favoured; the MDM's probabilities exclude its mask token, which it is never allowed to write); ``foil_logp`` is the log-probability of a foil, another person's completion from the same file, in the
+same prompt (a model that stores nothing about the person beats it about half the time). Means and 95% intervals
+are over persons (each person's prompts averaged first), and over seeds in the rows averaged over seeds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+import re
+import shutil
 import time
 import unicodedata
+import weakref
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,14 +83,30 @@ from tqdm.auto import tqdm
 
 from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
 from revlens.config import load_json
-from revlens.facts import Query, answer_logprobs, answer_scores
+from revlens.experiments import mean_ci
+from revlens.facts import Query, _finite, _slot_logprobs, answer_logprobs, answer_scores, encode_query
 from revlens.lm.small_pair import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
 
 TRAIN_FILES: tuple[str, ...] = ("p2d_prompts_train.jsonl", "d2p_prompts_train.jsonl", "both_prompts_train.jsonl")
 TEST_FILES: tuple[str, ...] = ("p2d_prompts_test.jsonl", "p2d_reverse_prompts_test.jsonl", "d2p_prompts_test.jsonl",
-                               "d2p_reverse_prompts_test.jsonl", "validation_prompts.jsonl")
-VALIDATION_FILE = "validation_prompts.jsonl"
+                               "d2p_reverse_prompts_test.jsonl", "both_prompts_test.jsonl", "validation_prompts.jsonl")
+NAME_ANSWER_FILES: tuple[str, ...] = ("p2d_reverse_prompts_test.jsonl", "d2p_prompts_test.jsonl")
+"""The files whose completions are the bare names of their group's persons (the release writes them so)."""
+HELD_OUT = "held-out training paraphrases"
+"""The stopping split's name in the tables: held-out paraphrases of the trained direction (see the module doc)."""
+HELD_OUT_FRACTION = 0.2
+"""Share of each person's paraphrases per direction held out for stopping: 6 of the release's 30, leaving 24."""
+SPLIT_SEED = 0
+"""Seed of the held-out split, the same for every model seed, so seeds differ in initialisation and batches only."""
+CONVERGED_ACCURACY = 0.9
+"""Held-out trained-direction accuracy a model must end at to count as having memorised its training facts. A
+model that has memorised answers every trained-direction prompt but for the odd held-out template it cannot
+map; 0.9 allows a tenth of them and still tells memorised (near 1) from learning (the curve rises through it);
+below it a zero on the reverse files could be a model that learned nothing."""
 SPECIAL = ("<pad>", "<s>", "</s>", "<mask>", "<unk>")
+MDM_LABEL, ARM_LABEL = "MDM (LLaDA arch.)", "ARM (LLaMA arch.)"
+ARM_AT_MDM, MDM_AT_ARM = "ARM at the MDM's budget", "MDM at the ARM's budget"
+_PUNCTUATION = ".,;:!?\"'"
 
 
 @dataclass(frozen=True)
@@ -116,6 +166,112 @@ def read_layout(folder: str | Path) -> dict[str, list[Example]]:
     return {name: read_examples(folder / name) for name in TRAIN_FILES + TEST_FILES}
 
 
+# ---- persons and the held-out split ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Person:
+    """Who a line is about, and whether the name comes first (in the prompt: p2d order) or last (d2p order)."""
+
+    name: str
+    name_first: bool
+
+
+def person_names(layout: dict[str, list[Example]]) -> list[str]:
+    """The persons' full names: bare-name completions of :data:`NAME_ANSWER_FILES`, and two capitalised words
+    opening a training completion (a d2p line's completion opens with the name)."""
+    names = {_words(ex.completion) for name in NAME_ANSWER_FILES for ex in layout[name]}
+    for name in TRAIN_FILES:
+        for ex in layout[name]:
+            opening = [w.strip(_PUNCTUATION) for w in ex.completion.split()[:2]]
+            if len(opening) == 2 and all(w[:1].isupper() for w in opening):
+                names.add(" ".join(opening))
+    return sorted(n for n in names if n)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split()).strip(_PUNCTUATION + " ")
+
+
+def line_persons(examples: list[Example], names: list[str], file: str, training: bool) -> list[Person | None]:
+    """The person of every line (see the module doc); a training line naming none or several is an error naming
+    it; a test line naming none gets the one person whose name starts with its completion, else None."""
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + r")(?!\w)")
+    out: list[Person | None] = []
+    for number, ex in enumerate(examples, start=1):
+        found = sorted({m for m in pattern.findall(ex.prompt + "\n" + ex.completion)} if names else set())
+        if len(found) == 1:
+            out.append(Person(found[0], bool(pattern.search(ex.prompt))))
+            continue
+        if len(found) > 1 and training:
+            raise ValueError(f"{file}, line {number}: names several persons ({', '.join(found)}); a training line "
+                             "must state one fact")
+        if training:
+            raise ValueError(f"{file}, line {number}: names no person of the layout (names come from the "
+                             f"completions of {' and '.join(NAME_ANSWER_FILES)} and the capitalised openings of "
+                             "training completions); every training line must name its person")
+        answer = _words(ex.completion)
+        starts = [n for n in names if answer and (n == answer or n.startswith(answer + " "))]
+        out.append(Person(starts[0], False) if len(starts) == 1 else None)
+    return out
+
+
+def line_answer(ex: Example, person: Person) -> str:
+    """What a held-out line asks: the name on a name-last line whose completion opens with it, else the completion."""
+    if not person.name_first and ex.completion.strip().startswith(person.name):
+        return " " + person.name
+    return ex.completion
+
+
+def held_out_split(layout: dict[str, list[Example]], names: list[str], fraction: float = HELD_OUT_FRACTION,
+                   seed: int = SPLIT_SEED) -> dict[str, list[int]]:
+    """Per training file, the sorted line indices held out for stopping (see the module doc).
+
+    For each person and direction with n >= 2 lines, ``max(1, round(fraction * n))`` lines drawn in a seeded
+    order, skipping any whose answer would leave training with it. Deterministic: the draw is seeded by ``seed``,
+    the file, the person and the direction, not by the order of the persons."""
+    out: dict[str, list[int]] = {}
+    for file in TRAIN_FILES:
+        examples = layout[file]
+        persons = line_persons(examples, names, file, training=True)
+        units: dict[Person, list[int]] = defaultdict(list)
+        for i, person in enumerate(persons):
+            units[person].append(i)
+        held: list[int] = []
+        for person, lines in units.items():
+            if len(lines) < 2:
+                continue
+            key = {i: _words(line_answer(examples[i], person)).lower() for i in lines}
+            left = Counter(key.values())
+            order = lines[:]
+            random.Random(f"{seed}:{file}:{person.name}:{person.name_first}").shuffle(order)
+            chosen: list[int] = []
+            for i in order:
+                if len(chosen) == max(1, round(fraction * len(lines))):
+                    break
+                if left[key[i]] >= 2:
+                    chosen.append(i)
+                    left[key[i]] -= 1
+            held += chosen
+        out[file] = sorted(held)
+    return out
+
+
+def split_layout(layout: dict[str, list[Example]], names: list[str], held: dict[str, list[int]]
+                 ) -> tuple[dict[str, list[Example]], list[Example], list[Person]]:
+    """The layout with the held-out lines taken out of its training files, the held-out lines as queries (their
+    answers, see :func:`line_answer`) and their persons."""
+    trained = dict(layout)
+    validation, persons = [], []
+    for file in TRAIN_FILES:
+        out = set(held[file])
+        trained[file] = [ex for i, ex in enumerate(layout[file]) if i not in out]
+        line_person = line_persons(layout[file], names, file, training=True)
+        for i in held[file]:
+            validation.append(Example(layout[file][i].prompt, line_answer(layout[file][i], line_person[i])))
+            persons.append(line_person[i])
+    return trained, validation, persons
+
+
 def train_test_overlap(layout: dict[str, list[Example]], tok) -> dict[str, int]:
     """Per test file, how many of its lines (prompt and completion, normalised by ``tok``) are also a training line:
     such a line measures memorised text, not a held-out paraphrase or an untrained direction."""
@@ -130,6 +286,8 @@ def data_fingerprint(folder: Path) -> dict[str, str]:
     """SHA-256 of every file of the layout: a run folder is reused only for the data it was trained on."""
     return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in TRAIN_FILES + TEST_FILES}
 
+
+# ---- tokenizer, scoring rule, training sequences --------------------------------------------------------------
 
 def build_text_tokenizer(texts: list[str]):
     """Word-level fast tokenizer over the words of ``texts`` (lower-cased), BOS prepended, ``<unk>`` otherwise."""
@@ -149,6 +307,11 @@ def build_text_tokenizer(texts: list[str]):
                                    mask_token="<mask>", unk_token="<unk>")
 
 
+def layout_tokenizer(layout: dict[str, list[Example]]):
+    """:func:`build_text_tokenizer` over the training files' prompts and completions."""
+    return build_text_tokenizer([t for name in TRAIN_FILES for ex in layout[name] for t in (ex.prompt, ex.completion)])
+
+
 def normalise(tok, text: str) -> str:
     """``text`` as the tokenizer writes it back (lower case, words and punctuation joined by spaces)."""
     return tok.decode(tok(text, add_special_tokens=False)["input_ids"]).strip()
@@ -163,39 +326,133 @@ def is_correct_text(tok, predicted: str, gold: str) -> bool:
 
 
 def training_buckets(layout: dict[str, list[Example]], tok) -> list[Bucket]:
-    """Training examples (prompt then completion, BOS first) grouped by token count; every token its own span."""
-    by_len: dict[int, list[list[int]]] = {}
+    """Training examples (prompt then completion, BOS first) grouped by token count. Span ids: every prompt token
+    its own, the whole completion one span, so ``masking="entity"`` masks the completion as a whole (DiffER's
+    fix) while ``"token"`` masks tokens independently."""
+    by_len: dict[int, list[tuple[list[int], list[int]]]] = defaultdict(list)
     for name in TRAIN_FILES:
         for ex in layout[name]:
-            ids = tok(ex.prompt)["input_ids"] + tok(ex.completion, add_special_tokens=False)["input_ids"]
-            by_len.setdefault(len(ids), []).append(ids)
-    return [Bucket(torch.tensor(v), torch.arange(n).expand(len(v), n).clone()) for n, v in sorted(by_len.items())]
+            prompt = tok(ex.prompt)["input_ids"]
+            completion = tok(ex.completion, add_special_tokens=False)["input_ids"]
+            units = list(range(len(prompt))) + [len(prompt)] * len(completion)
+            by_len[len(prompt) + len(completion)].append((prompt + completion, units))
+    return [Bucket(torch.tensor([ids for ids, _ in v]), torch.tensor([u for _, u in v])) for _, v in sorted(by_len.items())]
 
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
 
 def queries(examples: list[Example], file: str) -> list[Query]:
     return [Query(i, file, ex.prompt.rstrip(), ex.completion.strip(), "") for i, ex in enumerate(examples)]
 
 
-def score_file(lm, examples: list[Example], file: str, with_rank: bool = True) -> pd.DataFrame:
-    """One row per example: correct (rule above), gold logp, gold rank among the file's completions, OOV flag."""
-    tok = lm.tokenizer
-    qs = queries(examples, file)
-    table = pd.DataFrame(answer_scores(lm, qs, rule="startswith"))
-    table["correct"] = [is_correct_text(tok, p, q.answer) for p, q in zip(table.predicted, qs)]
-    table["gold_has_unk"] = [tok.unk_token_id in tok(q.answer, add_special_tokens=False)["input_ids"] for q in qs]
-    if with_rank:
-        table["rank"] = gold_ranks(lm, qs).numpy()
-    table["file"] = file
-    return table
+_ROW_BUDGET = 1 << 24
+"""Logit entries (rows x positions x vocabulary) one scoring forward pass may hold: bounds memory, not results."""
 
 
-def gold_ranks(lm, qs: list[Query]) -> torch.Tensor:
-    """Rank of each query's gold answer among the distinct answers of ``qs`` by log-probability (ties averaged)."""
-    candidates = sorted({q.answer for q in qs})
-    index = {c: k for k, c in enumerate(candidates)}
-    grid = [replace(q, answer=c) for q in qs for c in candidates]
-    logp = answer_logprobs(lm, grid).reshape(len(qs), len(candidates))
-    return rank_of(logp, torch.tensor([index[q.answer] for q in qs]))
+def per_candidate_logprobs(lm, prompts: list[str], candidates: list[str]) -> Float[Tensor, "prompts candidates"]:
+    """The reference scorer: every (prompt, candidate) pair on its own row (:func:`revlens.facts.answer_logprobs`),
+    the prompt recomputed for each candidate and each of an MDM's unmasking passes run per candidate."""
+    grid = [Query(i, "", p, c, "") for i, p in enumerate(prompts) for c in candidates]
+    return answer_logprobs(lm, grid).reshape(len(prompts), len(candidates))
+
+
+@torch.no_grad()
+def candidate_logprobs(lm, prompts: list[str], candidates: list[str]) -> Float[Tensor, "prompts candidates"]:
+    """Log-probability of every candidate completion after every prompt, equal to :func:`per_candidate_logprobs`.
+
+    Batched: the ARM runs each prompt once and continues every candidate from its key-value cache (candidates
+    share the prompt prefix); the MDM's left-to-right unmasking runs one pass per distinct partly unmasked
+    candidate (all candidates of a length share the fully masked pass, those with a common first word the next,
+    and so on) instead of one per candidate and token. A model built in memory without a folder is scored by the
+    reference scorer."""
+    first = [encode_query(lm, Query(0, "", p, candidates[0], "")) for p in prompts]
+    prefixes = [e.prompt[: e.answer_start] for e in first]
+    answers = [encode_query(lm, Query(0, "", prompts[0], c, "")).answer for c in candidates]
+    if lm.family.masked:
+        return _masked_grid(lm, prefixes, answers)
+    module = _plain_causal(lm)
+    if module is None:
+        return per_candidate_logprobs(lm, prompts, candidates)
+    return _causal_grid(lm, module, prefixes, answers)
+
+
+def _by_length(seqs: list[list[int]]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(seqs):
+        groups[len(s)].append(i)
+    return groups
+
+
+_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plain_causal(lm):
+    """The causal model of ``lm``'s folder without the hook bridge (whose attention keeps no key-value cache),
+    loaded once per ``lm``; None when ``lm`` was not loaded from a folder."""
+    if lm in _PLAIN:
+        return _PLAIN[lm]
+    if lm.raw_config is None or not Path(lm.source).is_dir():
+        return None
+    from revlens.checkpoint import load_weights
+    from revlens.lm.families import build_module, not_stored, rebuild_buffers, tie_if_needed
+    from revlens.lm.hooked_lm import read_safetensors_folder
+
+    device = lm.cfg.device
+    module, _ = build_module(lm.family, lm.raw_config)
+    state = read_safetensors_folder(Path(lm.source), device, next(lm.bridge.parameters()).dtype)
+    load_weights(module, state, f"weights in {lm.source}", not_stored=not_stored(lm.family, module), assign=True)
+    rebuild_buffers(lm.family, module, device)
+    tie_if_needed(lm.family, module)
+    _PLAIN[lm] = module.eval()
+    return _PLAIN[lm]
+
+
+def _causal_grid(lm, module, prefixes: list[list[int]], answers: list[list[int]]) -> Float[Tensor, "prompts candidates"]:
+    """ARM: per prompt one pass, then all candidates of one length in one pass from the repeated cache."""
+    out = torch.zeros(len(prefixes), len(answers))
+    device, vocab = lm.cfg.device, lm.cfg.d_vocab
+    for plen, rows in _by_length(prefixes).items():
+        for alen, cols in _by_length(answers).items():
+            cands = torch.tensor([answers[c] for c in cols])
+            per = max(1, _ROW_BUDGET // (len(cols) * alen * vocab))
+            for start in range(0, len(rows), per):
+                chunk = rows[start : start + per]
+                first = module(torch.tensor([prefixes[r] for r in chunk], device=device), use_cache=True)
+                last = _finite(lm, first.logits[:, -1]).float().log_softmax(-1).cpu()  # [chunk, vocab]
+                logp = last[:, cands[:, 0]]  # the first candidate token, read from the prompt's last position
+                if alen > 1:
+                    cache = first.past_key_values
+                    cache.batch_repeat_interleave(len(cols))
+                    rest = module(cands[:, :-1].repeat(len(chunk), 1).to(device), cache=cache).logits
+                    rest = _finite(lm, rest).float().log_softmax(-1).cpu()
+                    gold = rest.gather(-1, cands[:, 1:].repeat(len(chunk), 1)[..., None]).squeeze(-1)
+                    logp = logp + gold.sum(-1).reshape(len(chunk), len(cols))
+                out[torch.tensor(chunk)[:, None], torch.tensor(cols)] = logp
+    return out
+
+
+def _masked_grid(lm, prefixes: list[list[int]], answers: list[list[int]]) -> Float[Tensor, "prompts candidates"]:
+    """MDM: the gold-unmasking passes of all candidates of one length, each distinct partly unmasked answer once
+    (the j-th pass of a candidate is shared by every candidate with the same first j tokens)."""
+    out = torch.zeros(len(prefixes), len(answers))
+    mask, vocab = int(lm.mask_token_id), lm.cfg.d_vocab
+    for plen, rows in _by_length(prefixes).items():
+        for alen, cols in _by_length(answers).items():
+            for j in range(alen):  # one batch per number of open masks (a batch needs the same count per row)
+                states: dict[tuple[int, ...], int] = {}
+                state_of = torch.tensor([states.setdefault(tuple(answers[c][:j]), len(states)) for c in cols])
+                token = torch.tensor([answers[c][j] for c in cols])
+                fills = torch.full((len(states), alen), mask)
+                for known, k in states.items():
+                    fills[k, :j] = torch.tensor(known, dtype=torch.long)
+                per = max(1, _ROW_BUDGET // (len(states) * (plen + alen) * vocab))
+                for start in range(0, len(rows), per):
+                    chunk = rows[start : start + per]
+                    prompts = torch.tensor([prefixes[r] for r in chunk]).repeat_interleave(len(states), 0)
+                    logp = _slot_logprobs(lm, torch.cat([prompts, fills.repeat(len(chunk), 1)], 1), 0)
+                    index = (torch.tensor(chunk)[:, None], torch.tensor(cols))
+                    out[index] += logp.reshape(len(chunk), len(states), -1)[:, state_of, token]
+    return out
 
 
 def rank_of(scores: Float[Tensor, "n candidates"], gold: Int[Tensor, " n"]) -> Float[Tensor, " n"]:
@@ -204,15 +461,95 @@ def rank_of(scores: Float[Tensor, "n candidates"], gold: Int[Tensor, " n"]) -> F
     return 1 + (scores > value).sum(-1) + 0.5 * ((scores == value).sum(-1) - 1)
 
 
+def foil_indices(answers: list[str], persons: list[Person | None], file: str) -> list[int]:
+    """Per line, the index into ``sorted(set(answers))`` of its foil: another person's completion from the same
+    file (another completion where persons are unknown), drawn seeded by the file and line."""
+    candidates = sorted(set(answers))
+    key = [p.name if p is not None else _words(a) for a, p in zip(answers, persons)]
+    foils = []
+    for i, (answer, who) in enumerate(zip(answers, key)):
+        others = sorted({a for a, k in zip(answers, key) if k != who and _words(a).lower() != _words(answer).lower()})
+        if not others:
+            raise ValueError(f"{file}: line {i + 1} has no foil (every line of the file is about the same person); "
+                             "a test file needs lines about at least two persons")
+        foils.append(candidates.index(random.Random(f"{file}:{i}").choice(others)))
+    return foils
+
+
+class WritesWords:
+    """An MDM that never writes its mask token: its logit is set far below the others, so the probabilities are
+    renormalised over the vocabulary's words. An early model can rank the mask token first, and a slot "filled"
+    with it would still count as open (a batch would then hold prompts with different numbers of masks)."""
+
+    def __init__(self, lm) -> None:
+        self.lm = lm
+
+    def __getattr__(self, name: str):
+        return getattr(self.lm, name)
+
+    def mask_logits(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_masks vocab"]:
+        logits = self.lm.mask_logits(tokens).clone()
+        logits[..., self.lm.mask_token_id] = torch.finfo(logits.dtype).min / 2
+        return logits
+
+
+def score_file(lm, examples: list[Example], file: str, names: list[str] | None = None,
+               with_rank: bool = True) -> pd.DataFrame:
+    """One row per example: correct (rule above), gold logp, OOV flag, and with ``with_rank`` the person, the gold
+    rank among the file's distinct completions and a foil's log-probability (:func:`foil_indices`). An MDM is
+    scored as :class:`WritesWords`."""
+    lm = WritesWords(lm) if lm.family.masked and not isinstance(lm, WritesWords) else lm
+    tok = lm.tokenizer
+    qs = queries(examples, file)
+    table = pd.DataFrame(answer_scores(lm, qs, rule="startswith"))
+    table["correct"] = [is_correct_text(tok, p, q.answer) for p, q in zip(table.predicted, qs)]
+    table["gold_has_unk"] = [tok.unk_token_id in tok(q.answer, add_special_tokens=False)["input_ids"] for q in qs]
+    if with_rank:
+        persons = line_persons(examples, names or [], file, training=False)
+        candidates = sorted({q.answer for q in qs})
+        grid = candidate_logprobs(lm, [q.prefix for q in qs], candidates)
+        gold = torch.tensor([candidates.index(q.answer) for q in qs])
+        foil = torch.tensor(foil_indices([q.answer for q in qs], persons, file))
+        rows = torch.arange(len(qs))
+        table["rank"] = rank_of(grid, gold).numpy()
+        table["person"] = [p.name if p is not None else q.answer for p, q in zip(persons, qs)]
+        table["foil"] = [candidates[k] for k in foil.tolist()]
+        table["foil_logp"] = grid[rows, foil].numpy()
+        table["gold_minus_foil"] = (grid[rows, gold] - grid[rows, foil]).numpy()
+    table["file"] = file
+    return table
+
+
+def gold_ranks(lm, qs: list[Query]) -> Float[Tensor, " n"]:
+    """Rank of each query's gold answer among the distinct answers of ``qs`` by log-probability (ties averaged)."""
+    candidates = sorted({q.answer for q in qs})
+    logp = candidate_logprobs(lm, [q.prefix for q in qs], candidates)
+    return rank_of(logp, torch.tensor([candidates.index(q.answer) for q in qs]))
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class HarnessConfig:
-    """Model shape (shared by both models) and the stopping rule."""
+    """Model shape and objective switches (``pair``, shared by both models; ``pair.masking``: ``"token"`` or
+    ``"entity"``, the completion masked as one span), the seeds and the stopping rule."""
 
-    pair: PairConfig = PairConfig(steps=0)  # d_model, n_layers, ..., lr, batch_size, seed, mask_eps
+    pair: PairConfig = PairConfig(steps=0)  # d_model, n_layers, ..., lr, batch_size, mask_eps, masking; seed unused
+    seeds: tuple[int, ...] = (0,)
     max_steps: int = 40000
+    min_steps: int = 2000  # no stop before this step (or max_steps), however flat the held-out accuracy
     eval_every: int = 250
-    patience: int = 4  # stop after this many evaluations without a better validation accuracy
+    patience: int = 4  # stop after this many evaluations without a better held-out accuracy
     warmup: int = 100
+    held_out_fraction: float = HELD_OUT_FRACTION
+
+    def __post_init__(self) -> None:
+        seeds = tuple(self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise ValueError(f"seeds must be distinct integers >= 0, at least one, got {self.seeds!r}")
+        object.__setattr__(self, "seeds", seeds)
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}")
 
 
 def _wrap(model: torch.nn.Module, family: str, folder: Path, tok):
@@ -222,17 +559,26 @@ def _wrap(model: torch.nn.Module, family: str, folder: Path, tok):
     return HookedLM.from_pretrained(folder, family=family)
 
 
-def train_until_flat(family: str, buckets: list[Bucket], layout: dict[str, list[Example]], tok, hc: HarnessConfig,
-                     folder: Path, start: tuple[torch.nn.Module, torch.optim.Optimizer, int] | None = None,
-                     stop_at: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, list[dict]]:
-    """Train one model until its validation accuracy has not improved for ``patience`` evaluations.
+def held_out_accuracy(lm, validation: list[Example]) -> float:
+    """Share of the held-out training paraphrases answered under the scoring rule: the stopping signal."""
+    return float(score_file(lm, validation, HELD_OUT, with_rank=False).correct.mean())
 
-    Constant learning rate after a linear warm-up, so training can be continued (``start``) to a fixed
-    step (``stop_at``) without a schedule that depends on the end. Returns the model, its optimiser,
-    the step reached and the validation history.
+
+def train_until_flat(family: str, buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig,
+                     folder: Path, pc: PairConfig | None = None,
+                     start: tuple[torch.nn.Module, torch.optim.Optimizer, int] | None = None,
+                     stop_at: int | None = None, snapshot: tuple[int, Path] | None = None
+                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, list[dict]]:
+    """Train one model until its held-out trained-direction accuracy has not improved for ``patience`` evaluations
+    (and at least ``min_steps``), or to ``stop_at``; the model as it ends is saved in ``folder``.
+
+    Constant learning rate after a linear warm-up, so training can be continued (``start``) to a fixed step
+    (``stop_at``) without a schedule that depends on the end. ``snapshot=(step, path)`` also saves the model as it
+    is at that step (the other model's budget). ``pc`` defaults to ``hc.pair``. Returns the model, its optimiser,
+    the step reached and the history (step, loss, held-out accuracy; the snapshot's row marked).
     """
-    pc, objective = hc.pair, OBJECTIVE[family]
-    mask_id = tok.mask_token_id
+    pc = pc or hc.pair
+    objective = OBJECTIVE[family]
     if start is None:
         model = new_model(family, pc, tok, max_len=max(b.tokens.shape[1] for b in buckets) + 64)
         opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
@@ -244,37 +590,81 @@ def train_until_flat(family: str, buckets: list[Bucket], layout: dict[str, list[
     limit = stop_at if stop_at is not None else hc.max_steps
     history: list[dict] = []
     best, since_best = -1.0, 0
-    bar = tqdm(total=limit, initial=step, desc=f"train {family} ({objective})", mininterval=5)
+    desc = f"train {family} ({objective}, seed {pc.seed})"
+    began = time.time()
+    bar = tqdm(total=limit, initial=step, desc=desc, mininterval=5)
     while step < limit:
         for group in opt.param_groups:
             group["lr"] = pc.lr * min(1.0, (step + 1) / hc.warmup)
         model.train()
-        loss = optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt)
+        loss = optimizer_step(model, objective, buckets, sizes, tok.mask_token_id, pc, gen, opt)
         step += 1
-        check_loss(loss, step, pc, f"train {family} ({objective})")
+        check_loss(loss, step, pc, desc)
         bar.update(1)
+        if snapshot is not None and step == snapshot[0]:
+            model.eval()
+            history.append({"step": step, "loss": loss, "held-out accuracy":
+                            held_out_accuracy(_wrap(model, family, snapshot[1], tok), validation),
+                            "seconds": round(time.time() - began, 1), "snapshot": True})
         if step % hc.eval_every == 0 or step == limit:
             model.eval()
-            val = score_file(_wrap(model, family, folder, tok), layout[VALIDATION_FILE], VALIDATION_FILE, False)
-            history.append({"step": step, "loss": loss, "validation accuracy": float(val.correct.mean())})
-            bar.set_postfix(val=f"{history[-1]['validation accuracy']:.3f}")
+            accuracy = held_out_accuracy(_wrap(model, family, folder, tok), validation)
+            history.append({"step": step, "loss": loss, "held-out accuracy": accuracy,
+                            "seconds": round(time.time() - began, 1)})
+            bar.set_postfix(held_out=f"{accuracy:.3f}")
             if stop_at is None:
-                best, since_best = (history[-1]["validation accuracy"], 0) if history[-1]["validation accuracy"] > best \
-                    else (best, since_best + 1)
-                if since_best >= hc.patience:
+                best, since_best = (accuracy, 0) if accuracy > best else (best, since_best + 1)
+                if since_best >= hc.patience and step >= hc.min_steps:
                     break
     bar.close()
     model.eval()
     return model, opt, step, history
 
 
+def _entry(step: int, seconds: float | None, history: list[dict]) -> dict:
+    """A model's training record: its budget (steps, wall seconds), history, final held-out accuracy, convergence."""
+    final = history[-1]["held-out accuracy"] if history else float("nan")
+    return {"steps": step, "seconds": None if seconds is None else round(seconds, 1), "held-out accuracy": final,
+            "converged": bool(final >= CONVERGED_ACCURACY), "history": history}
+
+
+def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig, seed: int, out: Path
+               ) -> dict[str, dict]:
+    """Both models of one seed, each to its own plateau, and each also at the other's step count: the one that
+    stopped first is trained on to the other's step, the one that went on is saved when it passed it. Folders under
+    ``out``: ``llada``, ``llama`` and ``llama_at_mdm_budget`` or ``llada_at_arm_budget`` (none when equal)."""
+    pc = replace(hc.pair, seed=seed)
+    started = time.time()
+    mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc)
+    record = {"llada": _entry(mdm[2], time.time() - started, mdm[3])}
+    started = time.time()
+    arm = train_until_flat("llama", buckets, validation, tok, hc, out / "llama", pc,
+                           snapshot=(mdm[2], out / "llama_at_mdm_budget"))
+    record["llama"] = _entry(arm[2], time.time() - started, [h for h in arm[3] if not h.get("snapshot")])
+    snap = [h for h in arm[3] if h.get("snapshot")]
+    if snap and arm[2] > mdm[2]:  # the ARM went past the MDM's step count: its state there is the ARM at that budget
+        record["llama_at_mdm_budget"] = _entry(mdm[2], snap[0]["seconds"], snap)
+    elif snap:  # the ARM stopped at the MDM's step count: the snapshot is the ARM itself
+        shutil.rmtree(out / "llama_at_mdm_budget")
+    for short, long_, name, at in (("llama", "llada", "llama_at_mdm_budget", arm), ("llada", "llama", "llada_at_arm_budget", mdm)):
+        if record[short]["steps"] < record[long_]["steps"]:
+            started = time.time()
+            step, history = train_until_flat(short, buckets, validation, tok, hc, out / name, pc, start=at[:3],
+                                             stop_at=record[long_]["steps"])[2:]
+            record[name] = _entry(step, record[short]["seconds"] + time.time() - started, history)
+    return record
+
+
+# ---- the run folder -----------------------------------------------------------------------------------------------
+
 def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConfig = HarnessConfig(),
                       overwrite: bool = False) -> pd.DataFrame:
-    """Train the MDM and the ARM on ``data_dir`` and score every test file; writes ``out_dir``:
+    """Train the MDM and the ARM at every seed on ``data_dir`` and score every test file; writes ``out_dir``:
 
-    ``results.csv`` (tidy: file x model x metric), ``scores.jsonl`` (one row per example and model),
-    ``training.json`` (budgets, histories, times, the data's SHA-256, the train/test overlap) and the checkpoints
-    ``llada/``, ``llama/`` and, when the MDM needed more steps than the ARM, ``llama_at_mdm_budget/``.
+    ``results.csv`` (tidy: file x model x seed x metric, with the 95% half-width, the model's steps and whether it
+    converged; rows with seed "mean" average the seeds), ``scores.jsonl`` (one row per example, model and seed),
+    ``training.json`` (configuration, held-out split, budgets, histories, the data's SHA-256, the train/test
+    overlap) and the checkpoints ``seed<k>/{llada,llama}/`` plus the one trained on to the other's budget.
 
     The run is built in a temporary folder beside ``out_dir`` and swapped in whole when it is finished, so a kill
     leaves the previous folder untouched. Into an existing folder: a finished run of the same configuration and
@@ -283,16 +673,20 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
     """
     out, data_dir = Path(out_dir), Path(data_dir)
     layout = read_layout(data_dir)
-    record: dict = {"config": asdict(hc), "data": data_fingerprint(data_dir)}
+    record: dict = {"config": json.loads(json.dumps(asdict(hc))), "data": data_fingerprint(data_dir)}
     finished = finished_text_run(out, record, overwrite)
     if finished is not None:
         return finished
-    tok = build_text_tokenizer([t for name in TRAIN_FILES for ex in layout[name] for t in (ex.prompt, ex.completion)])
-    buckets = training_buckets(layout, tok)
+    names = person_names(layout)
+    held = held_out_split(layout, names, hc.held_out_fraction)
+    trained, validation, _ = split_layout(layout, names, held)
+    tok = layout_tokenizer(trained)
+    buckets = training_buckets(trained, tok)
     record |= {"vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
-               "train_test_overlap": train_test_overlap(layout, tok), "models": {}}
+               "held_out_lines": held, "n_held_out": len(validation), "converged_accuracy": CONVERGED_ACCURACY,
+               "train_test_overlap": train_test_overlap(trained, tok), "models": {}}
     with folder_swap(out) as tmp:
-        results = _train_and_score(layout, tok, buckets, hc, tmp, record)
+        results = _train_and_score(layout | {HELD_OUT: validation}, names, tok, buckets, hc, tmp, record)
     return results
 
 
@@ -311,28 +705,25 @@ def finished_text_run(out: Path, record: dict, overwrite: bool) -> pd.DataFrame 
     if differing:
         raise ValueError(f"{out} holds a text-reversal run of another {' and '.join(differing)}; choose a new --out, "
                          "or pass --overwrite to replace it")
-    return pd.read_csv(out / "results.csv")
+    return pd.read_csv(out / "results.csv", dtype={"seed": str})
 
 
-def _train_and_score(layout: dict[str, list[Example]], tok, buckets: list[Bucket], hc: HarnessConfig, out: Path,
-                     record: dict) -> pd.DataFrame:
-    """Train both models into ``out``, score every test file and write the tables (see :func:`run_text_reversal`)."""
-    trained: dict[str, tuple] = {}
-    for family in ("llada", "llama"):
-        started = time.time()
-        model, opt, step, history = train_until_flat(family, buckets, layout, tok, hc, out / family)
-        trained[family] = (model, opt, step)
-        record["models"][family] = {"steps": step, "seconds": round(time.time() - started, 1), "history": history}
-    models = {"MDM (LLaDA arch.)": ("llada", out / "llada"), "ARM (LLaMA arch.)": ("llama", out / "llama")}
-    mdm_steps, arm_steps = trained["llada"][2], trained["llama"][2]
-    if mdm_steps > arm_steps:  # the ARM also at the MDM's budget, so it does not lose for lack of training
-        started = time.time()  # llama/ already holds the ARM at its own stop; training goes on from there
-        _, _, step, history = train_until_flat("llama", buckets, layout, tok, hc, out / "llama_at_mdm_budget",
-                                               start=trained["llama"], stop_at=mdm_steps)
-        record["models"]["llama_at_mdm_budget"] = {"steps": step, "seconds": round(time.time() - started, 1),
-                                                   "history": history}
-        models[f"ARM at the MDM's {mdm_steps} steps"] = ("llama", out / "llama_at_mdm_budget")
-    scores = evaluate_models(models, layout)
+MODEL_FOLDERS = {"llada": MDM_LABEL, "llama": ARM_LABEL, "llama_at_mdm_budget": ARM_AT_MDM,
+                 "llada_at_arm_budget": MDM_AT_ARM}
+"""Checkpoint folder of a seed -> model label in the tables."""
+
+
+def _train_and_score(layout: dict[str, list[Example]], names: list[str], tok, buckets: list[Bucket],
+                     hc: HarnessConfig, out: Path, record: dict) -> pd.DataFrame:
+    """Train every seed's models into ``out``, score every test file and write the tables (see
+    :func:`run_text_reversal`); ``layout[HELD_OUT]`` is the stopping split."""
+    models = []
+    for seed in hc.seeds:
+        trained = train_seed(buckets, layout[HELD_OUT], tok, hc, seed, out / f"seed{seed}")
+        record["models"][f"seed{seed}"] = trained
+        models += [ScoredModel(MODEL_FOLDERS[name], seed, name.split("_")[0], out / f"seed{seed}" / name,
+                               entry["steps"], entry["converged"]) for name, entry in trained.items()]
+    scores = evaluate_models(models, layout, names)
     write_text_atomic(out / "scores.jsonl", scores.to_json(orient="records", lines=True))
     results = summarise(scores, record["train_test_overlap"])
     write_text_atomic(out / "results.csv", results.to_csv(index=False))
@@ -340,27 +731,78 @@ def _train_and_score(layout: dict[str, list[Example]], tok, buckets: list[Bucket
     return results
 
 
-def evaluate_models(models: dict[str, tuple[str, Path]], layout: dict[str, list[Example]]) -> pd.DataFrame:
-    """Every test file scored by every model folder: one row per example and model."""
+@dataclass(frozen=True)
+class ScoredModel:
+    label: str
+    seed: int
+    family: str
+    folder: Path
+    steps: int
+    converged: bool
+
+
+def evaluate_models(models: list[ScoredModel], layout: dict[str, list[Example]], names: list[str]) -> pd.DataFrame:
+    """Every test file (and the held-out split, without ranks) scored by every model: one row per example and model."""
     from revlens.lm import HookedLM
 
     tables = []
-    for label, (family, folder) in models.items():
-        lm = HookedLM.from_pretrained(folder, family=family)
-        for name in TEST_FILES:
-            tables.append(score_file(lm, layout[name], name).assign(model=label))
+    for m in models:
+        lm = HookedLM.from_pretrained(m.folder, family=m.family)
+        labels = {"model": m.label, "seed": m.seed, "steps": m.steps, "converged": m.converged}
+        for name in TEST_FILES + ((HELD_OUT,) if HELD_OUT in layout else ()):
+            tables.append(score_file(lm, layout[name], name, names, with_rank=name != HELD_OUT).assign(**labels))
     return pd.concat(tables, ignore_index=True)
 
 
+_PER_PROMPT = {"accuracy": "correct", "mean gold logp": "logp", "mean gold rank": "rank",
+               "gold - foil (nats)": "gold_minus_foil", "gold beats foil": "gold_beats_foil"}
+
+
 def summarise(scores: pd.DataFrame, overlap: dict[str, int] | None = None) -> pd.DataFrame:
-    """Tidy table: file x model x metric (accuracy, mean gold logp, mean gold rank, candidates, OOV golds, n, and
-    with ``overlap`` (:func:`train_test_overlap`) the file's lines also in training)."""
+    """Tidy table: file x model x seed x metric with ``half_width`` (95%), ``steps`` and ``converged``.
+
+    Per-prompt metrics (accuracy, mean gold logp, mean gold rank, gold - foil in nats, share of prompts where gold
+    beats foil) are means over persons, each person's prompts averaged first, the interval over persons; counts
+    (candidates, gold with unknown words, n and, with ``overlap`` (:func:`train_test_overlap`), the file's lines also
+    in training) have none. With several seeds, rows with seed "mean" average the seeds' values, interval over
+    seeds (steps: the mean; converged: every seed's model converged)."""
+    scores = scores.copy()
+    if "foil_logp" in scores:
+        scores["gold_beats_foil"] = (scores.gold_minus_foil > 0).where(scores.gold_minus_foil.notna())
+    if "person" not in scores:
+        scores["person"] = scores.gold
+    scores["person"] = scores.person.fillna(scores.gold)
     rows = []
-    for (file, model), group in scores.groupby(["file", "model"], sort=False):
-        metrics = {"accuracy": group.correct.mean(), "mean gold logp": group.logp.mean(),
-                   "mean gold rank": group["rank"].mean(), "candidates": group.gold.nunique(),
-                   "gold with unknown words": int(group.gold_has_unk.sum()), "n": len(group)}
-        if overlap is not None:
-            metrics["lines also in training"] = overlap[file]
-        rows += [{"file": file, "model": model, "metric": k, "value": float(v)} for k, v in metrics.items()]
-    return pd.DataFrame(rows)
+    for (file, model, seed), group in scores.groupby(["file", "model", "seed"], sort=False):
+        labels = {"file": file, "model": model, "seed": str(seed), "steps": float(group.steps.iloc[0]),
+                  "converged": bool(group.converged.iloc[0])}
+        for metric, column in _PER_PROMPT.items():
+            if column in group and group[column].notna().any():
+                mean, half = mean_ci(group.groupby("person")[column].mean().astype(float))
+                rows.append(labels | {"metric": metric, "value": mean, "half_width": half})
+        counts = {"candidates": group.gold.nunique(), "gold with unknown words": int(group.gold_has_unk.sum()),
+                  "n": len(group)}
+        if overlap is not None and file in overlap:
+            counts["lines also in training"] = overlap[file]
+        rows += [labels | {"metric": k, "value": float(v), "half_width": float("nan")} for k, v in counts.items()]
+    table = pd.DataFrame(rows)
+    if table.seed.nunique() > 1:
+        means = []
+        for (file, model, metric), group in table.groupby(["file", "model", "metric"], sort=False):
+            mean, half = mean_ci(group.value)
+            means.append({"file": file, "model": model, "seed": "mean", "steps": group.steps.mean(),
+                          "converged": bool(group.converged.all()), "metric": metric, "value": mean,
+                          "half_width": half if metric in _PER_PROMPT else float("nan")})
+        table = pd.concat([table, pd.DataFrame(means)], ignore_index=True)
+    return table[["file", "model", "seed", "metric", "value", "half_width", "steps", "converged"]]
+
+
+def not_converged(results: pd.DataFrame) -> list[str]:
+    """"<model>, seed <k> (held-out accuracy a < threshold)" for every model of ``results`` that did not converge."""
+    rows = results[(results.file == HELD_OUT) & (results.metric == "accuracy") & (results.seed.astype(str) != "mean")]
+    return [f"{r.model}, seed {r.seed} (held-out accuracy {r.value:.3f} < {CONVERGED_ACCURACY})"
+            for r in rows.itertuples() if not _truthy(r.converged)]
+
+
+def _truthy(value) -> bool:
+    return value is True or str(value).lower() == "true"
