@@ -33,17 +33,28 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> object:
-    """An exported name, imported from its module on first use; or a submodule not imported yet."""
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(_importlib.import_module(module), name)
-        globals()[name] = value  # later lookups no longer come here
-        return value
-    if not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
-        return _importlib.import_module(f"{__name__}.{name}")  # e.g. revlens.training
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _lazy_exports(namespace: dict, exports: dict[str, str]):
+    """``__getattr__`` and ``__dir__`` for a package whose ``exports`` (name -> module) load on first use.
+
+    ``__getattr__`` imports an exported name from its module (and stores it, so later lookups no longer
+    come here) or a submodule not imported yet; anything else is an AttributeError.
+    """
+    package = namespace["__name__"]
+
+    def __getattr__(name: str) -> object:
+        module = exports.get(name)
+        if module is not None:
+            value = getattr(_importlib.import_module(module), name)
+            namespace[name] = value
+            return value
+        if not name.startswith("_") and _importlib_util.find_spec(f"{package}.{name}") is not None:
+            return _importlib.import_module(f"{package}.{name}")  # e.g. revlens.training
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(exports) | {n for n in namespace if not n.startswith("_")})
+
+    return __getattr__, __dir__
 
 
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_")})
+__getattr__, __dir__ = _lazy_exports(globals(), _EXPORTS)

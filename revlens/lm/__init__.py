@@ -5,8 +5,7 @@ activation patching, and denoising generation with step-indexed hooks. Every nam
 first use (PEP 562), so ``import revlens.lm`` loads only what a name needs.
 """
 
-import importlib as _importlib
-import importlib.util as _importlib_util
+from revlens import _lazy_exports
 
 _EXPORTS = {
     # model families and loading
@@ -32,19 +31,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    """An exported name, imported from its module on first use; or a submodule not imported yet."""
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(_importlib.import_module(module), name)
-        globals()[name] = value  # later lookups no longer come here
-        return value
-    if not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
-        return _importlib.import_module(f"{__name__}.{name}")  # e.g. revlens.lm.generation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_")})
+__getattr__, __dir__ = _lazy_exports(globals(), _EXPORTS)
