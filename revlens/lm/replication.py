@@ -1,0 +1,134 @@
+"""A pre-registered replication of the small pair's recipe at seeds it was never run with.
+
+The shipped recipe (:data:`revlens.lm.small_pair.SHIPPED_PAIR`: peak learning rate, whole-entity masking,
+parallel decoding for the headline) was settled after its results at seeds 0-2 had been seen, so those seeds
+cannot test it. :func:`write_predictions` writes what the recipe predicts at fresh seeds
+(:data:`REPLICATION_SEEDS`) into a file, and that file is committed before any model at those seeds is trained:
+the repository's history shows the order. :func:`check_predictions` then scores every prediction, seed by
+seed, against the trained pairs' per-fact scores (:func:`revlens.lm.small_pair.pair_scores`) by the rule
+written in the file, and :func:`read_predictions` refuses a file whose rules are not the ones this module
+checks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from revlens.atomic import write_json_atomic
+from revlens.config import load_json
+from revlens.experiments import mean_ci
+from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR, PairConfig
+
+REPLICATION_SEEDS: tuple[int, ...] = (3, 4, 5)
+"""Fresh seeds: each draws its own world (people, titles, which facts are controls), initialisation and batches."""
+
+PREDICTIONS_FILE = SMALL_PAIR_DIR / "replication_predictions.json"
+
+DECODE = "parallel"
+"""The MDM decoding the predictions are about (the shipped headline's); log-probabilities are scored the same way."""
+
+SPLIT = "forward_only"
+"""Facts stated in one direction only in training: their reverse query is the test of the reversal curse."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One pre-registered prediction, judged at every seed on its own."""
+
+    name: str
+    rule: str
+
+
+PREDICTIONS: tuple[Prediction, ...] = (
+    Prediction("mdm above arm",
+               "MDM reverse accuracy on forward-only facts (parallel decoding, startswith rule) is strictly above "
+               "the ARM's at the same seed"),
+    Prediction("gold above foil",
+               "MDM reverse gold minus foil log-probability on forward-only facts (parallel decoding; each "
+               "person's queries averaged first): the lower end of its 95% Student-t interval over persons is "
+               "above 0"),
+    Prediction("arm at zero",
+               "ARM reverse accuracy on forward-only facts is exactly 0 (no fact answered)"),
+)
+
+
+def prediction_record(seeds: tuple[int, ...] = REPLICATION_SEEDS, pc: PairConfig = SHIPPED_PAIR) -> dict:
+    """What :func:`write_predictions` writes: the recipe (every field but the seed), the seeds, the decoding,
+    the split, each prediction's rule, and the command that trains one seed's pair."""
+    recipe = asdict(replace(pc, seed=0))
+    del recipe["seed"]
+    return {"recipe": recipe, "seeds": list(seeds), "decode": DECODE, "split": SPLIT,
+            "predictions": [asdict(p) for p in PREDICTIONS],
+            "train": "revlens small-pair --seed K --out runs/replication/seedK (K in seeds)"}
+
+
+def write_predictions(path: str | Path = PREDICTIONS_FILE, seeds: tuple[int, ...] = REPLICATION_SEEDS,
+                      pc: PairConfig = SHIPPED_PAIR) -> Path:
+    """Write the prediction file (refused when one is there: a pre-registration is written once)."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: the predictions were registered already; they are not rewritten")
+    write_json_atomic(path, prediction_record(seeds, pc))
+    return path
+
+
+def read_predictions(path: str | Path = PREDICTIONS_FILE, pc: PairConfig = SHIPPED_PAIR) -> dict:
+    """The registered predictions, checked against this module: same recipe, decoding, split and rules (a file
+    whose rules differ would be judged by rules it does not state, so it is refused, naming the difference)."""
+    record = load_json(Path(path))
+    expected = prediction_record(tuple(record.get("seeds", ())), pc)
+    for key in ("recipe", "decode", "split", "predictions"):
+        if record.get(key) != expected[key]:
+            raise ValueError(f"{path}: {key!r} is {record.get(key)!r}, but this library checks {expected[key]!r}")
+    return record
+
+
+def seed_measures(scores: pd.DataFrame) -> dict[str, float]:
+    """The quantities the predictions are about, from one seed's :func:`~revlens.lm.small_pair.pair_scores` table."""
+    reverse = scores[(scores.direction == "reverse") & (scores.split == SPLIT)]
+    mdm = reverse[(reverse.model == "llada") & (reverse.decode == DECODE)]
+    arm = reverse[reverse.model == "llama"]
+    if mdm.empty or arm.empty:
+        raise ValueError("seed_measures needs both models' reverse scores on forward-only facts "
+                         f"(the MDM under {DECODE!r} decoding)")
+    margin, half = mean_ci((mdm.logp - mdm.foil_logp).groupby(mdm.person).mean())
+    return {"mdm reverse accuracy": float(mdm.correct.mean()), "arm reverse accuracy": float(arm.correct.mean()),
+            "gold - foil": margin, "gold - foil half-width": half, "facts": len(mdm),
+            "persons": int(mdm.person.nunique())}
+
+
+def check_predictions(record: dict, scores: pd.DataFrame) -> pd.DataFrame:
+    """Every registered prediction at every registered seed: one row per (seed, prediction) with what was
+    measured and ``hit``. ``scores``: :func:`~revlens.lm.small_pair.pair_scores` rows with a ``seed`` column;
+    a registered seed with no rows is an error (a missing seed is not a miss, nor a hit)."""
+    rows = []
+    for seed in record["seeds"]:
+        at_seed = scores[scores.seed == seed]
+        if at_seed.empty:
+            raise ValueError(f"no scores for registered seed {seed}: train it before checking the predictions")
+        m = seed_measures(at_seed)
+        low = m["gold - foil"] - m["gold - foil half-width"]
+        judged = {"mdm above arm": (m["mdm reverse accuracy"] > m["arm reverse accuracy"],
+                                    f"MDM {m['mdm reverse accuracy']:.2f} vs ARM {m['arm reverse accuracy']:.2f}"),
+                  "gold above foil": (low > 0, f"{m['gold - foil']:.2f} ± {m['gold - foil half-width']:.2f} nats"),
+                  "arm at zero": (m["arm reverse accuracy"] == 0, f"ARM {m['arm reverse accuracy']:.3f}")}
+        for p in record["predictions"]:
+            hit, measured = judged[p["name"]]
+            rows.append({"seed": seed, "prediction": p["name"], "measured": measured, "hit": bool(hit)})
+    return pd.DataFrame(rows)
+
+
+def replication_scores(runs: str | Path, seeds: tuple[int, ...]) -> pd.DataFrame:
+    """Per-fact scores of the pairs trained under ``runs/seed<k>`` (both decodings of the MDM), with ``seed``."""
+    from revlens.lm.small_pair import pair_scores
+
+    return pd.concat([pair_scores(Path(runs) / f"seed{k}").assign(seed=k) for k in seeds], ignore_index=True)
+
+
+if __name__ == "__main__":  # python -m revlens.lm.replication: registers the predictions once
+    print(json.dumps(prediction_record(), indent=1))
+    print(f"written to {write_predictions()}")
