@@ -22,13 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from revlens.atomic import folder_swap, fsync_path, write_text_atomic
 from revlens.config import EncoderConfig, load_json
 from revlens.model import HookedEncoder
 from revlens.training import TrainConfig, TrainRun
+from revlens.weights import CorruptCheckpoint, load_weights, read_weights
 from revlens.world import ReversalWorld
 
 WEIGHTS, CONFIG, WORLD, METRICS, HISTORY, CHECKSUMS = (
@@ -39,10 +39,6 @@ WEIGHTS, CONFIG, WORLD, METRICS, HISTORY, CHECKSUMS = (
     "history.json",
     "checksums.json",
 )
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint folder whose files are incomplete or changed since they were written."""
 
 
 def _nan_to_null(data: Any) -> Any:
@@ -143,45 +139,6 @@ def verify_checksums(folder: str | Path, *, required: bool = False) -> None:
             raise CorruptCheckpoint(f"{path} is missing")
         if _sha256(path) != digest:
             raise CorruptCheckpoint(f"{path} does not match its checksum in {CHECKSUMS}: changed or damaged since it was written")
-
-
-def read_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a damaged or truncated file is a ValueError naming it."""
-    try:
-        return load_file(str(path), device=device)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for bad files
-        raise CorruptCheckpoint(f"{path} is not a readable safetensors file (truncated or damaged?): {err}") from None
-
-
-def load_weights(
-    model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    source: str,
-    *,
-    not_stored: frozenset[str] = frozenset(),
-    assign: bool = False,
-) -> None:
-    """Copy ``state`` into ``model``; a missing, unexpected or mis-shaped tensor is an error naming it.
-
-    ``not_stored`` names model entries a checkpoint legitimately omits (a tied output head);
-    ``assign=True`` adopts the tensors themselves (for modules built on the meta device).
-    """
-    expected = {k: v for k, v in model.state_dict().items() if k not in not_stored}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = [f"missing {', '.join(missing)}"] if missing else []
-        parts += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
-        raise ValueError(f"{source} does not match the model config: {'; '.join(parts)}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{source}: weight {name} has shape {tuple(tensor.shape)}, "
-                f"the config expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(state, strict=not not_stored, assign=assign)
 
 
 def load_run(folder: str | Path, *, require_checksums: bool = False) -> tuple[TrainRun, ReversalWorld]:

@@ -1,8 +1,11 @@
-"""Model configuration for the hooked toy encoder.
+"""Model configuration for the hooked toy encoder, and the checks every module applies to its inputs.
 
 One dataclass describes every architecture the notebooks compare, so an ablation is a changed
 field rather than a copied class. The field names ``n_layers``, ``n_heads``,
 ``n_key_value_heads`` and ``device`` are the ones ``transformer_lens.patching`` reads.
+
+The ``check_*`` functions (options, numbers, seeds, file names, token ids) are shared by the toy
+library and :mod:`revlens.lm`; this module imports no other revlens module and not torch.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    from jaxtyping import Int
+    from torch import Tensor
 
 AttentionDir = Literal["bidirectional", "causal"]
 Positional = Literal["rotary", "absolute", "alibi", "none"]
@@ -61,6 +68,12 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
     if type(value) is not int or value < low or (high is not None and value > high):
         where = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name}={value!r} must be {where} (an integer)")
+
+
+def check_token_ids(tokens: Int[Tensor, "batch pos"], d_vocab: int, hint: str = "") -> None:
+    """Refuse token ids outside [0, d_vocab): an embedding lookup would fail obscurely or wrap silently."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        raise ValueError(f"token ids must lie in [0, {d_vocab}), got {int(tokens.min())}..{int(tokens.max())}{hint}")
 
 
 def number_option(kind: type[int] | type[float], low: float | None = None, high: float | None = None, *,

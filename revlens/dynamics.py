@@ -144,18 +144,6 @@ def block_products(
     return out
 
 
-def gradient_alignment(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) -> dict[str, dict[str, float]]:
-    """Block products of the gradients of the fact-averaged L_fwd and L_rev."""
-    products = block_products(model, mean_loss_grad(model, fwd), mean_loss_grad(model, rev))
-    return {b: {k: float(v) for k, v in d.items()} for b, d in products.items()}
-
-
-def per_fact_alignment(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) -> dict[str, Float[Tensor, " n"]]:
-    """Per-fact cosine between grad L_fwd(i) and grad L_rev(i), per block."""
-    products = block_products(model, per_fact_grads(model, fwd), per_fact_grads(model, rev), batch_dims=1)
-    return {b: d["cos"] for b, d in products.items()}
-
-
 @dataclass(frozen=True)
 class FirstOrderCheck:
     eta: float

@@ -35,19 +35,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformer_lens.hook_points import HookPoint
 
-from revlens.config import EncoderConfig
+from revlens.config import EncoderConfig, check_token_ids
 from revlens.hooks import StrictHookedRootModule
 from revlens.positions import alibi_bias, apply_rope, rope_cos_sin
 
 
 def _normal(*shape: int, std: float) -> nn.Parameter:
     return nn.Parameter(torch.randn(*shape) * std)
-
-
-def check_token_ids(tokens: Int[Tensor, "batch pos"], d_vocab: int, hint: str = "") -> None:
-    """Refuse token ids outside [0, d_vocab): an embedding lookup would fail obscurely or wrap silently."""
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
-        raise ValueError(f"token ids must lie in [0, {d_vocab}), got {int(tokens.min())}..{int(tokens.max())}{hint}")
 
 
 class Attention(nn.Module):

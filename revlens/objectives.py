@@ -20,7 +20,8 @@ all of them:
   only knowing that.)
 
 The readout says where a model trained with an objective keeps its answer for a masked slot:
-``same_position`` (LLaDA, our MDMs) or ``shifted`` (position i - 1 predicts token i: ARMs, Dream).
+``same_position`` (LLaDA, our MDMs) or ``shifted`` (position i - 1 predicts token i: ARMs, Dream); see
+:data:`READOUTS` and, for the convention itself, :mod:`revlens.readout`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from revlens.config import check_choice
+from revlens.readout import Readout
 
 Objective = Literal["mdm", "bert", "arm", "inplace"]
-Readout = Literal["same_position", "shifted"]
 OBJECTIVES: tuple[str, ...] = ("mdm", "bert", "arm", "inplace")
 READOUTS: dict[str, Readout] = {"mdm": "same_position", "bert": "same_position", "arm": "shifted", "inplace": "same_position"}
 INPLACE_SLOT = 0

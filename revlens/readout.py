@@ -8,15 +8,17 @@ reads the prediction for a neighbouring token, so every readout in revlens goes 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from revlens.config import check_choice
-from revlens.objectives import Readout
 
-READOUT_CHOICES: tuple[str, ...] = ("same_position", "shifted")
+Readout = Literal["same_position", "shifted"]
+"""Where the logits for a masked token at position i are read: at i, or at i - 1 (shifted)."""
+READOUT_CHOICES: tuple[str, ...] = get_args(Readout)
 _READ_OFFSET = {"same_position": 0, "shifted": 1}
 
 

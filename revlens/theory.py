@@ -33,9 +33,6 @@ from torch import Tensor
 
 from revlens.positions import apply_rope, rope_cos_sin, rope_frequencies
 
-ALIBI_SCORE_CORRELATION = 1.0
-NO_POSITION_SCORE_CORRELATION = 1.0
-UNTIED_SCORE_CORRELATION_AT_INIT = 0.0
 PAPER_BOUND = 0.4
 """The lower bound on Corr(S_fwd, S_rev) stated in arXiv 2602.02133."""
 

@@ -43,7 +43,6 @@ REWORDED = {
 SAME_WORDS = {name: Relation(name, forward=r.forward, reverse=r.forward.replace("{a}", "{x}").replace("{b}", "{a}")
                              .replace("{x}", "{b}"))
               for name, r in REWORDED.items()}
-RELATIONS = REWORDED
 WORDINGS = {"reworded": REWORDED, "same_words": SAME_WORDS}
 # each fact is stated through both templates of its kind
 KINDS = {"wrote": ("wrote", "wrote_author"), "founded": ("founded", "founded_founder")}

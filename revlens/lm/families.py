@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import Readout
+from revlens.readout import Readout
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def build_module(family: Family, raw_config: dict[str, Any], *, meta: bool = Tru
     """The family's module and the HF-style config for the bridge.
 
     With ``meta=True`` (loading) the weights are left unallocated and then loaded with ``assign=True``
-    (:func:`revlens.checkpoint.load_weights`), so an 8B model is never allocated twice nor randomly
+    (:func:`revlens.weights.load_weights`), so an 8B model is never allocated twice nor randomly
     initialised. With ``meta=False`` the module gets the family's standard initialisation
     (Normal(0, 0.02) weights, unit norms), seeded by the caller.
     """
