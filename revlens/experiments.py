@@ -138,6 +138,9 @@ def train_setting(
     Callbacks that carry a ``cache_id`` (e.g. :class:`revlens.routes.RouteLogger`) are part of
     the cache key, and their logged values are cached with the history; a run with any callback
     lacking one is never cached, since its values could not be told apart.
+
+    ``progress`` reports training under the setting's name (:class:`revlens.training.StepProgress`);
+    a run served from the cache is reported as done at once, so a progress reader counts it.
     """
     train_cfg = dataclasses.replace(train_cfg or TrainConfig(), objective=setting.objective)
     model_cfg = setting.model_cfg(world)
@@ -149,10 +152,14 @@ def train_setting(
     cacheable = use_cache and None not in callback_ids
     if cacheable and all((folder / f"seed{s}").is_dir() for s in seeds):
         try:
-            return [checkpoint.load_run(folder / f"seed{s}", require_checksums=True)[0] for s in seeds]
+            runs = [checkpoint.load_run(folder / f"seed{s}", require_checksums=True)[0] for s in seeds]
         except (ValueError, OSError) as err:
             warnings.warn(f"run cache entry {folder} is damaged ({err}); retraining it", CacheWarning, stacklevel=2)
-    runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress)
+        else:
+            training.StepProgress(setting.name, seeds, train_cfg.steps, enabled=progress, cached=True)
+            return runs
+    runs = training.train(model_cfg, world, train_cfg, seeds, callbacks=callbacks, progress=progress,
+                          name=setting.name)
     if cacheable:
         shutil.rmtree(folder, ignore_errors=True)  # what is there is incomplete (a crash) or damaged
         for run in runs:

@@ -16,6 +16,10 @@ A run that stops (a failure, a timeout, Ctrl-C) resumes where it stopped: the ma
 for every notebook that ran to the end, the sha256 of its source, of the ``revlens`` package sources
 and of its saved executed copy, and the files it wrote. A rerun keeps such a notebook and its files
 when all of these still match, and executes everything else afresh.
+
+While a notebook runs, its kernel reports training to a progress file (``$REVLENS_PROGRESS_FILE``,
+see :class:`revlens.training.StepProgress`) instead of drawing bars into the cell outputs, and
+:class:`TrainingProgress` shows that training on this process's stderr as one bar per notebook.
 """
 
 from __future__ import annotations
@@ -24,15 +28,21 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from revlens.atomic import temporary_beside, write_json_atomic, write_text_atomic
 from revlens.config import check_file_name
+from revlens.training import PROGRESS_ENV
 
 REPORT_ENV = "REVLENS_REPORT_DIR"
 MARKER = ".revlens-reproduce"
@@ -209,8 +219,138 @@ def _write_notebook(nb: Any, path: Path) -> None:
     write_text_atomic(path, text if text.endswith("\n") else text + "\n")
 
 
+@dataclass(frozen=True)
+class ProgressState:
+    """What :class:`TrainingProgress` shows after a progress line: models done of those seen so far, and the
+    current run (``rate`` in steps per second and ``eta`` in seconds are None until two of its lines came)."""
+
+    done: int
+    seen: int
+    cached: int
+    setting: str
+    step: int
+    steps: int
+    rate: float | None
+    eta: float | None
+
+    def describe(self) -> str:
+        """The current run, as the bar's postfix shows it: setting, steps, steps/s and its ETA."""
+        if self.step >= self.steps:
+            return f"{self.setting} done"
+        speed = "? steps/s, ETA ?" if self.rate is None else (
+            f"{self.rate:.1f} steps/s, ETA {tqdm.format_interval(self.eta or 0.0)}")
+        return f"{self.setting} step {self.step}/{self.steps}, {speed}"
+
+
+class TrainingProgress:
+    """Follows a progress file in a background thread and draws one tqdm bar on stderr for the training in it.
+
+    The file holds the JSON lines of :class:`revlens.training.StepProgress` (any number of runs,
+    from any number of processes). The bar counts models done of the models seen so far (a run
+    loaded from the cache is done at once) and names the current run's setting, steps/s and ETA.
+    It appears with the first line and is removed on :meth:`stop`, which also prints a one-line
+    summary (via ``tqdm.write``) when there was any training. ``on_state`` is called with each
+    :class:`ProgressState`, in the reading thread. A line that is not such an object is skipped.
+    """
+
+    def __init__(self, path: Path, desc: str, on_state: Callable[[ProgressState], None] | None = None,
+                 poll: float = 0.25) -> None:
+        self.path, self.desc, self.on_state, self.poll = path, desc, on_state, poll
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._first: dict[str, tuple[int, float]] = {}  # step and time of each run's first line
+        self._offset, self._partial = 0, b""
+        self._current: tuple[str, int, int, float | None] = ("", 0, 0, None)  # run, step, steps, steps/s
+        self._bar: tqdm | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="revlens-training-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Read what is left, remove the bar and print the summary line."""
+        self._stopping.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        while not self._stopping.wait(self.poll):
+            self._read()
+        self._read()
+        if self._bar is not None:
+            self._bar.close()
+            state = self._state()
+            tqdm.write(f"{self.desc}: {state.done} of {state.seen} models done "
+                       f"({state.done - state.cached} trained, {state.cached} from the run cache)")
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            self._apply(line)
+
+    def _apply(self, line: bytes) -> None:
+        try:
+            record = json.loads(line)
+            run, step, steps, when = str(record["run"]), int(record["step"]), int(record["steps"]), float(record["time"])
+            record["models"] = int(record["models"])
+        except (ValueError, TypeError, KeyError):
+            return
+        self._runs[run] = record
+        first_step, first_time = self._first.setdefault(run, (step, when))
+        self._current = (run, step, steps, (step - first_step) / (when - first_time) if when > first_time else None)
+        state = self._state()
+        self._draw(state)
+        if self.on_state is not None:
+            self.on_state(state)
+
+    def _state(self) -> ProgressState:
+        run, step, steps, rate = self._current
+        rate = rate or None  # no steps between its first and latest line: no speed yet
+        done = [r for r in self._runs.values() if r.get("done") is True]
+        return ProgressState(done=sum(r["models"] for r in done), seen=sum(r["models"] for r in self._runs.values()),
+                             cached=sum(r["models"] for r in done if r.get("cached") is True),
+                             setting=str(self._runs[run].get("setting")), step=step, steps=steps,
+                             rate=rate, eta=(steps - step) / rate if rate else None)
+
+    def _draw(self, state: ProgressState) -> None:
+        if self._bar is None:
+            self._bar = tqdm(desc=self.desc, total=state.seen, initial=state.done, postfix=state.describe(),
+                             leave=False, bar_format="{desc}: {n}/{total} models [{elapsed}{postfix}]")
+        else:
+            self._bar.total, self._bar.n = state.seen, state.done
+            self._bar.set_postfix_str(state.describe())
+
+
+@contextmanager
+def training_progress(desc: str, on_state: Callable[[ProgressState], None] | None = None) -> Iterator[Path]:
+    """Within the block, ``$REVLENS_PROGRESS_FILE`` names a fresh temporary file that a :class:`TrainingProgress`
+    follows; kernels started in the block inherit it. Yields the file; afterwards the variable is as before."""
+    previous = os.environ.get(PROGRESS_ENV)
+    with tempfile.TemporaryDirectory(prefix="revlens-progress-") as folder:
+        path = Path(folder) / "progress.jsonl"
+        path.touch()
+        reader = TrainingProgress(path, desc, on_state)
+        os.environ[PROGRESS_ENV] = str(path)
+        reader.start()
+        try:
+            yield path
+        finally:
+            reader.stop()
+            if previous is None:
+                os.environ.pop(PROGRESS_ENV, None)
+            else:
+                os.environ[PROGRESS_ENV] = previous
+
+
 def run_suite(
-    notebooks: Sequence[Path], out: str | Path = "reports", timeout: int | None = None, *, fresh: bool = False
+    notebooks: Sequence[Path], out: str | Path = "reports", timeout: int | None = None, *, fresh: bool = False,
+    on_progress: Callable[[str, ProgressState], None] | None = None,
 ) -> Path:
     """Execute each notebook in a fresh kernel (in order), saving outputs into ``out`` (a fresh results set).
 
@@ -220,11 +360,13 @@ def run_suite(
     timed-out notebook stops the run with a ValueError naming the notebook and the cell; the notebook,
     executed up to that cell, is saved under ``out/notebooks`` for inspection, and the notebooks
     finished before it are kept for the next run.
+
+    Each notebook's training shows on stderr as one bar (:func:`training_progress`), never in its
+    cell outputs; ``on_progress(notebook_name, state)`` is also called with each state of that bar.
     """
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError
-    from tqdm import tqdm
 
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
         raise ValueError(f"timeout must be a positive whole number of seconds or None (no limit), got {timeout!r}")
@@ -255,8 +397,10 @@ def run_suite(
 
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                                 on_cell_start=on_cell_start, resources={"metadata": {"path": str(path.parent)}})
+        watch = None if on_progress is None else (lambda state, name=path.name: on_progress(name, state))
         try:
-            client.execute()
+            with training_progress(path.stem, watch):
+                client.execute()
         except CellTimeoutError:
             _write_notebook(nb, saved)
             raise ValueError(f"notebook {path} timed out in cell {current['cell']}: the cell ran longer than the "

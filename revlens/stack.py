@@ -33,13 +33,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from torch.func import vmap
-from tqdm import tqdm
 
 from revlens.config import EncoderConfig
 from revlens.model import HookedEncoder, functional_logits, stack_parameters
 from revlens.objectives import INPLACE_SLOT, masked_batch, next_token_batch, sample_mask, weighted_token_loss
 from revlens.optim import AdamW
-from revlens.training import TrainConfig, init_model
+from revlens.training import StepProgress, TrainConfig, init_model
 
 STACKABLE_OBJECTIVES: tuple[str, ...] = ("inplace", "mdm", "bert", "arm")
 
@@ -86,9 +85,12 @@ def _check_members(members: Sequence[Member], models: Sequence[HookedEncoder], d
 
 
 def train_stack(
-    members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True, shift_positions: bool = False
+    members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True, shift_positions: bool = False,
+    name: str | None = None,
 ) -> list[HookedEncoder]:
     """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode.
+
+    ``progress`` reports the steps (:class:`revlens.training.StepProgress`), under ``name`` when given.
 
     ``shift_positions``: add to each drawn sentence's position ids a random shift, uniform over those that
     keep its ids below ``n_ctx`` (drawn from the member's generator), so every position id is trained as
@@ -135,8 +137,9 @@ def train_stack(
     n_sentences, seq = tokens.shape[1:]
     n_ctx = members[0].model_cfg.n_ctx
     instance = torch.arange(len(members))[:, None]
-    bar = tqdm(range(train_cfg.steps), disable=not progress, desc=f"{train_cfg.objective} stack x{len(members)}", mininterval=2.0)
-    for _ in bar:
+    desc = f"{train_cfg.objective} stack x{len(members)}"
+    for _ in StepProgress(name or desc, [m.seed for m in members], train_cfg.steps, models=len(members),
+                          enabled=progress, desc=desc):
         rows, masks, rates, shifts = [], [], [], []
         for generator in generators:
             rows.append(torch.randint(n_sentences, (train_cfg.batch_size,), generator=generator))

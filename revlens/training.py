@@ -16,15 +16,23 @@ Every ``log_every`` steps the loop evaluates each instance (stacked instances in
 :func:`revlens.evaluation.evaluate_instances`) and calls the callbacks, whose returned
 dictionaries are merged into that instance's history row -- the hook later notebooks use to record
 gradient alignment or route weights without copying this loop.
+
+Progress (:class:`StepProgress`) is a tqdm bar on stderr, or, when ``$REVLENS_PROGRESS_FILE`` names a
+file, JSON lines appended to it: ``revlens reproduce`` sets that for the notebook kernels it starts and
+draws the notebooks' training on its own console, so no bar lands in a cell's output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +129,66 @@ def init_noise() -> float:
     return value
 
 
+PROGRESS_ENV = "REVLENS_PROGRESS_FILE"
+"""Environment variable: a file that training appends JSON progress lines to instead of drawing a bar."""
+
+_run_numbers = itertools.count()
+
+
+def progress_file() -> Path | None:
+    """The file named by ``$REVLENS_PROGRESS_FILE``, or None (unset or empty: progress bars on stderr)."""
+    value = os.environ.get(PROGRESS_ENV, "")
+    return Path(value) if value else None
+
+
+class StepProgress:
+    """Reports the steps of one training run: a tqdm bar on stderr, or JSON lines when :func:`progress_file` is set.
+
+    Iterating yields the steps ``1 .. steps``; a step counts as done when the loop body for it returns.
+    With a progress file there is no bar, and each line is one object with ``run`` (unique to this
+    run), ``setting``, ``seeds``, ``models`` (how many models train together), ``step``, ``steps``,
+    ``done``, ``cached`` and ``time`` (seconds since the epoch): one at step 0, then at most one every
+    ``interval`` seconds, and one with ``done`` true after the last step; a run that stops with an
+    error writes no ``done`` line. ``cached`` marks a run served from the run cache: it writes its
+    ``done`` line at once (``cached`` true), draws no bar and is not iterated. ``enabled=False``
+    reports nothing anywhere.
+    """
+
+    def __init__(self, setting: str, seeds: Sequence[int], steps: int, *, models: int | None = None,
+                 enabled: bool = True, desc: str | None = None, cached: bool = False, interval: float = 0.5) -> None:
+        self.path = progress_file() if enabled else None
+        self.steps, self.interval = steps, interval
+        self._fields = {"run": f"{os.getpid()}-{next(_run_numbers)}", "setting": setting,
+                        "seeds": [int(s) for s in seeds], "models": len(seeds) if models is None else models,
+                        "steps": steps}
+        self._bar = tqdm(total=steps, desc=desc or setting, mininterval=2.0,
+                         disable=not enabled or cached or self.path is not None)
+        self._next_write = 0.0
+        if self.path is not None:
+            self._write(steps if cached else 0, done=cached, cached=cached)
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(1, self.steps + 1):
+            yield step
+            self._bar.update(1)
+            if self.path is not None and step < self.steps and time.monotonic() >= self._next_write:
+                self._write(step)
+        self._bar.close()
+        if self.path is not None:
+            self._write(self.steps, done=True)
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the bar (the loss, say); a progress file does not record them."""
+        self._bar.set_postfix(**values)
+
+    def _write(self, step: int, done: bool = False, cached: bool = False) -> None:
+        assert self.path is not None
+        line = json.dumps({**self._fields, "step": step, "done": done, "cached": cached, "time": time.time()})
+        with open(self.path, "a", encoding="utf-8") as f:  # one short append: several processes' lines never interleave
+            f.write(line + "\n")
+        self._next_write = time.monotonic() + self.interval
+
+
 def init_model(cfg: EncoderConfig, seed: int) -> HookedEncoder:
     """A freshly initialised model whose weights depend only on ``cfg`` and ``seed``
     (and on :func:`init_noise`, when that switch is set)."""
@@ -168,10 +236,13 @@ def train(
     seeds: Sequence[int] = (0,),
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
+    name: str | None = None,
 ) -> list[TrainRun]:
     """Train one model per seed on ``world``'s training sentences; returns them in seed order.
 
-    A non-finite loss stops training with a ValueError (step and seeds named) instead of training on NaNs.
+    ``progress`` reports the steps (:class:`StepProgress`), under ``name`` (e.g. the setting's) when
+    given. A non-finite loss stops training with a ValueError (step and seeds named) instead of
+    training on NaNs.
     """
     if model_cfg.d_vocab != world.d_vocab:
         raise ValueError(f"model d_vocab={model_cfg.d_vocab} does not match the world's {world.d_vocab}")
@@ -210,9 +281,8 @@ def train(
             run.history.append(row)
 
     log(0, torch.full((len(runs),), float("nan")))
-    bar = tqdm(
-        range(1, train_cfg.steps + 1), disable=not progress, desc=f"{train_cfg.objective} x{len(seeds)}", mininterval=2.0
-    )
+    desc = f"{train_cfg.objective} x{len(seeds)}"
+    bar = StepProgress(name or desc, seeds, train_cfg.steps, enabled=progress, desc=desc)
     for step in bar:
         batch = sample_loss_batches(
             train_cfg.objective, sentences, train_cfg.batch_size, world.mask_id, generators, train_cfg.mask_eps
