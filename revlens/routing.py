@@ -30,6 +30,12 @@ the same queries with B at a held-out offset ``d'`` (distractors drawn as for ``
 the answer's alphabet is 1 / n_facts, and a model that cannot tell B from the distractors is right
 about a third of the time (1 / (1 + n_distractors)).
 
+``RoutingWorld.generate(..., distractor_offsets=(o1, o2, ...))`` fixes the offsets the distractors may
+take (in training and evaluation) instead of ``1 .. 2 * delta + 1`` without ``delta``: a chosen layout,
+e.g. one that keeps every distractor off the offsets where a route's reverse filter would prefer a
+distractor to B (:mod:`revlens.routing_flips`). :meth:`RoutingWorld.single_distractor_prompts` builds
+prompts with one distractor at one chosen offset (:mod:`revlens.routing_offsets`).
+
 Also here: the metrics of a trained model (:func:`routing_metrics`: accuracies, the same under a
 uniform pattern at the readout position, where it attends, the same at held-out offsets), the
 route-vs-storage interventions and their controls (:func:`causal_split`), the closed form's
@@ -49,7 +55,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from revlens.config import EncoderConfig, check_choice, check_file_name, check_finite, check_int, check_seeds
@@ -66,6 +72,18 @@ N_DISTRACTORS = 2
 ROUTING_EVAL_SETS: tuple[str, ...] = ("inplace", "reverse")
 A_SLOT, B_SLOT = 0, 1
 """Sequence indices of the A slot (the mask in every eval prompt) and of the fact's B."""
+MASK_ID = 0
+"""Token id of the mask in every routing world (``A0 ..`` follow it, then ``B0 ..``)."""
+SINGLE_DISTRACTOR_STREAM = 2
+"""Random stream of the distractor facts of :meth:`RoutingWorld.single_distractor_prompts` (0: training, 1: eval)."""
+
+
+def alphabet_ids(kind: str, n_facts: int) -> Int[Tensor, " n_facts"]:
+    """Token ids of the ``"A"`` or ``"B"`` alphabet of a routing world with ``n_facts`` facts."""
+    first = {"A": 1, "B": 1 + n_facts}.get(kind)
+    if first is None:
+        raise ValueError(f"unknown alphabet {kind!r}; expected 'A' or 'B'")
+    return torch.arange(first, first + n_facts)
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,9 @@ class RoutingWorld:
     (``2 * delta + 2`` tokens at positions 0, 1, 2, ..., a filler token at every empty position).
     ``eval_delta``: the offset of B in the *evaluation* prompts (default ``delta``); training data
     always use ``delta``. ``dataclasses.replace(world, eval_delta=d)`` evaluates at a held-out offset.
+    ``distractor_offsets``: the offsets the distractors may take (sorted, distinct, without ``delta``);
+    default ``None``, i.e. ``1 .. 2 * B's offset + 1`` without B's offset. With a held-out ``eval_delta``
+    the distractors keep to the same offsets, less ``eval_delta`` itself.
     """
 
     n_facts: int
@@ -86,10 +107,12 @@ class RoutingWorld:
     b_ids: tuple[int, ...]
     layout: str = "gaps"
     eval_delta: int | None = None
+    distractor_offsets: tuple[int, ...] | None = None
 
     @classmethod
     def generate(
-        cls, n_facts: int = 64, delta: int = 2, seed: int = 0, sentences_per_fact: int = 16, layout: str = "gaps"
+        cls, n_facts: int = 64, delta: int = 2, seed: int = 0, sentences_per_fact: int = 16, layout: str = "gaps",
+        distractor_offsets: Sequence[int] | None = None,
     ) -> "RoutingWorld":
         if not isinstance(n_facts, int) or n_facts < N_DISTRACTORS + 1:
             raise ValueError(f"a routing world needs at least {N_DISTRACTORS + 1} facts, got n_facts={n_facts!r}")
@@ -102,11 +125,30 @@ class RoutingWorld:
         gen = torch.Generator().manual_seed(seed)
         a_ids = tuple(1 + i for i in torch.randperm(n_facts, generator=gen).tolist())
         b_ids = tuple(1 + n_facts + i for i in torch.randperm(n_facts, generator=gen).tolist())
-        return cls(n_facts, delta, seed, sentences_per_fact, a_ids, b_ids, layout)
+        offsets = None if distractor_offsets is None else tuple(distractor_offsets)
+        return cls(n_facts, delta, seed, sentences_per_fact, a_ids, b_ids, layout, distractor_offsets=offsets)
 
     def __post_init__(self) -> None:
         if self.eval_delta is not None and (not isinstance(self.eval_delta, int) or self.eval_delta < 1):
             raise ValueError(f"eval_delta must be a positive integer offset, got {self.eval_delta!r}")
+        offsets = self.distractor_offsets
+        if offsets is not None:
+            if not isinstance(offsets, tuple) or not all(type(o) is int and o >= 1 for o in offsets) or \
+                    list(offsets) != sorted(set(offsets)):
+                raise ValueError(f"distractor_offsets must be increasing distinct positive integers, got {offsets!r}")
+            if self.delta in offsets:
+                raise ValueError(f"distractor_offsets {list(offsets)} hold B's offset delta={self.delta}")
+            target = self.eval_delta or self.delta
+            if len(self.offset_choices(target)) < N_DISTRACTORS:
+                raise ValueError(f"distractor_offsets {list(offsets)} leave fewer than {N_DISTRACTORS} offsets for "
+                                 f"distractors with B at {target}")
+
+    def offset_choices(self, delta: int) -> list[int]:
+        """The offsets a distractor may take with B at ``delta``: the world's :attr:`distractor_offsets`
+        without ``delta``, or by default ``1 .. 2 * delta + 1`` without ``delta``."""
+        if self.distractor_offsets is None:
+            return distractor_offsets(delta)
+        return [o for o in self.distractor_offsets if o != delta]
 
     @property
     def eval_set_names(self) -> tuple[str, ...]:
@@ -125,7 +167,7 @@ class RoutingWorld:
 
     @property
     def mask_id(self) -> int:
-        return 0
+        return MASK_ID
 
     @property
     def fill_id(self) -> int:
@@ -139,44 +181,50 @@ class RoutingWorld:
 
     @property
     def n_positions(self) -> int:
-        """Position ids used by training and evaluation: 0 .. 2 * max(delta, eval_delta) + 1."""
-        return 2 * max(self.delta, self.eval_delta or self.delta) + 2
+        """Position ids used by training and evaluation: 0 .. 2 * max(delta, eval_delta) + 1, or up to the
+        largest of the :attr:`distractor_offsets` if that is farther."""
+        return max(self._length(self.delta), self._length(self.eval_delta or self.delta))
+
+    def _length(self, delta: int) -> int:
+        """Positions a sentence with B at ``delta`` spans: ``2 delta + 2``, or to the farthest distractor offset."""
+        return max([2 * delta + 2, *(o + 1 for o in self.offset_choices(delta))])
 
     def alphabet(self, kind: str) -> Int[Tensor, " n_facts"]:
-        first = {"A": 1, "B": 1 + self.n_facts}.get(kind)
-        if first is None:
-            raise ValueError(f"unknown alphabet {kind!r}; expected 'A' or 'B'")
-        return torch.arange(first, first + self.n_facts)
+        return alphabet_ids(kind, self.n_facts)
 
     # ---- sentences ----------------------------------------------------------------------------
     def _draw(self, n_per_fact: int, stream: int, delta: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per sentence: fact index, the two distractor facts, the two distractor offsets."""
         gen = torch.Generator().manual_seed(self.seed * 1000 + stream)
-        n = self.n_facts
-        facts = torch.arange(n).repeat_interleave(n_per_fact)
-        # distractor facts: two distinct facts other than the sentence's own
-        scores = torch.rand(len(facts), n, generator=gen)
-        scores[torch.arange(len(facts)), facts] = 2.0  # the own fact sorts last
-        others = scores.argsort(-1)[:, :N_DISTRACTORS]
-        # distractor offsets: two distinct values of 1 .. 2 delta + 1 other than delta
-        choices = torch.tensor(distractor_offsets(delta))
+        facts = torch.arange(self.n_facts).repeat_interleave(n_per_fact)
+        others = self._other_facts(facts, gen, N_DISTRACTORS)
+        # distractor offsets: two distinct values of the allowed offsets (by default 1 .. 2 delta + 1 but delta)
+        choices = torch.tensor(self.offset_choices(delta))
         order = torch.rand(len(facts), len(choices), generator=gen).argsort(-1)[:, :N_DISTRACTORS]
         return facts, others, choices[order]
 
-    def _arrange(self, first: Tensor, facts: Tensor, distractors: Tensor, offsets: Tensor, delta: int, mirrored: bool) -> Arranged:
-        """Place ``first`` (A or the mask), B at offset ``delta`` and the distractors at ``offsets``
-        after it (``mirrored``: before it, as in a mirror)."""
+    def _other_facts(self, facts: Int[Tensor, " n"], gen: torch.Generator, k: int) -> Int[Tensor, "n k"]:
+        """Per sentence, ``k`` distinct facts other than the sentence's own (uniform draws from ``gen``)."""
+        scores = torch.rand(len(facts), self.n_facts, generator=gen)
+        scores[torch.arange(len(facts)), facts] = 2.0  # the own fact sorts last
+        return scores.argsort(-1)[:, :k]
+
+    def _arrange(self, first: Tensor, facts: Tensor, distractors: Tensor, offsets: Tensor, delta: int, mirrored: bool,
+                 length: int | None = None) -> Arranged:
+        """Place ``first`` (A or the mask), B at offset ``delta`` and the distractors (``[n, k]`` facts) at
+        ``offsets`` after it (``mirrored``: before it, as in a mirror). ``length``: tokens of a filler
+        sentence (default: as far as B's offset and the allowed distractor offsets reach)."""
         b = torch.tensor(self.b_ids)
-        entities = torch.stack([b[facts], b[distractors[:, 0]], b[distractors[:, 1]]], 1)  # B, D1, D2
+        entities = torch.cat([b[facts][:, None], b[distractors]], 1)  # B, D1, D2, ...
         relative = torch.cat([torch.full_like(facts, delta)[:, None], offsets], 1)  # from the A slot
         n = len(facts)
         if self.layout == "gaps":
             tokens = torch.cat([first[:, None], entities], 1)
             top = relative.max(1, keepdim=True).values if mirrored else torch.zeros_like(relative[:, :1])
             positions = torch.cat([top, top - relative if mirrored else relative], 1)
-            index = torch.arange(1, 1 + 1 + N_DISTRACTORS).expand(n, -1)
+            index = torch.arange(1, 1 + entities.shape[1]).expand(n, -1)
             return Arranged(tokens, positions, A_SLOT, index[:, 0], index[:, 1:])
-        length = 2 * delta + 2
+        length = self._length(delta) if length is None else length
         slot = length - 1 if mirrored else 0
         index = slot - relative if mirrored else relative
         tokens = torch.full((n, length), self.fill_id)
@@ -215,6 +263,31 @@ class RoutingWorld:
         es = EvalSet(name, arranged.tokens, arranged.answer_slot, a[facts], self.alphabet("A"), arranged.positions)
         return es, arranged, a[distractors]
 
+    def single_distractor_prompts(self, query: str, offset: int) -> tuple[EvalSet, Arranged, Int[Tensor, "n 1"]]:
+        """Prompts with B and **one** distractor, at ``offset`` from the mask: one per fact, like
+        :meth:`eval_prompts` (B at ``eval_delta or delta``; ``query="reverse"``: everything before the
+        mask, ``"inplace"``: after it), where B and the distractor sit, and the distractor's own answer.
+
+        Each fact's distractor fact is one fixed draw (its own random stream), the same at every offset
+        and in both queries, so offsets are compared on the same facts. With gaps the prompt is three
+        tokens ``[M] B D``; with fillers it spans ``max(2 delta + 2, offset + 1)`` positions. Any offset
+        ``>= 1`` other than B's is allowed, also ones beyond ``2 delta + 1`` (the model's context bounds it).
+        """
+        check_choice("query", query, ROUTING_EVAL_SETS)
+        delta = self.eval_delta or self.delta
+        if type(offset) is not int or offset < 1 or offset == delta:
+            raise ValueError(f"a distractor offset must be a positive integer other than B's ({delta}), got {offset!r}")
+        gen = torch.Generator().manual_seed(self.seed * 1000 + SINGLE_DISTRACTOR_STREAM)
+        facts = torch.arange(self.n_facts)
+        distractors = self._other_facts(facts, gen, 1)
+        mask = torch.full_like(facts, self.mask_id)
+        arranged = self._arrange(mask, facts, distractors, torch.full_like(distractors, offset), delta,
+                                 mirrored=query == "reverse", length=max(2 * delta + 2, offset + 1))
+        a = torch.tensor(self.a_ids)
+        es = EvalSet(f"{query}_single_o{offset}", arranged.tokens, arranged.answer_slot, a[facts], self.alphabet("A"),
+                     arranged.positions)
+        return es, arranged, a[distractors]
+
     def eval_set(self, name: str) -> EvalSet:
         """One of :attr:`eval_set_names`, one prompt per fact. Its distractors are a fresh draw (their own
         random stream), not a training sentence's; a (fact, distractor) pair, even with the same offset,
@@ -231,8 +304,12 @@ class RoutingWorld:
         return [" ".join(f"{vocab[t]}@{p}" for t, p in zip(row, prow)) for row, prow in zip(rows, pos)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": "routing", "n_facts": self.n_facts, "delta": self.delta, "seed": self.seed,
-                "sentences_per_fact": self.sentences_per_fact, "layout": self.layout}
+        """The world's defining fields (``distractor_offsets`` only when set, so a default world's is unchanged)."""
+        out = {"family": "routing", "n_facts": self.n_facts, "delta": self.delta, "seed": self.seed,
+               "sentences_per_fact": self.sentences_per_fact, "layout": self.layout}
+        if self.distractor_offsets is not None:
+            out["distractor_offsets"] = list(self.distractor_offsets)
+        return out
 
 
 @dataclass(frozen=True)
@@ -243,7 +320,7 @@ class Arranged:
     positions: Int[Tensor, "n seq"]
     answer_slot: int
     b_index: Int[Tensor, " n"]
-    d_index: Int[Tensor, "n 2"]
+    d_index: Int[Tensor, "n n_distractors"]
 
 
 def distractor_offsets(delta: int) -> list[int]:
@@ -263,11 +340,34 @@ def _pair_share(wins: dict[int, bool], ties: dict[int, bool] | None = None) -> f
         return 1 / (1 + sum(ties.get(o, False) for o in pair))
 
     pairs = [(o1, o2) for o1 in wins for o2 in wins if o1 < o2]
+    if not pairs:
+        raise ValueError(f"a layout needs at least {N_DISTRACTORS} distractor offsets, got {sorted(wins)}")
     return sum(share(pair) for pair in pairs) / len(pairs)
 
 
+def rope_kernel(s: float, d_head: int, base: float) -> float:
+    """The RoPE kernel ``K(s) = sum_m cos(theta_m s)``, ``theta_m = base^(-2m / d_head)`` (Su et al. 2021): half
+    the trace of the rotation R(s), so ``K(s) / (d_head / 2) = tr R(s) / d_head``. Even in ``s``."""
+    from revlens.positions import rope_frequencies
+
+    return float(torch.cos(s * rope_frequencies(d_head, base)).sum())
+
+
+def matched_filter_score(d_head: int, delta: int, base: float, distance: int, query: str = "reverse") -> float:
+    """The score a matched filter for the trained offset ``+delta`` gives a key ``distance`` from the mask.
+
+    Conventions: RoPE makes a score depend on ``r = key position - query position`` (the model's
+    ``q . R(r) k``); the filter is ``g(r) = K(r - delta)``, largest at the trained ``r = +delta``. The
+    reverse query puts its keys before the mask, ``r = -distance``: ``g = K(delta + distance)`` (B at
+    ``distance = delta`` scores ``K(2 delta)``); the in-place query puts them after it, ``r = +distance``:
+    ``g = K(distance - delta)`` (B scores ``K(0)``, the maximum)."""
+    check_choice("query", query, ROUTING_EVAL_SETS)
+    return rope_kernel(delta + (distance if query == "reverse" else -distance), d_head, base)
+
+
 def matched_filter_reverse_accuracy(
-    d_head: int, delta: int, base: float, eval_delta: int | None = None, query: str = "reverse", ties: str = "lose"
+    d_head: int, delta: int, base: float, eval_delta: int | None = None, query: str = "reverse", ties: str = "lose",
+    offsets: Sequence[int] | None = None,
 ) -> float:
     """Accuracy of an idealised RoPE route that learned only the in-place offset ``delta``.
 
@@ -289,19 +389,18 @@ def matched_filter_reverse_accuracy(
     distractor that scores exactly B's score wins). They happen at held-out in-place offsets, where a
     distractor at ``delta -/+ 1`` scores ``K(-/+1) = K(+/-1)``, B's score at ``delta +/- 1``;
     ``ties="split"`` splits each tie evenly instead.
-    """
-    from revlens.positions import rope_frequencies
 
-    theta = rope_frequencies(d_head, base)
-    kernel = lambda s: float(torch.cos(s * theta).sum())  # noqa: E731
-    target = eval_delta or delta
-    sign = {"reverse": 1, "inplace": -1}.get(query)
-    if sign is None:
-        raise ValueError(f"unknown query {query!r}; expected 'reverse' or 'inplace'")
+    ``offsets``: the distractor offsets of a chosen layout (a world's ``distractor_offsets``; B's own
+    offset is left out) instead of ``distractor_offsets(d')``. Scores: :func:`matched_filter_score`.
+    """
+    check_choice("query", query, ROUTING_EVAL_SETS)
     if ties not in ("lose", "split"):
         raise ValueError(f"unknown tie rule {ties!r}; expected 'lose' or 'split'")
-    score = lambda r: kernel(delta + sign * r)  # noqa: E731  (B or a distractor at offset r from the mask)
-    offsets = distractor_offsets(target)
+    target = eval_delta or delta
+    score = lambda r: matched_filter_score(d_head, delta, base, r, query)  # noqa: E731  (a key r from the mask)
+    offsets = distractor_offsets(target) if offsets is None else [o for o in offsets if o != target]
+    if len(offsets) < N_DISTRACTORS:
+        raise ValueError(f"a layout needs at least {N_DISTRACTORS} distractor offsets other than {target}, got {offsets}")
     tied = {o: math.isclose(score(o), score(target), rel_tol=1e-9, abs_tol=1e-9) for o in offsets}
     wins = {o: score(o) < score(target) and not tied[o] for o in offsets}
     return _pair_share(wins, tied if ties == "split" else None)
@@ -314,11 +413,12 @@ def trained_offset_share(delta: int, eval_delta: int) -> float:
     return _pair_share({o: o != delta for o in distractor_offsets(eval_delta)})
 
 
-def nearest_key_share(delta: int) -> float:
+def nearest_key_share(delta: int, offsets: Sequence[int] | None = None) -> float:
     """The baseline "the mask attends to the key nearest to it": the share of distractor offset pairs
     in which B (at ``delta``) is nearer to the mask than both distractors. The same for the in-place
-    and the reverse prompt (mirror images); a function of the world's geometry alone."""
-    return _pair_share({o: o > delta for o in distractor_offsets(delta)})
+    and the reverse prompt (mirror images); a function of the world's geometry alone. ``offsets``: a
+    chosen layout's distractor offsets (default ``1 .. 2 delta + 1`` without ``delta``)."""
+    return _pair_share({o: o > delta for o in (distractor_offsets(delta) if offsets is None else offsets) if o != delta})
 
 
 def _query_row(es: EvalSet, objective: str) -> int:
@@ -326,6 +426,36 @@ def _query_row(es: EvalSet, objective: str) -> int:
     from revlens.readout import read_position
 
     return int(read_position(es.mask_pos, READOUTS[objective]))
+
+
+@dataclass(frozen=True)
+class MaskRow:
+    """A forward pass's logits and layer-0 attention at the readout position of a set's prompts (heads kept apart)."""
+
+    logits: Float[Tensor, "batch vocab"]
+    on_b: Float[Tensor, "batch head"]
+    """Attention weight on B."""
+    on_d: Float[Tensor, "batch head n_distractors"]
+    """Attention weight on each distractor."""
+    score_b: Float[Tensor, "batch head"]
+    """Pre-softmax score on B."""
+
+
+@torch.no_grad()
+def mask_row(model, es: EvalSet, arranged: Arranged, objective: str) -> MaskRow | None:
+    """Logits and layer-0 attention at the readout position of ``es`` (the mask's, or the one before it for a
+    next-token model); ``None`` where the set has no readout position."""
+    row = _query_row(es, objective)
+    if row < 0:
+        return None
+    logits, cache = model.run_with_cache(
+        es.prompts, positions=es.positions, names_filter=lambda n: n in ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")
+    )
+    batch = torch.arange(len(es.prompts))
+    pattern = cache["blocks.0.attn.hook_pattern"][:, :, row]  # [batch, head, key]
+    on_d = pattern.gather(2, arranged.d_index[:, None, :].expand(-1, pattern.shape[1], -1))
+    return MaskRow(logits[:, row], pattern[batch, :, arranged.b_index], on_d,
+                   cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index])
 
 
 @torch.no_grad()
@@ -346,19 +476,12 @@ def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> 
     scores = {}
     top_head = None
     for name in ROUTING_EVAL_SETS:
-        es, arranged, _ = world.eval_prompts(name)
-        row = _query_row(es, objective)
-        if row < 0:
+        read = mask_row(model, *world.eval_prompts(name)[:2], objective)
+        if read is None:
             out.update({f"{name}_{m}": math.nan for m in ("attn_b", "attn_d", "attn_b_top")})
             continue
-        _, cache = model.run_with_cache(
-            es.prompts, positions=es.positions, names_filter=lambda n: n in ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")
-        )
-        batch = torch.arange(len(es.prompts))
-        pattern = cache["blocks.0.attn.hook_pattern"][:, :, row]  # [batch, head, key]
-        scores[name] = cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index]  # [batch, head]
-        on_b = pattern[batch, :, arranged.b_index].mean(0)  # per head
-        on_d = pattern.gather(2, arranged.d_index[:, None, :].expand(-1, pattern.shape[1], -1))
+        scores[name] = read.score_b  # [batch, head]
+        on_b, on_d = read.on_b.mean(0), read.on_d  # on B per head; on each distractor
         if top_head is None and name == "inplace":
             top_head = int(on_b.argmax())
         out[f"{name}_attn_b"] = on_b.mean().item()
@@ -385,7 +508,8 @@ def held_out_offsets(delta: int) -> dict[str, int]:
 
 def routing_metrics(model, world: RoutingWorld, objective: str) -> dict[str, float]:
     """Answer metrics per eval set, the same under a uniform mask pattern, :func:`route_statistics`,
-    and at the held-out offsets ``delta -/+ 1`` (suffixes ``_dm1`` / ``_dp1``; NaN where none exists)."""
+    and at the held-out offsets ``delta -/+ 1`` (suffixes ``_dm1`` / ``_dp1``; NaN where none exists, or
+    where a world's chosen ``distractor_offsets`` leave fewer than two offsets besides it)."""
     from revlens.evaluation import evaluate, evaluate_under_control
 
     out = {
@@ -393,7 +517,8 @@ def routing_metrics(model, world: RoutingWorld, objective: str) -> dict[str, flo
         **evaluate_under_control(model, world, objective, "uniform", sets=world.eval_set_names),  # type: ignore[arg-type]
         **route_statistics(model, world, objective),
     }
-    offsets = held_out_offsets(world.delta)
+    offsets = {suffix: d for suffix, d in held_out_offsets(world.delta).items()
+               if len(world.offset_choices(d)) >= N_DISTRACTORS}
     for suffix, _ in HELD_OUT:
         if suffix in offsets:
             shifted = dataclasses.replace(world, eval_delta=offsets[suffix])
@@ -507,6 +632,9 @@ class RoutingCell:
     stack_size: int | None = None
     """Models per stack for this cell (default: the sweep's). Untied projections gather one matrix per
     token, which trains faster one model at a time than vmapped (``bench/routing_stack.py --cell``)."""
+    distractor_offsets: tuple[int, ...] | None = None
+    """The offsets distractors may take, in training and evaluation (:class:`RoutingWorld`); ``None``, the
+    default, keeps ``1 .. 2 delta + 1`` without delta and leaves the cell's config hash what it was."""
 
     def model_cfg(self, world: RoutingWorld, base: float) -> EncoderConfig:
         from revlens.experiments import BASE_MODEL
@@ -527,7 +655,7 @@ def _cell_from_dict(index: int, entry: Any) -> RoutingCell:
         raise ValueError(f"cells[{index}] must be a JSON object, got {entry!r}")
     label = f"cell {index} ({entry.get('name')!r})"
     extra = set(entry) - {"name", "objective", "model", "deltas", "bases", "group", "layout", "train", "stack_size",
-                          "shift_positions"}
+                          "shift_positions", "distractor_offsets"}
     if extra or not {"name", "objective", "deltas"} <= set(entry):
         raise ValueError(f"{label} needs name, objective, deltas; unknown keys {sorted(extra)}")
     for key in ("name", "objective"):
@@ -552,10 +680,13 @@ def _cell_from_dict(index: int, entry: Any) -> RoutingCell:
     stack_size = entry.get("stack_size")
     if stack_size is not None:
         check_int(f"{label}: stack_size", stack_size, 1)
+    offsets = entry.get("distractor_offsets")
+    if offsets is not None:
+        offsets = _positive_ints(f"{label}: 'distractor_offsets'", offsets)
     return RoutingCell(entry["name"], entry["objective"], dict(entry.get("model", {})),
                        _positive_ints(f"{label}: 'deltas'", entry["deltas"]), tuple(float(b) for b in bases),
                        entry.get("group", ""), layout, dict(entry.get("train", {})), entry.get("shift_positions", False),
-                       stack_size)
+                       stack_size, offsets)
 
 
 Job = tuple[RoutingCell, int, float, int]
@@ -601,6 +732,9 @@ class RoutingSweepSpec:
         for cell in cells:
             if max(cell.deltas) * 2 + 2 > N_CTX:
                 raise ValueError(f"cell {cell.name!r}: delta {max(cell.deltas)} needs more than n_ctx={N_CTX} position ids")
+            if cell.distractor_offsets and max(cell.distractor_offsets) >= N_CTX:
+                raise ValueError(f"cell {cell.name!r}: distractor offset {max(cell.distractor_offsets)} needs more than "
+                                 f"n_ctx={N_CTX} position ids")
             if (cell.objective == "arm") != (cell.model.get("attention_dir") == "causal"):
                 raise ValueError(f"cell {cell.name!r}: the next-token objective 'arm' goes with a causal model "
                                  "(\"model\": {\"attention_dir\": \"causal\"}) and only with it")
@@ -623,18 +757,26 @@ class RoutingSweepSpec:
             except (TypeError, ValueError) as err:
                 raise ValueError(f"cell {cell.name!r}: bad 'train' override: {err}") from None
             try:
-                world = spec.world_for(cell.deltas[0], spec.seeds[0], cell.layout)
+                world = spec.world_for(cell.deltas[0], spec.seeds[0], cell.layout, cell.distractor_offsets)
                 cell.model_cfg(world, cell.bases[0])
             except (TypeError, ValueError) as err:
                 raise ValueError(f"cell {cell.name!r}: bad 'model' override or world: {err}") from None
+            if cell.distractor_offsets is not None:  # a layout must hold at every offset of the cell
+                try:
+                    for delta in cell.deltas:
+                        spec.world_for(delta, spec.seeds[0], cell.layout, cell.distractor_offsets)
+                except ValueError as err:
+                    raise ValueError(f"cell {cell.name!r}: bad 'distractor_offsets': {err}") from None
         return spec
 
     def jobs(self) -> list[Job]:
         """Every (cell, delta, base, seed) in file order."""
         return [(c, d, b, s) for c in self.cells for d in c.deltas for b in c.bases for s in self.seeds]
 
-    def world_for(self, delta: int, seed: int, layout: str = "gaps") -> RoutingWorld:
-        return RoutingWorld.generate(delta=delta, seed=seed, layout=layout, **self.world)
+    def world_for(self, delta: int, seed: int, layout: str = "gaps",
+                  distractor_offsets: Sequence[int] | None = None) -> RoutingWorld:
+        return RoutingWorld.generate(delta=delta, seed=seed, layout=layout, distractor_offsets=distractor_offsets,
+                                     **self.world)
 
     def train_for(self, cell: RoutingCell) -> TrainConfig:
         """The file's training settings with the cell's objective (the file's own ``train`` has none) and
@@ -645,9 +787,10 @@ class RoutingSweepSpec:
     def config(self, job: Job) -> str:
         """Hash of what determines one model's numbers: model and training configs, world, position shifts."""
         cell, delta, base, seed = job
-        world = self.world_for(delta, seed, cell.layout)
+        world = self.world_for(delta, seed, cell.layout, cell.distractor_offsets)
+        layout = {} if cell.distractor_offsets is None else {"distractor_offsets": list(cell.distractor_offsets)}
         return config_hash({"model": cell.model_cfg(world, base).to_dict(), "train": self.train_for(cell).to_dict(),
-                            "world": {**self.world, "delta": delta, "seed": seed, "layout": cell.layout},
+                            "world": {**self.world, "delta": delta, "seed": seed, "layout": cell.layout, **layout},
                             "shift_positions": cell.shift_positions, "init_noise": init_noise()})
 
     def planned(self) -> list[Planned]:
@@ -690,7 +833,7 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[Job]) -> list[dict[str, An
     cell = jobs[0][0]
     members = []
     for _, delta, base, seed in jobs:
-        world = spec.world_for(delta, seed, cell.layout)
+        world = spec.world_for(delta, seed, cell.layout, cell.distractor_offsets)
         members.append(Member(cell.model_cfg(world, base), world, seed))
     models = train_stack(members, spec.train_for(cell), progress=False, shift_positions=cell.shift_positions)
     rows = []
@@ -705,6 +848,7 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[Job]) -> list[dict[str, An
             "closed_form": float(rope_score_correlation(cfg.d_head, delta, base)) if rotary else None,
             "distractor_guess": 1.0 / (1 + N_DISTRACTORS), "chance": member.world.chance,
             **{k: None if math.isnan(metrics.get(k, math.nan)) else round(metrics[k], 6) for k in ROW_METRICS},
+            **({} if cell.distractor_offsets is None else {"distractor_offsets": list(cell.distractor_offsets)}),
         })
     return rows
 

@@ -459,3 +459,89 @@ def test_sweep_in_worker_processes_writes_the_one_process_table(tmp_path):
     assert parallel.read_text() == serial.read_text() and len(serial.read_text().splitlines()) == 8
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
         run_routing_sweep(spec, tmp_path / "x.jsonl", jobs=0)
+
+
+def test_explicit_distractor_offsets_hold_every_distractor_and_leave_the_default_world_alone():
+    default = RoutingWorld.generate(n_facts=16, delta=2, seed=1, sentences_per_fact=4)
+    assert default == RoutingWorld.generate(n_facts=16, delta=2, seed=1, sentences_per_fact=4, distractor_offsets=None)
+    assert "distractor_offsets" not in default.to_dict() and default.offset_choices(2) == distractor_offsets(2)
+    world = RoutingWorld.generate(n_facts=16, delta=2, seed=1, sentences_per_fact=4, distractor_offsets=(1, 6, 9))
+    assert world.to_dict()["distractor_offsets"] == [1, 6, 9] and world.n_positions == 10  # reaches offset 9
+    assert torch.equal(world.training_data()[0][:, :2], default.training_data()[0][:, :2])  # same facts, A then B
+    for tokens, positions in [world.training_data(), *((es.prompts, es.positions) for es in map(world.eval_set, world.eval_set_names))]:
+        offsets = (positions - positions[:, :1]).abs()
+        assert (offsets[:, B_SLOT] == 2).all() and torch.isin(offsets[:, 2:], torch.tensor([1, 6, 9])).all()
+        assert (offsets[:, 2] != offsets[:, 3]).all() and set(offsets[:, 2:].unique().tolist()) == {1, 6, 9}
+    held = dataclasses.replace(world, eval_delta=1)  # held-out B at 1: the distractors keep to 6 and 9
+    assert torch.isin((held.eval_set("reverse").positions[:, 2:] - held.eval_set("reverse").positions[:, :1]).abs(),
+                      torch.tensor([6, 9])).all()
+    fillers = RoutingWorld.generate(n_facts=16, delta=2, seed=1, sentences_per_fact=4, layout="fillers", distractor_offsets=(1, 6, 9))
+    tokens, _ = fillers.training_data()
+    assert tokens.shape[1] == 10 and int((tokens != fillers.fill_id).sum(1).min()) == 4
+    for bad, message in [((2, 5), "hold B's offset"), ((5, 3), "increasing distinct"), ((3,), "fewer than 2"), ((0, 3), "positive")]:
+        with pytest.raises(ValueError, match=message):
+            RoutingWorld.generate(delta=2, distractor_offsets=bad)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        dataclasses.replace(RoutingWorld.generate(delta=2, distractor_offsets=(3, 5)), eval_delta=3)
+
+
+@pytest.mark.parametrize("layout", ["gaps", "fillers"])
+def test_single_distractor_prompts_hold_b_and_one_distractor_at_the_offset(layout):
+    world = RoutingWorld.generate(n_facts=16, delta=3, seed=0, layout=layout)
+    a, b = torch.tensor(world.a_ids), torch.tensor(world.b_ids)
+    seen = {}
+    for query in ("reverse", "inplace"):
+        for offset in (1, 2, 4, 7, 20):  # inside 1 .. 2 delta + 1 and beyond it
+            es, arranged, decoys = world.single_distractor_prompts(query, offset)
+            rows = torch.arange(len(es.prompts))
+            assert (es.prompts[:, es.mask_pos] == world.mask_id).all() and arranged.d_index.shape == (16, 1)
+            rel = es.positions[rows, arranged.b_index] - es.positions[:, es.mask_pos]
+            rel_d = es.positions[rows, arranged.d_index[:, 0]] - es.positions[:, es.mask_pos]
+            sign = -1 if query == "reverse" else 1
+            assert (rel == sign * 3).all() and (rel_d == sign * offset).all() and int(es.positions.min()) == 0
+            facts = torch.tensor([world.a_ids.index(x) for x in es.answers.tolist()])
+            assert torch.equal(es.prompts[rows, arranged.b_index], b[facts])  # the fact's own B
+            distractor = es.prompts[rows, arranged.d_index[:, 0]]
+            assert torch.isin(distractor, world.alphabet("B")).all() and (distractor != b[facts]).all()
+            assert torch.equal(decoys[:, 0], a[torch.tensor([world.b_ids.index(x) for x in distractor.tolist()])])
+            entities = torch.isin(es.prompts, world.alphabet("B")).sum(1)
+            assert (entities == 2).all()  # exactly B and one distractor
+            if layout == "gaps":
+                assert es.prompts.shape[1] == 3
+            else:
+                assert es.prompts.shape[1] == max(8, offset + 1) and ((es.prompts != world.fill_id).sum(1) == 3).all()
+            seen.setdefault("decoy", decoys)
+            assert torch.equal(decoys, seen["decoy"])  # the same distractor fact at every offset and in both queries
+    with pytest.raises(ValueError, match="other than B's"):
+        world.single_distractor_prompts("reverse", 3)
+    with pytest.raises(ValueError, match="unknown query"):
+        world.single_distractor_prompts("forward", 2)
+
+
+def test_matched_filter_and_nearest_key_on_a_chosen_layout():
+    from revlens.routing import matched_filter_score, rope_kernel
+
+    import numpy as np
+
+    theta = 1e4 ** (-2.0 * np.arange(8) / 16)
+    assert rope_kernel(6, 16, 1e4) == pytest.approx(np.cos(6 * theta).sum()) == pytest.approx(rope_kernel(-6, 16, 1e4))
+    # reverse: a key o before the mask scores K(delta + o); in place, after it: K(o - delta)
+    assert matched_filter_score(16, 2, 1e4, 4) == pytest.approx(np.cos(6 * theta).sum())
+    assert matched_filter_score(16, 2, 1e4, 4, "inplace") == pytest.approx(np.cos(2 * theta).sum())
+    assert matched_filter_reverse_accuracy(16, 2, 1e4, offsets=distractor_offsets(2)) == matched_filter_reverse_accuracy(16, 2, 1e4)
+    # delta 2 fails on its default layout (K(6) > K(4)) and succeeds with the distractors at 6 and 7 only
+    assert matched_filter_reverse_accuracy(16, 2, 1e4, offsets=[6, 7]) == 1.0
+    assert nearest_key_share(2, [1, 6, 7]) == pytest.approx(1 / 3) and nearest_key_share(2) == nearest_key_share(2, distractor_offsets(2))
+    with pytest.raises(ValueError, match="at least 2"):
+        matched_filter_reverse_accuracy(16, 2, 1e4, offsets=[2, 5])
+
+
+def test_held_out_metrics_are_nan_where_a_chosen_layout_leaves_one_offset():
+    """B at 4, distractors at 5 and 6: B moved to 5 leaves one offset for two distractors, so ``_dp1`` is NaN;
+    B moved to 3 keeps both (``_dm1`` measured)."""
+    world = RoutingWorld.generate(n_facts=16, delta=4, seed=0, distractor_offsets=(5, 6))
+    torch.manual_seed(0)
+    model = HookedEncoder(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16))
+    out = routing_metrics(model, world, "inplace")
+    assert all(out[f"{m}_dp1"] != out[f"{m}_dp1"] for m in ("inplace_acc", "reverse_acc", "reverse_attn_b"))
+    assert 0.0 <= out["reverse_acc_dm1"] <= 1.0 and 0.0 <= out["reverse_attn_b_dm1"] <= 1.0

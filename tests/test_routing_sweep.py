@@ -128,6 +128,10 @@ def _cell(**changes) -> dict:
     ({**tiny(), "cells": [_cell(group=1)]}, "'group' must be a string"),
     ({**tiny(), "cells": [_cell(stack_size=0)]}, "stack_size"),
     ({**tiny(), "cells": [_cell(shift_positions="yes")]}, "'shift_positions' must be true or false"),
+    ({**tiny(), "cells": [_cell(distractor_offsets=5)]}, "'distractor_offsets' must be a non-empty list of positive integers"),
+    ({**tiny(), "cells": [_cell(distractor_offsets=[2, 5])]}, "bad 'distractor_offsets': .*hold B's offset delta=2"),
+    ({**tiny(), "cells": [_cell(distractor_offsets=[5, 3])]}, "increasing distinct"),
+    ({**tiny(), "cells": [_cell(distractor_offsets=[3, 68])]}, "distractor offset 68 needs more than n_ctx=68"),
     ({**tiny(), "world": {"n_fact": 64}}, "unknown 'world' keys"),
     ({**tiny(), "world": {"n_facts": 1}}, "at least 3 facts"),
     ({**tiny(), "world": [64]}, "'world' must be a JSON object"),
@@ -150,3 +154,23 @@ def test_the_shipped_table_covers_its_sweep_file_with_provenance():
     rows = read_rows(DATA / "routing.jsonl", KEY)
     assert [(tuple(r[k] for k in KEY), r["provenance"]["config"], r["group"]) for r in rows] == \
         [(p.key, p.config, p.labels["group"]) for p in spec.planned()]
+
+
+def test_a_cell_with_chosen_distractor_offsets_has_its_own_config_and_rows_that_name_them(tmp_path):
+    """The optional field changes nothing for cells without it (the shipped table's hashes, checked above,
+    stay); a cell with it hashes differently, trains on its layout and its rows record the offsets."""
+    plain = RoutingSweepSpec.from_dict(tiny())
+    data = tiny()
+    data["cells"][0]["distractor_offsets"] = [3, 6, 7]
+    chosen = RoutingSweepSpec.from_dict(data)
+    assert chosen.cells[0].distractor_offsets == (3, 6, 7) and plain.cells[0].distractor_offsets is None
+    assert [p.config for p in chosen.planned()][:2] != [p.config for p in plain.planned()][:2]
+    assert [p.config for p in chosen.planned()][2] == [p.config for p in plain.planned()][2]  # the other cell
+    world = chosen.world_for(2, 0, distractor_offsets=chosen.cells[0].distractor_offsets)
+    assert set((world.training_data()[1][:, 2:]).unique().tolist()) == {3, 6, 7}
+    out = tmp_path / "t.jsonl"
+    run_routing_sweep(chosen, out, progress=False)
+    rows = read_rows(out, KEY)
+    assert [r.get("distractor_offsets") for r in rows] == [[3, 6, 7], [3, 6, 7], None]
+    assert rows[1]["reverse_acc_dm1"] is not None and rows[1]["reverse_acc_dp1"] is not None  # delta 2: B at 1, at 3
+    assert rows[0]["reverse_acc_dm1"] is None  # delta 1 has no held-out offset below it

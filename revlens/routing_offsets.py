@@ -1,0 +1,238 @@
+"""A routing model's preference for each key offset: predicted by the RoPE kernel, read from its weights, measured.
+
+The matched filter of :mod:`revlens.routing` says a route trained at ``+delta`` scores a key at
+``r = key position - mask position`` as ``g(r) = K(r - delta)``, ``K(s) = sum_m cos(theta_m s)`` (RoPE,
+Su et al. 2021; :func:`revlens.routing.matched_filter_score`). With **one** distractor the verdict is
+per offset: in the reverse prompt (B at ``-delta``, the distractor at ``-o``) B wins iff
+``K(2 delta) > K(delta + o)``; in the in-place prompt (B at ``+delta``, the distractor at ``+o``) iff
+``K(0) > K(o - delta)``, which holds at every ``o != delta``. Three views of the same per-offset
+preference, each usable before the next:
+
+* from geometry alone: :func:`mirrored_filter_margin` / :func:`mirrored_filter_b_wins`;
+* from a trained model's weights, before it is evaluated: :func:`read_route` reads each head's
+  content-free score ``f_h(r) = q_h . R(r) kbar_h / sqrt(d_head)`` (the mask's query, the mean key of
+  the B alphabet) and combines the heads as the model does (a softmax per head, outputs summed);
+* measured: :func:`single_distractor_metrics` scores trained models on prompts with one distractor
+  at each offset (:meth:`revlens.routing.RoutingWorld.single_distractor_prompts`), and
+  :func:`offset_agreement` compares the measured winner with the kernel's, cell by cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from revlens.config import check_choice
+from revlens.positions import apply_rope
+from revlens.routing import (MASK_ID, N_DISTRACTORS, ROUTING_EVAL_SETS, RoutingWorld, alphabet_ids, distractor_offsets,
+                             mask_row, matched_filter_score)
+
+if TYPE_CHECKING:
+    from revlens.model import HookedEncoder
+
+NEAR_ZERO_MARGIN = 0.05
+"""A kernel margin below this, in units of tr R / d (the margin divided by ``d_head / 2``), is near zero:
+a small change of the learned filter could flip its verdict."""
+
+
+# ---- from geometry alone ------------------------------------------------------------------------
+def mirrored_filter_margin(d_head: int, delta: int, base: float, offset: int, query: str = "reverse") -> float:
+    """B's matched-filter score minus a single distractor's at ``offset`` (see the module docstring):
+    ``K(2 delta) - K(delta + offset)`` for the reverse query, ``K(0) - K(offset - delta)`` in place."""
+    if type(offset) is not int or offset < 1 or offset == delta:
+        raise ValueError(f"a distractor offset must be a positive integer other than delta={delta}, got {offset!r}")
+    return matched_filter_score(d_head, delta, base, delta, query) - matched_filter_score(d_head, delta, base, offset, query)
+
+
+def mirrored_filter_b_wins(d_head: int, delta: int, base: float, offset: int, query: str = "reverse") -> bool:
+    """The kernel's winner with one distractor at ``offset``: B iff its score is strictly larger (a tie loses)."""
+    return mirrored_filter_margin(d_head, delta, base, offset, query) > 0
+
+
+def single_distractor_offsets(delta: int, n_ctx: int) -> list[int]:
+    """Every offset a single distractor can take with B at ``delta`` in a context of ``n_ctx`` position
+    ids: ``1 .. n_ctx - 1`` without ``delta`` (the default range ``1 .. 2 delta + 1`` and beyond)."""
+    if delta >= n_ctx:
+        raise ValueError(f"B's offset {delta} needs more than n_ctx={n_ctx} position ids")
+    return [o for o in range(1, n_ctx) if o != delta]
+
+
+# ---- measured -----------------------------------------------------------------------------------
+@torch.no_grad()
+def single_distractor_metrics(
+    models: Sequence["HookedEncoder"], worlds: Sequence[RoutingWorld], objective: str = "inplace",
+    offsets: Sequence[int] | None = None, queries: Sequence[str] = ROUTING_EVAL_SETS,
+) -> list[dict[str, Any]]:
+    """Per model, query and distractor offset, how the model answers prompts with B and one distractor.
+
+    ``models[i]`` was trained on ``worlds[i]`` (RoPE, the sweep's one-layer models). ``offsets``: default
+    :func:`single_distractor_offsets` for the model's context (also beyond ``2 delta + 1``); B's own offset
+    is skipped, so one list serves models of several deltas. One row each:
+    ``model`` (index), ``delta``, ``base``, ``d_head``, ``query``, ``offset``; ``acc`` and ``margin``
+    (:func:`revlens.evaluation.answer_metrics`: argmax over the vocabulary is B's A; gold logit minus the best
+    other); ``logit_gap``: B's A minus the distractor's A, mean over prompts; ``attn_b`` / ``attn_d``: the
+    readout position's attention on B / on the distractor (mean over heads and prompts).
+    """
+    from revlens.evaluation import answer_metrics
+
+    if len(models) != len(worlds) or not models:
+        raise ValueError(f"need one world per model, got {len(models)} models and {len(worlds)} worlds")
+    for query in queries:
+        check_choice("query", query, ROUTING_EVAL_SETS)
+    rows = []
+    for i, (model, world) in enumerate(zip(models, worlds)):
+        cfg = model.cfg
+        if cfg.positional != "rotary":
+            raise ValueError(f"model {i}: the per-offset kernel verdicts are about RoPE models, got {cfg.positional!r}")
+        delta = world.eval_delta or world.delta
+        for query in queries:
+            for offset in single_distractor_offsets(delta, cfg.n_ctx) if offsets is None else [o for o in offsets if o != delta]:
+                es, arranged, decoys = world.single_distractor_prompts(query, offset)
+                read = mask_row(model, es, arranged, objective)
+                if read is None:
+                    raise ValueError(f"model {i}: the {query} prompt has no readout position for objective {objective!r}")
+                gold = read.logits.gather(1, es.answers[:, None])[:, 0]
+                metrics = answer_metrics(read.logits, es)
+                rows.append({"model": i, "delta": delta, "base": cfg.rotary_base, "d_head": cfg.d_head, "query": query,
+                             "offset": offset, "acc": metrics["acc"], "margin": metrics["margin"],
+                             "logit_gap": (gold - read.logits.gather(1, decoys)[:, 0]).mean().item(),
+                             "attn_b": read.on_b.mean().item(), "attn_d": read.on_d.mean().item()})
+    return rows
+
+
+def offset_agreement(rows: Sequence[dict[str, Any]], near_zero: float = NEAR_ZERO_MARGIN) -> dict[str, Any]:
+    """How often the measured winner agrees with the kernel's, over (d_head, base, delta, query, offset) cells.
+
+    ``rows``: :func:`single_distractor_metrics` rows; a cell's accuracy is the mean over its models, and B is
+    the measured winner where it is above 0.5 (with one distractor, a coin between B and it scores 0.5).
+    Returns ``cells`` (one dict per cell: ``acc``, ``n_models``, ``kernel_margin`` and ``kernel_margin_norm``
+    = margin / (d_head / 2), ``predicted_b_wins``, ``measured_b_wins``, ``agree``, ``near_zero``: the
+    normalised margin's size is below ``near_zero``), ``agreement`` (share of cells that agree),
+    ``agreement_clear`` (the same without near-zero cells; NaN if none is left), ``n_cells``, ``n_near_zero``.
+    """
+    if not rows:
+        raise ValueError("no rows to compare: pass single_distractor_metrics rows")
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["d_head"], row["base"], row["delta"], row["query"], row["offset"]), []).append(row["acc"])
+    cells = []
+    for (d_head, base, delta, query, offset), accs in groups.items():
+        margin = mirrored_filter_margin(d_head, delta, base, offset, query)
+        acc = sum(accs) / len(accs)
+        predicted, measured = margin > 0, acc > 0.5
+        cells.append({"d_head": d_head, "base": base, "delta": delta, "query": query, "offset": offset, "acc": acc,
+                      "n_models": len(accs), "kernel_margin": margin, "kernel_margin_norm": margin / (d_head / 2),
+                      "predicted_b_wins": predicted, "measured_b_wins": measured, "agree": predicted == measured,
+                      "near_zero": abs(margin) / (d_head / 2) < near_zero})
+    clear = [c for c in cells if not c["near_zero"]]
+    return {"cells": cells, "agreement": sum(c["agree"] for c in cells) / len(cells),
+            "agreement_clear": sum(c["agree"] for c in clear) / len(clear) if clear else math.nan,
+            "n_cells": len(cells), "n_near_zero": len(cells) - len(clear)}
+
+
+# ---- from the weights ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RouteRead:
+    """A one-layer RoPE model's content-free route, read from its weights (:func:`read_route`).
+
+    Scores are pre-softmax, ``f_h(r) = q_h . R(r) kbar_h / sqrt(d_head)`` at ``r = -distance`` (reverse
+    query) or ``+distance`` (in place)."""
+
+    query: str
+    delta: int
+    offsets: tuple[int, ...]
+    """The distractor offsets considered (distances from the mask)."""
+    f_b: Float[Tensor, " head"]
+    """Each head's score for B's offset."""
+    f_d: Float[Tensor, "head offset"]
+    """Each head's score for each distractor offset."""
+    self_score: Float[Tensor, " head"]
+    """Each head's score for the mask's own key (``r = 0``), which shares every softmax."""
+    gain: Float[Tensor, " head"]
+    """Each head's value-path gain: how much a unit of attention on a B raises the logit of the A it stores."""
+    predicted_acc: float
+    """Share of the equally likely distractor pairs (two of :attr:`offsets`) in which B gets more evidence
+    than both distractors: the predicted accuracy of the two-distractor prompt."""
+    single_b_wins: Bool[Tensor, " offset"]
+    """Per offset, whether B gets more evidence than one distractor there (the single-distractor prompt)."""
+
+    @property
+    def head_margin(self) -> Float[Tensor, " head"]:
+        """Per head, ``f(B) - max_o f(o)``: positive where the head alone prefers B to every distractor offset."""
+        return self.f_b - self.f_d.max(-1).values
+
+    @property
+    def b_wins(self) -> bool:
+        """The predicted verdict: B wins the two-distractor prompt in more than half of the pairs."""
+        return self.predicted_acc > 0.5
+
+
+def _b_wins(self_score: Float[Tensor, " head"], scores: Float[Tensor, "head key"], gain: Float[Tensor, " head"]) -> bool:
+    """Whether B (key 0 of ``scores``) gets more evidence than every distractor (the other keys): per key,
+    each head's softmax weight (over the mask's own key and these) times the head's gain, summed over heads."""
+    weights = torch.cat([self_score[:, None], scores], 1).softmax(-1)[:, 1:]
+    evidence = (gain[:, None] * weights).sum(0)
+    return bool(evidence[0] > evidence[1:].max())
+
+
+@torch.no_grad()
+def read_route(model: "HookedEncoder", delta: int, n_facts: int, offsets: Sequence[int] | None = None, query: str = "reverse") -> RouteRead:
+    """Predict a trained model's selection in a routing prompt from its weights alone (no prompt is run).
+
+    In a one-layer, attention-only RoPE model the residual stream at the mask is the mask's token
+    embedding (RoPE adds no positional embedding; positions enter only through the rotation of queries
+    and keys), so the mask's query is ``q_h = W_E[mask] W_Q[h]`` wherever it sits, and a key ``r``
+    positions away scores ``q_h . R(r) k / sqrt(d_head)``. With ``kbar_h`` the mean key of the B alphabet
+    this is the content-free score ``f_h(r)``, computed here with the model's own rotation tables (query
+    rotated at position ``p``, key at ``p + r``). Heads are combined as the model combines them: a softmax
+    per head over the mask's own key and the prompt's entity keys, then the heads' outputs summed, each
+    weighted by its value-path gain (mean over B tokens of the logit its ``W_V W_O W_U`` gives the A that
+    the whole model's value path maps that B to, minus that row's mean over the A alphabet).
+
+    ``offsets``: the distractor offsets of the layout (default ``1 .. 2 delta + 1`` without ``delta``);
+    ``query="reverse"``: keys before the mask, ``"inplace"``: after it. Takes only the model and the
+    world's geometry (B's offset, the alphabet size); reads no prompt, no answer and no measured score.
+    """
+    cfg = model.cfg
+    if cfg.positional != "rotary" or cfg.n_layers != 1 or not cfg.attn_only or cfg.untied_positions:
+        raise ValueError("read_route reads one-layer, attention-only models with shared RoPE W_Q, W_K; got "
+                         f"positional={cfg.positional!r}, n_layers={cfg.n_layers}, attn_only={cfg.attn_only}, "
+                         f"untied_positions={cfg.untied_positions!r}")
+    if cfg.attention_dir != "bidirectional":
+        raise ValueError("read_route reads the mask's own query; a causal model answers from the position before it")
+    check_choice("query", query, ROUTING_EVAL_SETS)
+    offsets = tuple(distractor_offsets(delta) if offsets is None else offsets)
+    if len(offsets) < N_DISTRACTORS or delta in offsets or min(offsets) < 1:
+        raise ValueError(f"need at least {N_DISTRACTORS} positive distractor offsets other than delta={delta}, got {offsets}")
+    if max(delta, *offsets) >= cfg.n_ctx or 2 * n_facts + 1 > cfg.d_vocab:
+        raise ValueError(f"offsets up to {max(delta, *offsets)} or {n_facts} facts do not fit the model "
+                         f"(n_ctx={cfg.n_ctx}, d_vocab={cfg.d_vocab})")
+    attn = model.blocks[0].attn
+    b_ids, a_ids = alphabet_ids("B", n_facts), alphabet_ids("A", n_facts)
+    e_mask, e_b = model.W_E[MASK_ID], model.W_E[b_ids]
+    q = torch.einsum("m,hmd->hd", e_mask, attn.W_Q)  # [head, d_head]
+    k_bar = torch.einsum("bm,hmd->hd", e_b, attn.W_K) / len(b_ids)
+    self_score = (q * torch.einsum("m,hmd->hd", e_mask, attn.W_K)).sum(-1) / math.sqrt(cfg.d_head)
+    sign = -1 if query == "reverse" else 1
+    rel = torch.tensor([sign * d for d in (delta, *offsets)])  # key position - mask position
+    p_q = (-rel).clamp(min=0)  # query positions that keep both ids in 0 .. n_ctx - 1
+    p_k = p_q + rel
+
+    def rotate(x: Float[Tensor, "head d_head"], pos: Int[Tensor, " n"]) -> Float[Tensor, "n head d_head"]:
+        return apply_rope(x.expand(len(pos), 1, *x.shape), attn.rope_cos[pos][:, None], attn.rope_sin[pos][:, None])[:, 0]
+
+    f = (rotate(q, p_q) * rotate(k_bar, p_k)).sum(-1).T / math.sqrt(cfg.d_head)  # [head, 1 + n_offsets]
+    ov = torch.einsum("bm,hmd,hdn,nv->hbv", e_b, attn.W_V, attn.W_O, model.W_U[:, a_ids])  # [head, B, A]
+    stored = ov.sum(0).argmax(-1)  # the A the whole value path maps each B to
+    gain = (ov.gather(2, stored.expand(ov.shape[0], -1)[..., None])[..., 0] - ov.mean(-1)).mean(-1)
+    single = torch.tensor([_b_wins(self_score, f[:, [0, 1 + j]], gain) for j in range(len(offsets))])
+    pairs = list(itertools.combinations(range(1, 1 + len(offsets)), N_DISTRACTORS))
+    share = sum(_b_wins(self_score, f[:, [0, *pair]], gain) for pair in pairs) / len(pairs)
+    return RouteRead(query, delta, offsets, f[:, 0], f[:, 1:], self_score, gain, share, single)
