@@ -307,19 +307,30 @@ def _causal_gold_logp(lm, prompts: Tensor, answers: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def _without_mask(scores: Float[Tensor, "*batch vocab"], mask_id: int) -> Float[Tensor, "*batch vocab"]:
+    """``scores`` with the mask token made impossible: a decoder that wrote the mask token would leave the slot
+    open (and a later step would count an unfilled slot), so it chooses among the other tokens, as
+    :mod:`revlens.lm.generation` does. Gold log-probabilities are read from the unaltered distribution."""
+    scores = scores.clone()
+    scores[..., mask_id] = float("-inf")
+    return scores
+
+
 def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Decode) -> tuple[Tensor, Tensor]:
     """Filled answer slots and gold log-probability under ``decode`` (see :data:`DECODES`), one group (on CPU)."""
     n = answers.shape[1]
     slots = torch.arange(start, start + n)
     rows = torch.arange(prompts.shape[0])
+    mask_id = int(lm.mask_token_id)
     if decode == "parallel":  # one pass: its argmax per slot, and the gold tokens' log-probabilities
         logp = _slot_logprobs(lm, prompts)
-        return logp.argmax(-1), _gold_in_pass(logp, answers)
+        return _without_mask(logp, mask_id).argmax(-1), _gold_in_pass(logp, answers)
     gold_logp = _masked_gold_logp(lm, prompts, answers, start, decode)
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
-        masks = (filled == lm.mask_token_id)[:, slots]
-        conf, tok = (t.cpu() for t in _finite(lm, lm.mask_logits(filled)).float().softmax(-1).max(-1))  # [batch, open]
+        masks = (filled == mask_id)[:, slots]
+        logits = _without_mask(_finite(lm, lm.mask_logits(filled)).float(), mask_id)
+        conf, tok = (t.cpu() for t in logits.softmax(-1).max(-1))  # [batch, open]
         pos = masks.nonzero()[:, 1].reshape(prompts.shape[0], -1)
         best = conf.argmax(-1)
         filled[rows, slots[pos[rows, best]]] = tok[rows, best]

@@ -91,7 +91,9 @@ def test_parallel_decode_fills_every_slot_from_one_pass(tiny_pair):
     for q, row in zip(queries, answer_scores(lm, queries, decode="parallel")):
         enc = encode_query(lm, q)
         logp = lm.mask_logits(torch.tensor([enc.prompt])).log_softmax(-1)[0]  # [slot, vocab]
-        assert row["predicted"] == lm.decode(logp.argmax(-1).tolist()).strip()
+        logp_no_mask = logp.clone()
+        logp_no_mask[:, lm.mask_token_id] = float("-inf")  # the decoder never writes the mask token
+        assert row["predicted"] == lm.decode(logp_no_mask.argmax(-1).tolist()).strip()
         assert row["logp"] == pytest.approx(float(sum(logp[j, t] for j, t in enumerate(enc.answer))), abs=1e-5)
     table = score_table(lm, world, ("reverse",), decode="parallel")
     assert table.logp.tolist() == pytest.approx([r["logp"] for r in answer_scores(lm, [world.query(i, "reverse")
@@ -110,6 +112,28 @@ def test_sequential_decode_is_the_samplers_low_confidence_fill(tiny_pair):
     trace = lm.generate(prompts, len(encoded[0].answer))
     rows = answer_scores(lm, [queries[i] for i in same_shape], decode="sequential")
     assert [r["predicted"] for r in rows] == [lm.decode(a.tolist()).strip() for a in trace.answer]
+
+
+@pytest.mark.parametrize("decode", ["sequential", "parallel"])
+def test_mdm_decoders_never_write_the_mask_token(tiny_pair, monkeypatch, decode):
+    """A model that ranks its mask token first everywhere (an early MDM can) still gets every slot filled with a
+    real token, the same one it ranks second; the gold log-probability is read from the unaltered distribution."""
+    models, world = tiny_pair
+    lm = models["llada"]
+    queries = [world.query(i, "reverse") for i in range(4)]
+    honest = answer_scores(lm, queries, decode=decode)
+    original = lm.mask_logits
+
+    def mask_first(tokens):
+        logits = original(tokens).clone()
+        logits[..., lm.mask_token_id] = logits.max() + 100.0
+        return logits
+
+    monkeypatch.setattr(lm, "mask_logits", mask_first)
+    rows = answer_scores(lm, queries, decode=decode)
+    assert [r["predicted"] for r in rows] == [r["predicted"] for r in honest]
+    assert all(lm.tokenizer.mask_token not in r["predicted"] for r in rows)
+    assert all(r["logp"] < -50 for r in rows)  # the mask token holds nearly all the probability
 
 
 def test_decode_is_checked(tiny_pair):
