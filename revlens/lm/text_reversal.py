@@ -787,14 +787,20 @@ def summarise(scores: pd.DataFrame, overlap: dict[str, int] | None = None) -> pd
         rows += [labels | {"metric": k, "value": float(v), "half_width": float("nan")} for k, v in counts.items()]
     table = pd.DataFrame(rows)
     if table.seed.nunique() > 1:
-        means = []
-        for (file, model, metric), group in table.groupby(["file", "model", "metric"], sort=False):
-            mean, half = mean_ci(group.value)
-            means.append({"file": file, "model": model, "seed": "mean", "steps": group.steps.mean(),
-                          "converged": bool(group.converged.all()), "metric": metric, "value": mean,
-                          "half_width": half if metric in _PER_PROMPT else float("nan")})
-        table = pd.concat([table, pd.DataFrame(means)], ignore_index=True)
+        table = pd.concat([table, seed_means(table, ["file", "model", "metric"])], ignore_index=True)
     return table[["file", "model", "seed", "metric", "value", "half_width", "steps", "converged"]]
+
+
+def seed_means(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Rows with seed "mean": per group of ``by`` (which must include "metric"), the mean of the seeds' values with
+    the 95% half-width over seeds (none for counts), the mean steps, converged when every seed's model converged."""
+    means = []
+    for key, group in table.groupby(by, sort=False):
+        mean, half = mean_ci(group.value)
+        labels = dict(zip(by, key))
+        means.append(labels | {"seed": "mean", "steps": group.steps.mean(), "converged": bool(group.converged.all()),
+                               "value": mean, "half_width": half if labels["metric"] in _PER_PROMPT else float("nan")})
+    return pd.DataFrame(means)
 
 
 def not_converged(results: pd.DataFrame) -> list[str]:
