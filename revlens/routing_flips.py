@@ -16,7 +16,10 @@ offsets; no trained weight, no measured accuracy). :func:`flip_files` turns them
 file (the core recipe, :data:`SWEEP_FILE`) and a prediction file (:data:`PREDICTIONS_FILE`) that states
 each cell's predicted verdict, its default-layout verdict, the margins and the rule that judges it;
 :func:`write_flip_files` writes both once, before any model they predict is trained, and
-:func:`check_flips` judges the trained rows by the rule the file states.
+:func:`check_flips` judges the trained rows by the rule the file states. :func:`flip_report` and
+:func:`flip_scores` set each judged cell beside its default layout and the nearest-key baseline;
+:func:`registration_commit` / :func:`registered_before` name the commits that added the prediction file and
+the trained table, and whether the first precedes the second.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from revlens.atomic import write_json_atomic
 from revlens.config import load_json
 from revlens.routing import (N_CTX, N_DISTRACTORS, RoutingSweepSpec, distractor_offsets, matched_filter_reverse_accuracy,
                              matched_filter_score, nearest_key_share)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 ROUTING_SWEEP_FILE = DATA / "routing_sweep.json"
@@ -262,6 +268,96 @@ def check_flips(record: dict[str, Any], rows: Sequence[dict[str, Any]]):
                     "predicted_b_wins": cell["predicted_b_wins"], "default_b_wins": cell["default_b_wins"],
                     "margin_norm": cell["margin_norm"], "status": status})
     return pd.DataFrame(out)
+
+
+def flip_report(record: dict[str, Any], rows: Sequence[dict[str, Any]], default_rows: Any) -> "pd.DataFrame":
+    """:func:`check_flips` beside what a reader needs to judge each registered cell, one row per cell.
+
+    ``default_rows``: rows of the routing table (``data/routing.jsonl``, a DataFrame or dicts); its ``core``
+    cell at the same delta and base is the default layout, trained before the flips were registered. Adds
+    ``offsets`` (the flip layout), ``default_b_wins`` (the filter's default-layout verdict, from the file),
+    ``default_reverse`` / ``default_measured_b_wins`` (its measured mean over seeds, judged by the file's rule),
+    ``reverse_min`` / ``reverse_max`` over the flip cell's seeds, ``nearest_key_b_wins`` (the nearest-key
+    baseline's verdict on the flip layout, from the file) and ``nearest_key_status`` (``hit`` / ``miss`` by
+    the same rule), ``default_nearest_key_b_wins`` (the baseline on the default layout) and ``pair_margin_norm``
+    (the smallest margin, over distractor pairs, by which the filter's verdict holds; units of d_head / 2)."""
+    import pandas as pd
+
+    table = check_flips(record, rows)
+    default = [dict(r) for r in (default_rows.to_dict("records") if hasattr(default_rows, "to_dict") else default_rows)]
+    above = record["rule"]["b_wins_above"]
+    extra = []
+    statistic = record["rule"]["statistic"]
+    for cell in record["cells"]:
+        key = (cell["delta"], cell["base"])
+        mine = [r[statistic] for r in rows if r.get("cell") == cell["cell"] and (r.get("delta"), r.get("base")) == key
+                and r["seed"] in record["seeds"]]
+        core = [r[statistic] for r in default if r.get("cell") == "core" and (r.get("delta"), r.get("base")) == key]
+        if not core:
+            raise ValueError(f"cell {cell['cell']!r}: the routing table has no core row at delta {cell['delta']}, base {cell['base']}")
+        default_reverse = sum(core) / len(core)
+        extra.append({"offsets": list(cell["distractor_offsets"]), "default_reverse": default_reverse,
+                      "default_measured_b_wins": default_reverse > above, "reverse_min": min(mine), "reverse_max": max(mine),
+                      "nearest_key_b_wins": cell["nearest_key_b_wins"],
+                      "default_nearest_key_b_wins": nearest_key_share(cell["delta"]) > above,
+                      "pair_margin_norm": cell["pair_margin_min_norm"] if cell["predicted_b_wins"] else -cell["pair_margin_max_norm"]})
+    table = pd.concat([table, pd.DataFrame(extra)], axis=1)
+    table["nearest_key_status"] = [
+        "void" if s == "void" else "hit" if nk == m else "miss"
+        for s, nk, m in zip(table.status, table.nearest_key_b_wins, table.measured_b_wins)]
+    return table
+
+
+def flip_scores(report: "pd.DataFrame") -> dict[str, int]:
+    """Counts over a :func:`flip_report`: ``hits`` of the filter and ``nearest_key_hits`` of the baseline (of
+    ``cells``); ``disagree``: cells where the two predict different verdicts, and each one's hits there;
+    ``layout_flips``: cells whose measured verdict differs between the default and the flip layout (at the
+    same delta and base, so a rule that reads delta and the base but not the layout is wrong in one of the two
+    layouts of each: it can be right in at most ``layout_blind_best`` of the ``2 * cells`` (cell, layout)
+    pairs); ``filter_both`` / ``nearest_key_both``: how many of those pairs each gets right (the default
+    layouts' measurements were known when the flips were chosen; only the flip layouts are pre-registered)."""
+    n = len(report)
+    disagree = report.nearest_key_b_wins != report.predicted_b_wins
+    layout_flips = int((report.default_measured_b_wins != report.measured_b_wins).sum())
+    hits, nk_hits = report.status == "hit", report.nearest_key_status == "hit"
+    return {"cells": n, "hits": int(hits.sum()), "nearest_key_hits": int(nk_hits.sum()), "disagree": int(disagree.sum()),
+            "hits_where_disagree": int((hits & disagree).sum()), "nearest_key_hits_where_disagree": int((nk_hits & disagree).sum()),
+            "layout_flips": layout_flips, "layout_blind_best": 2 * n - layout_flips,
+            "filter_both": int(hits.sum() + (report.default_b_wins == report.default_measured_b_wins).sum()),
+            "nearest_key_both": int(nk_hits.sum() + (report.default_nearest_key_b_wins == report.default_measured_b_wins).sum())}
+
+
+def registration_commit(path: str | Path = PREDICTIONS_FILE) -> str:
+    """``"<commit> <date>"`` of the git commit that added ``path`` (the earliest, if added more than once), or a
+    sentence saying why it is unknown (not a git checkout, git missing, a shallow clone, whose oldest commit
+    would seem to add every file, or the file not committed). Same contract as
+    :func:`revlens.lm.replication.registration_commit`."""
+    import subprocess
+
+    path = Path(path).resolve()
+
+    def git(*args: str) -> list[str]:
+        return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True, check=True).stdout.split()
+
+    try:
+        if git("rev-parse", "--is-shallow-repository") == ["true"]:
+            return "unknown (a shallow clone: its oldest commit would seem to add every file)"
+        out = git("log", "--diff-filter=A", "--format=%H %cs", "--", path.name)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout, or git is not installed)"
+    return " ".join(out[-2:]) if out else "unknown (the file is not committed)"
+
+
+def registered_before(first: str | Path = PREDICTIONS_FILE, second: str | Path = TABLE_FILE) -> bool | None:
+    """Whether the commit that added ``first`` is a strict ancestor of the one that added ``second`` (the
+    predictions were committed before the results), ``None`` if either commit is unknown."""
+    import subprocess
+
+    a, b = (registration_commit(p).split()[0] for p in (first, second))
+    if "unknown" in (a, b):
+        return None
+    check = subprocess.run(["git", "merge-base", "--is-ancestor", a, b], cwd=Path(first).resolve().parent, capture_output=True)
+    return a != b and check.returncode == 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

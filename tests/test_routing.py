@@ -545,3 +545,62 @@ def test_held_out_metrics_are_nan_where_a_chosen_layout_leaves_one_offset():
     out = routing_metrics(model, world, "inplace")
     assert all(out[f"{m}_dp1"] != out[f"{m}_dp1"] for m in ("inplace_acc", "reverse_acc", "reverse_attn_b"))
     assert 0.0 <= out["reverse_acc_dm1"] <= 1.0 and 0.0 <= out["reverse_attn_b_dm1"] <= 1.0
+
+
+def test_highest_frequency_filter_is_the_cosine_rule_at_every_base():
+    import itertools
+    import math
+
+    from revlens.routing import distractor_offsets, highest_frequency_reverse_accuracy
+
+    for delta in (1, 2, 3, 6, 16):
+        offsets = distractor_offsets(delta)
+        pairs = list(itertools.combinations(offsets, 2))
+        by_hand = sum(all(math.cos(2 * delta) > math.cos(delta + o) for o in pair) for pair in pairs) / len(pairs)
+        assert highest_frequency_reverse_accuracy(delta) == pytest.approx(by_hand)
+    assert highest_frequency_reverse_accuracy(3) == 1.0 and highest_frequency_reverse_accuracy(2) == 0.0
+    assert highest_frequency_reverse_accuracy(4, offsets=[5, 6]) == (math.cos(8) > max(math.cos(9), math.cos(10)))
+
+
+def test_within_delta_agreement_separates_the_delta_pattern_from_the_base_order():
+    from revlens.routing import within_delta_agreement
+
+    deltas = [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    pattern = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5]  # what delta alone says
+    order = [0.0, 0.0, 0.0, -0.05, 0.0, 0.05, -0.2, 0.0, 0.2]  # how the bases differ at a delta
+    measured = [p + o for p, o in zip(pattern, order)]
+    right = within_delta_agreement(deltas, measured, measured)
+    assert right["within_r"] == pytest.approx(1.0) and right["within_deltas"] == [2, 3] and right["n_within"] == 6
+    assert right["pairs_concordant"] == 6 and right["pairs_discordant"] == 0 and right["pairs_unordered"] == 3
+    import numpy as np
+
+    assert right["predicted_r"] == pytest.approx(1.0)
+    assert right["delta_only_r"] == pytest.approx(np.corrcoef(pattern, measured)[0, 1])  # the per-delta means
+    assert right["delta_only_r"] < 0.99
+    wrong = within_delta_agreement(deltas, [p - o for p, o in zip(pattern, order)], measured)
+    assert wrong["within_r"] == pytest.approx(-1.0) and wrong["pairs_discordant"] == 6
+    assert wrong["predicted_r"] > 0.8  # the pattern in delta alone makes a wrong base order look good
+    assert wrong["within_low"] <= wrong["within_r"] <= wrong["within_high"]
+    with pytest.raises(ValueError, match="fewer than 2 deltas"):
+        within_delta_agreement(deltas, pattern, measured)
+
+
+def test_misrouted_cells_and_compare_by_delta():
+    import pandas as pd
+
+    from revlens.routing import compare_by_delta, misrouted_cells
+
+    rows = pd.DataFrame([{"base": 1e4, "delta": d, "seed": s, "reverse_acc": acc, "reverse_attn_b": b, "reverse_attn_d": dd}
+                         for d, accs, b, dd in [(2, [0.0, 0.1], 0.01, 0.49), (3, [0.9, 1.0], 0.9, 0.05),
+                                                (4, [0.2, 0.4], 0.1, 0.45), (6, [0.3, 0.2], 0.34, 0.33)]
+                         for s, acc in enumerate(accs)])
+    cells = misrouted_cells(rows).set_index("delta")
+    assert cells.below_guess.to_dict() == {2: True, 3: False, 4: False, 6: True}
+    assert cells.misrouted.to_dict() == {2: True, 3: False, 4: False, 6: False}  # delta 6: attends to B most
+    assert cells.loc[2, "reverse_max"] == 0.1 and cells.loc[2, "n"] == 2
+    first = pd.DataFrame({"delta": [3] * 3 + [4] * 3 + [8] * 2, "acc": [0.9, 1.0, 0.95, 0.2, 0.4, 0.3, 0.5, 0.6]})
+    second = pd.DataFrame({"delta": [3] * 3 + [4] * 3 + [16] * 2, "acc": [0.1, 0.2, 0.15, 0.3, 0.5, 0.4, 0.5, 0.6]})
+    both = compare_by_delta(first, second, "acc")
+    assert both.index.tolist() == [3, 4] and both.apart.to_dict() == {3: True, 4: False}  # 8 and 16: one side only
+    assert both.loc[3, "mean_first"] == pytest.approx(0.95) and both.loc[3, "mean_second"] == pytest.approx(0.15)
+    assert both.loc[3, "half_first"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5, rel=1e-3)  # t(2) = 4.303

@@ -9,8 +9,9 @@ import pytest
 
 from revlens.routing import (N_CTX, RoutingSweepSpec, distractor_offsets, matched_filter_reverse_accuracy,
                              matched_filter_score, run_routing_sweep)
-from revlens.routing_flips import (DIRECTIONS, MARGIN_TOL, PREDICTIONS_FILE, RULE, SWEEP_FILE, Flip, check_flips,
-                                   flip_files, flip_layout, layout_verdict, read_predictions, select_flips,
+from revlens.routing_flips import (DIRECTIONS, MARGIN_TOL, PREDICTIONS_FILE, RULE, SWEEP_FILE, TABLE_FILE, Flip,
+                                   check_flips, flip_files, flip_layout, flip_report, flip_scores, layout_verdict,
+                                   read_predictions, registered_before, registration_commit, select_flips,
                                    write_flip_files)
 from revlens.sweep import read_rows
 
@@ -131,3 +132,62 @@ def test_flips_are_registered_once_and_a_file_with_another_rule_is_refused(tmp_p
     predictions.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="'rule'"):
         read_predictions(predictions)
+
+
+def test_the_shipped_flip_table_covers_its_sweep_file_and_judges_as_shipped():
+    """data/routing_flips.jsonl: one row per planned model of data/routing_flips_sweep.json, each with the config
+    hash the sweep file gives it, every seed; judged by the registered rule it gives the statuses it shipped with."""
+    spec = RoutingSweepSpec.from_dict(json.loads(SWEEP_FILE.read_text()))
+    rows = read_rows(TABLE_FILE, KEY)
+    assert [(tuple(r[k] for k in KEY), r["provenance"]["config"], r["group"]) for r in rows] == \
+        [(p.key, p.config, p.labels["group"]) for p in spec.planned()]
+    record = read_predictions(PREDICTIONS_FILE)
+    assert {(r["cell"], r["seed"]) for r in rows} == {(c["cell"], s) for c in record["cells"] for s in record["seeds"]}
+    table = check_flips(record, rows)
+    assert list(table.status) == ["hit"] * 6 and (table.seeds == 5).all() and (table.inplace_acc == 1.0).all()
+    assert list(table.measured_b_wins) == [c["predicted_b_wins"] for c in record["cells"]]
+    report = flip_report(record, rows, read_rows(DATA / "routing.jsonl", KEY))
+    assert list(report.nearest_key_status) == ["hit", "miss", "hit", "hit", "hit", "miss"]
+    assert flip_scores(report) == {"cells": 6, "hits": 6, "nearest_key_hits": 4, "disagree": 2, "hits_where_disagree": 2,
+                                   "nearest_key_hits_where_disagree": 0, "layout_flips": 6, "layout_blind_best": 6,
+                                   "filter_both": 12, "nearest_key_both": 8}
+
+
+def test_flip_report_sets_each_cell_beside_its_default_layout():
+    record = read_predictions(PREDICTIONS_FILE)
+    as_predicted = {c["cell"]: 0.9 if c["predicted_b_wins"] else 0.05 for c in record["cells"]}
+    default = [{"cell": "core", "delta": c["delta"], "base": c["base"], "seed": s, "reverse_acc": 0.9 if c["default_b_wins"] else 0.0}
+               for c in record["cells"] for s in record["seeds"]]
+    report = flip_report(record, _rows(record, as_predicted), default)
+    assert (report.status == "hit").all() and (report.default_measured_b_wins == report.default_b_wins).all()
+    assert list(report.offsets) == [c["distractor_offsets"] for c in record["cells"]]
+    assert (report.pair_margin_norm >= MARGIN_TOL - 1e-9).all()
+    scores = flip_scores(report)
+    assert scores["hits"] == scores["layout_flips"] == 6 and scores["filter_both"] == 12 and scores["layout_blind_best"] == 6
+    unchanged = flip_report(record, _rows(record, {c["cell"]: 0.9 if c["default_b_wins"] else 0.0 for c in record["cells"]}),
+                            default)
+    assert flip_scores(unchanged)["layout_flips"] == 0 and flip_scores(unchanged)["hits"] == 0  # no flip: every cell a miss
+    with pytest.raises(ValueError, match="no core row"):
+        flip_report(record, _rows(record, as_predicted), default[5:])
+
+
+def test_registration_commit_names_the_commit_that_added_a_file(tmp_path):
+    import subprocess
+
+    assert registration_commit(tmp_path / "x.json").startswith("unknown (not a git checkout")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=tmp_path, check=True)
+    (tmp_path / "p.json").write_text("{}")
+    assert registration_commit(tmp_path / "p.json") == "unknown (the file is not committed)"
+    assert registered_before(tmp_path / "p.json", tmp_path / "t.jsonl") is None
+    for name in ("p.json", "t.jsonl"):
+        (tmp_path / name).write_text("{}")
+        subprocess.run(["git", "add", name], cwd=tmp_path, check=True)
+        subprocess.run([*git, "commit", "-q", "-m", name], cwd=tmp_path, check=True)
+    head = lambda ref: subprocess.run(["git", "rev-parse", ref], cwd=tmp_path, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    assert registration_commit(tmp_path / "p.json").split()[0] == head("HEAD~1")
+    assert registration_commit(tmp_path / "t.jsonl").split()[0] == head("HEAD")
+    assert registered_before(tmp_path / "p.json", tmp_path / "t.jsonl") is True
+    assert registered_before(tmp_path / "t.jsonl", tmp_path / "p.json") is False
+    assert registered_before(tmp_path / "p.json", tmp_path / "p.json") is False  # not strictly before
