@@ -122,13 +122,97 @@ def check_predictions(record: dict, scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def replication_scores(runs: str | Path, seeds: tuple[int, ...]) -> pd.DataFrame:
-    """Per-fact scores of the pairs trained under ``runs/seed<k>`` (both decodings of the MDM), with ``seed``."""
+def seed_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed of a :func:`seed_scores` table, on forward-only facts: the MDM's forward and reverse
+    accuracy under both decodings, the ARM's, and the MDM's reverse gold - foil (parallel decoding; mean and 95%
+    half-width over persons). A model a seed lacks gives NaN."""
+    fo = scores[scores.split == SPLIT]
+    rows = []
+    for seed, at_seed in fo.groupby("seed"):
+        row: dict[str, float] = {"seed": int(seed)}
+        for model, decode, direction, column in (("llada", "parallel", "forward", "MDM forward, parallel"),
+                                                 ("llada", "parallel", "reverse", "MDM reverse, parallel"),
+                                                 ("llada", "sequential", "reverse", "MDM reverse, sequential"),
+                                                 ("llama", "sequential", "forward", "ARM forward"),
+                                                 ("llama", "sequential", "reverse", "ARM reverse")):
+            cell = at_seed[(at_seed.model == model) & (at_seed.decode == decode) & (at_seed.direction == direction)]
+            row[column] = float(cell.correct.mean()) if len(cell) else float("nan")
+        rev = at_seed[(at_seed.model == "llada") & (at_seed.decode == DECODE) & (at_seed.direction == "reverse")]
+        margin = mean_ci((rev.logp - rev.foil_logp).groupby(rev.person).mean()) if len(rev) else (float("nan"),) * 2
+        row["MDM gold - foil"], row["± (persons)"] = margin
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("seed")
+
+
+_RECORD_KEYS = {"MDM forward, parallel": "llada forward forward_only, parallel",
+                "MDM reverse, parallel": "llada reverse forward_only, parallel",
+                "MDM reverse, sequential": "llada reverse forward_only"}
+
+
+def record_summary(records: dict[int, dict]) -> pd.DataFrame:
+    """:func:`seed_summary`'s MDM accuracy columns from training records (``training.json`` of a pair whose
+    models are not shipped, scored when it was trained), one row per seed; the margin is not in a record (NaN)."""
+    rows = [{"seed": seed, **{column: float(record["accuracy"][key]) for column, key in _RECORD_KEYS.items()}}
+            for seed, record in records.items()]
+    return pd.DataFrame(rows).set_index("seed")
+
+
+SEEDS_TABLE = SMALL_PAIR_DIR / "seeds.jsonl"
+"""Per-fact scores of the recipe's pairs at every seed trained (the shipped pair is seed 0)."""
+
+
+def seed_folders(runs: str | Path, seeds: tuple[int, ...]) -> dict[int, Path]:
+    """Where each seed's pair is: the shipped pair for its own seed, ``runs/seed<k>`` for the others."""
+    shipped = load_json(SMALL_PAIR_DIR / "training.json")["config"]["seed"]
+    return {k: SMALL_PAIR_DIR if k == shipped else Path(runs) / f"seed{k}" for k in seeds}
+
+
+def seed_scores(runs: str | Path, seeds: tuple[int, ...], pc: PairConfig = SHIPPED_PAIR) -> pd.DataFrame:
+    """Per-fact scores (:func:`~revlens.lm.small_pair.pair_scores`, with ``seed``) of every model of the recipe
+    found at ``seeds`` (a seed may hold only one of the two models); a folder trained with another recipe is
+    refused."""
     from revlens.lm.small_pair import pair_scores
 
-    return pd.concat([pair_scores(Path(runs) / f"seed{k}").assign(seed=k) for k in seeds], ignore_index=True)
+    tables = []
+    for seed, folder in seed_folders(runs, seeds).items():
+        config = load_json(folder / "training.json")["config"]
+        if config != asdict(replace(pc, seed=seed)):
+            raise ValueError(f"{folder} was trained with another recipe than the shipped one at seed {seed}: {config}")
+        models = tuple(m for m in ("llada", "llama") if (folder / m / "model.safetensors").is_file())
+        tables.append(pair_scores(folder, models).assign(seed=seed))
+    return pd.concat(tables, ignore_index=True)
 
 
-if __name__ == "__main__":  # python -m revlens.lm.replication: registers the predictions once
-    print(json.dumps(prediction_record(), indent=1))
-    print(f"written to {write_predictions()}")
+def write_seed_table(runs: str | Path, seeds: tuple[int, ...], out: str | Path = SEEDS_TABLE) -> Path:
+    """Score every seed's models (:func:`seed_scores`) and write the table notebook 09 reads (JSON lines)."""
+    from revlens.atomic import write_text_atomic
+
+    table = seed_scores(runs, seeds)
+    write_text_atomic(Path(out), table.to_json(orient="records", lines=True))
+    return Path(out)
+
+
+def registration_commit(path: str | Path = PREDICTIONS_FILE) -> str:
+    """The git commit that added the prediction file, with its date (so a reader can check it precedes the
+    commit of the results), or a sentence saying why it is unknown (not a git checkout, git missing)."""
+    import subprocess
+
+    path = Path(path).resolve()
+    try:
+        out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H %cs", "--", path.name],
+                             cwd=path.parent, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout, or git is not installed)"
+    return " ".join(out[-2:]) if out else "unknown (the file is not committed)"
+
+
+if __name__ == "__main__":  # python -m revlens.lm.replication {register | score RUNS}
+    import sys
+
+    if sys.argv[1:2] == ["register"]:
+        print(json.dumps(prediction_record(), indent=1))
+        print(f"written to {write_predictions()}")
+    elif sys.argv[1:2] == ["score"] and len(sys.argv) == 3:
+        print(f"written to {write_seed_table(sys.argv[2], (0, 1, 2) + REPLICATION_SEEDS)}")
+    else:
+        sys.exit("usage: python -m revlens.lm.replication register | score RUNS_FOLDER")
