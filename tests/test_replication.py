@@ -70,3 +70,18 @@ def test_a_file_with_other_rules_is_refused(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="'predictions'"):
         read_predictions(tmp_path / "p.json")
+
+
+def test_shipped_seed_table_judges_as_shipped():
+    """data/small_pair/seeds.jsonl holds both models at every registered seed and the ARM at seeds 0-2, and the
+    registered predictions, judged on it, come out as notebook 08 reports them (nine hits)."""
+    from revlens.lm.replication import SEEDS_TABLE, seed_summary
+
+    scores = pd.read_json(SEEDS_TABLE, lines=True)
+    assert sorted(scores[scores.model == "llama"].seed.unique()) == [0, 1, 2, 3, 4, 5]
+    assert sorted(scores[scores.model == "llada"].seed.unique()) == [0, 3, 4, 5]
+    assert set(scores[scores.model == "llada"].decode) == {"sequential", "parallel"}
+    hits = check_predictions(read_predictions(PREDICTIONS_FILE), scores)
+    assert len(hits) == 9 and hits.hit.all()
+    summary = seed_summary(scores)
+    assert (summary["ARM reverse"] == 0).all() and (summary["ARM forward"] == 1).all()

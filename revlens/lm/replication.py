@@ -124,8 +124,9 @@ def check_predictions(record: dict, scores: pd.DataFrame) -> pd.DataFrame:
 
 def seed_summary(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per seed of a :func:`seed_scores` table, on forward-only facts: the MDM's forward and reverse
-    accuracy under both decodings, the ARM's, and the MDM's reverse gold - foil (parallel decoding; mean and 95%
-    half-width over persons). A model a seed lacks gives NaN."""
+    accuracy under both decodings, the ARM's, and each model's reverse gold - foil (the MDM's under parallel
+    decoding; mean and 95% half-width over persons: the ARM's is the no-knowledge reference). A model a seed lacks
+    gives NaN."""
     fo = scores[scores.split == SPLIT]
     rows = []
     for seed, at_seed in fo.groupby("seed"):
@@ -137,9 +138,10 @@ def seed_summary(scores: pd.DataFrame) -> pd.DataFrame:
                                                  ("llama", "sequential", "reverse", "ARM reverse")):
             cell = at_seed[(at_seed.model == model) & (at_seed.decode == decode) & (at_seed.direction == direction)]
             row[column] = float(cell.correct.mean()) if len(cell) else float("nan")
-        rev = at_seed[(at_seed.model == "llada") & (at_seed.decode == DECODE) & (at_seed.direction == "reverse")]
-        margin = mean_ci((rev.logp - rev.foil_logp).groupby(rev.person).mean()) if len(rev) else (float("nan"),) * 2
-        row["MDM gold - foil"], row["± (persons)"] = margin
+        for model, decode, label in (("llada", DECODE, "MDM"), ("llama", "sequential", "ARM")):
+            rev = at_seed[(at_seed.model == model) & (at_seed.decode == decode) & (at_seed.direction == "reverse")]
+            margin = mean_ci((rev.logp - rev.foil_logp).groupby(rev.person).mean()) if len(rev) else (float("nan"),) * 2
+            row[f"{label} gold - foil"], row[f"{label} ±"] = margin
         rows.append(row)
     return pd.DataFrame(rows).set_index("seed")
 
