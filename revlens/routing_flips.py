@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from revlens import provenance
 from revlens.atomic import write_json_atomic
 from revlens.config import load_json
 from revlens.routing import (N_CTX, N_DISTRACTORS, RoutingSweepSpec, distractor_offsets, matched_filter_reverse_accuracy,
@@ -328,36 +329,13 @@ def flip_scores(report: "pd.DataFrame") -> dict[str, int]:
 
 
 def registration_commit(path: str | Path = PREDICTIONS_FILE) -> str:
-    """``"<commit> <date>"`` of the git commit that added ``path`` (the earliest, if added more than once), or a
-    sentence saying why it is unknown (not a git checkout, git missing, a shallow clone, whose oldest commit
-    would seem to add every file, or the file not committed). Same contract as
-    :func:`revlens.lm.replication.registration_commit`."""
-    import subprocess
-
-    path = Path(path).resolve()
-
-    def git(*args: str) -> list[str]:
-        return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True, check=True).stdout.split()
-
-    try:
-        if git("rev-parse", "--is-shallow-repository") == ["true"]:
-            return "unknown (a shallow clone: its oldest commit would seem to add every file)"
-        out = git("log", "--diff-filter=A", "--format=%H %cs", "--", path.name)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout, or git is not installed)"
-    return " ".join(out[-2:]) if out else "unknown (the file is not committed)"
+    """The commit that added ``path`` (default: the prediction file); see :func:`revlens.provenance.registration_commit`."""
+    return provenance.registration_commit(path)
 
 
 def registered_before(first: str | Path = PREDICTIONS_FILE, second: str | Path = TABLE_FILE) -> bool | None:
-    """Whether the commit that added ``first`` is a strict ancestor of the one that added ``second`` (the
-    predictions were committed before the results), ``None`` if either commit is unknown."""
-    import subprocess
-
-    a, b = (registration_commit(p).split()[0] for p in (first, second))
-    if "unknown" in (a, b):
-        return None
-    check = subprocess.run(["git", "merge-base", "--is-ancestor", a, b], cwd=Path(first).resolve().parent, capture_output=True)
-    return a != b and check.returncode == 0
+    """Whether the predictions were committed before the results; see :func:`revlens.provenance.registered_before`."""
+    return provenance.registered_before(first, second)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from revlens import provenance
 from revlens.atomic import write_json_atomic
 from revlens.config import load_json
 from revlens.experiments import mean_ci
@@ -186,7 +187,7 @@ def seed_scores(runs: str | Path, seeds: tuple[int, ...], pc: PairConfig = SHIPP
 
 
 def write_seed_table(runs: str | Path, seeds: tuple[int, ...], out: str | Path = SEEDS_TABLE) -> Path:
-    """Score every seed's models (:func:`seed_scores`) and write the table notebook 09 reads (JSON lines)."""
+    """Score every seed's models (:func:`seed_scores`) and write the table notebook 08 reads (JSON lines)."""
     from revlens.atomic import write_text_atomic
 
     table = seed_scores(runs, seeds)
@@ -195,17 +196,13 @@ def write_seed_table(runs: str | Path, seeds: tuple[int, ...], out: str | Path =
 
 
 def registration_commit(path: str | Path = PREDICTIONS_FILE) -> str:
-    """The git commit that added the prediction file, with its date (so a reader can check it precedes the
-    commit of the results), or a sentence saying why it is unknown (not a git checkout, git missing)."""
-    import subprocess
+    """The commit that added ``path`` (default: the prediction file); see :func:`revlens.provenance.registration_commit`."""
+    return provenance.registration_commit(path)
 
-    path = Path(path).resolve()
-    try:
-        out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H %cs", "--", path.name],
-                             cwd=path.parent, capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout, or git is not installed)"
-    return " ".join(out[-2:]) if out else "unknown (the file is not committed)"
+
+def registered_before(first: str | Path = PREDICTIONS_FILE, second: str | Path = SEEDS_TABLE) -> bool | None:
+    """Whether the predictions were committed before the seed table; see :func:`revlens.provenance.registered_before`."""
+    return provenance.registered_before(first, second)
 
 
 if __name__ == "__main__":  # python -m revlens.lm.replication {register | score RUNS}
