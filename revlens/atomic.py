@@ -29,13 +29,24 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def temporary_beside(path: Path) -> Iterator[Path]:
-    """A temporary file name beside ``path``, renamed over ``path`` if the block succeeds, removed if not."""
+    """A temporary file name beside ``path``, renamed over ``path`` if the block succeeds, removed if not.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (0o666 less the umask), not the
+    owner-only 0o600 of a temporary file, so what is written atomically is as readable as anything else."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         fsync_path(tmp)
@@ -74,6 +85,7 @@ def folder_swap(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # a mkdir's mode, not the temporary folder's owner-only 0o700
     try:
         yield tmp
         for child in tmp.rglob("*"):
