@@ -88,20 +88,6 @@ def read_predictions(path: str | Path = PREDICTIONS_FILE, pc: PairConfig = SHIPP
     return record
 
 
-def seed_measures(scores: pd.DataFrame) -> dict[str, float]:
-    """The quantities the predictions are about, from one seed's :func:`~revlens.lm.small_pair.pair_scores` table."""
-    reverse = scores[(scores.direction == "reverse") & (scores.split == SPLIT)]
-    mdm = reverse[(reverse.model == "llada") & (reverse.decode == DECODE)]
-    arm = reverse[reverse.model == "llama"]
-    if mdm.empty or arm.empty:
-        raise ValueError("seed_measures needs both models' reverse scores on forward-only facts "
-                         f"(the MDM under {DECODE!r} decoding)")
-    margin, half = mean_ci((mdm.logp - mdm.foil_logp).groupby(mdm.person).mean())
-    return {"mdm reverse accuracy": float(mdm.correct.mean()), "arm reverse accuracy": float(arm.correct.mean()),
-            "gold - foil": margin, "gold - foil half-width": half, "facts": len(mdm),
-            "persons": int(mdm.person.nunique())}
-
-
 def check_predictions(record: dict, scores: pd.DataFrame) -> pd.DataFrame:
     """Every registered prediction at every registered seed: one row per (seed, prediction) with what was
     measured and ``hit``. ``scores``: :func:`~revlens.lm.small_pair.pair_scores` rows with a ``seed`` column;
@@ -111,12 +97,14 @@ def check_predictions(record: dict, scores: pd.DataFrame) -> pd.DataFrame:
         at_seed = scores[scores.seed == seed]
         if at_seed.empty:
             raise ValueError(f"no scores for registered seed {seed}: train it before checking the predictions")
-        m = seed_measures(at_seed)
-        low = m["gold - foil"] - m["gold - foil half-width"]
-        judged = {"mdm above arm": (m["mdm reverse accuracy"] > m["arm reverse accuracy"],
-                                    f"MDM {m['mdm reverse accuracy']:.2f} vs ARM {m['arm reverse accuracy']:.2f}"),
-                  "gold above foil": (low > 0, f"{m['gold - foil']:.2f} ± {m['gold - foil half-width']:.2f} nats"),
-                  "arm at zero": (m["arm reverse accuracy"] == 0, f"ARM {m['arm reverse accuracy']:.3f}")}
+        m = seed_summary(at_seed).loc[seed]
+        mdm, arm, margin, half = m[f"MDM reverse, {DECODE}"], m["ARM reverse"], m["MDM gold - foil"], m["MDM ±"]
+        if pd.isna(mdm) or pd.isna(arm):
+            raise ValueError(f"seed {seed} needs both models' reverse scores on forward-only facts "
+                             f"(the MDM under {DECODE!r} decoding)")
+        judged = {"mdm above arm": (mdm > arm, f"MDM {mdm:.2f} vs ARM {arm:.2f}"),
+                  "gold above foil": (margin - half > 0, f"{margin:.2f} ± {half:.2f} nats"),
+                  "arm at zero": (arm == 0, f"ARM {arm:.3f}")}
         for p in record["predictions"]:
             hit, measured = judged[p["name"]]
             rows.append({"seed": seed, "prediction": p["name"], "measured": measured, "hit": bool(hit)})
