@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import Tensor
 
 from revlens.lm.corpus import build_tokenizer, entity_units, make_world
 from revlens.lm.small_pair import PairConfig
@@ -303,9 +304,9 @@ def test_the_stopping_rule_never_reads_a_test_file(tmp_path, monkeypatch):
     seen = []
     real = harness.held_out_accuracy
 
-    def spy(lm, examples):
+    def spy(lm, examples, open_after=0):
         seen.extend(examples)
-        return real(lm, examples)
+        return real(lm, examples, open_after)
 
     monkeypatch.setattr(harness, "held_out_accuracy", spy)
     runs = []
@@ -328,7 +329,7 @@ def test_budgets_each_model_also_at_the_other_models_step_count(tmp_path, monkey
     for longer in ("llada", "llama"):
         calls = {"llada": 0, "llama": 0}
 
-        def accuracy(lm, examples):  # the longer family improves for 3 evaluations, the other for 1
+        def accuracy(lm, examples, open_after=0):  # the longer family improves for 3 evaluations, the other for 1
             family = lm.family.name
             if Path(lm.source).name.endswith("budget"):  # a model at the other's budget: not part of the stopping
                 return 0.0
@@ -387,7 +388,7 @@ def test_training_continues_to_a_fixed_step(tmp_path):
 def test_min_steps_holds_off_the_stop(tmp_path, monkeypatch):
     from revlens.lm.text_reversal import train_until_flat
 
-    monkeypatch.setattr(harness, "held_out_accuracy", lambda lm, validation: 0.5)  # flat from the first evaluation
+    monkeypatch.setattr(harness, "held_out_accuracy", lambda lm, validation, open_after=0: 0.5)  # flat from the first evaluation
     layout = read_layout(FIXTURE)
     tok = layout_tokenizer(layout)
     hc = replace(QUICK, max_steps=12, min_steps=8)
@@ -416,3 +417,36 @@ def test_stratified_masking_spreads_t_over_the_batch_and_keeps_spans_whole():
     assert rates.mean().item() == pytest.approx(0.5, abs=0.01)
     # with eps the floor holds: p = (1 - eps) t + eps
     assert stratified_span_mask(units, torch.Generator().manual_seed(2), eps=0.1)[1].min() >= 0.1
+
+
+def test_a_cut_short_answer_gets_open_masks_after_it_and_a_line_ending_one_none(tiny_models, monkeypatch):
+    """A bare name is followed in training by the rest of its sentence, so the MDM is asked for it with open masks
+    after its slots (read, never written); a completion ending with punctuation ends its line and gets none."""
+    layout, models = tiny_models
+    names = person_names(layout)
+    assert harness.ends_line(" Orla Venneker.") and harness.ends_line(' the "Abyssal Melodies.".')
+    assert not harness.ends_line(" Orla Venneker") and not harness.ends_line(" Orla")
+    trained = split_layout(layout, names, held_out_split(layout, names))[0]
+    # the fixture's name-last lines follow the name with "." (most often) or ", a name to remember."
+    assert harness.continuation_length(trained, names, layout_tokenizer(trained)) == 1
+    mdm = models["llada"]
+    wrapped = harness.WritesWords(mdm, 2)
+    tokens = torch.tensor([[1, 7, mdm.mask_token_id, 9]])
+    assert wrapped.mask_logits(tokens).shape[1] == 1 and mdm.mask_logits(tokens).shape[1] == 1
+    seen: list[Tensor] = []  # every input the model is run on
+    real = type(mdm).mask_logits
+    monkeypatch.setattr(type(mdm), "mask_logits", lambda self, t: seen.append(t) or real(self, t))
+    assert wrapped.mask_logits(tokens).shape[1] == 1 and (seen[-1][:, -2:] == mdm.mask_token_id).all()
+    seen.clear()
+    names_file = "p2d_reverse_prompts_test.jsonl"
+    short = harness.score_file(mdm, layout[names_file], names_file, names, open_after=2)
+    assert (short.open_after == 2).all() and seen
+    assert all((t[:, -2:] == mdm.mask_token_id).all() and ((t == mdm.mask_token_id).sum(-1) >= 3).all() for t in seen)
+    seen.clear()
+    ending = harness.score_file(mdm, layout["p2d_prompts_test.jsonl"], "p2d_prompts_test.jsonl", names, open_after=2)
+    longest = max(len(mdm.encode(ex.completion)) for ex in layout["p2d_prompts_test.jsonl"])
+    assert (ending.open_after == 0).all() and all(((t == mdm.mask_token_id).sum(-1) <= longest).all() for t in seen)
+    # the ARM is never given open masks: it may continue past the answer anyway
+    assert (harness.score_file(models["llama"], layout[names_file], names_file, names, open_after=2).open_after == 0).all()
+    with pytest.raises(ValueError, match="open_after must be >= 0"):
+        harness.WritesWords(mdm, -1)

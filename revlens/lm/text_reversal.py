@@ -51,8 +51,12 @@ a count of words. Words never seen in training map to ``<unk>``; a gold completi
 written and is scored wrong (the table reports how many there are).
 
 Scoring rule: the model writes as many tokens as the gold completion has (the MDM fills that many masks, most
-confident first; the ARM decodes greedily); correct when the decoded text starts with the gold completion after
-the tokenizer's normalisation (lower case, words joined by single spaces). ``logp`` is the exact
+confident first; the ARM decodes greedily). A completion that does not end its line (the bare names: in training
+a name is followed by the rest of its sentence) is cut short, and the MDM gets :func:`continuation_length` more
+open masks after its slots, which it reads and does not write, as LLaDA generates into a longer masked block; the
+ARM is free to continue anyway. Without them the MDM is told the text ends after the name, and it writes the
+sentence's closing punctuation into the name's last slot. It is correct when the decoded text starts with the
+gold completion after the tokenizer's normalisation (lower case, words joined by single spaces). ``logp`` is the exact
 log-probability of the gold completion (ARM: teacher-forced; MDM: unmasking it left to right), which separates
 models even when both are at zero accuracy; ``rank`` is the gold completion's rank (1 = best, ties averaged) by
 log-probability among the distinct completions of the same file (totals over tokens, so shorter completions are
@@ -107,6 +111,8 @@ SPECIAL = ("<pad>", "<s>", "</s>", "<mask>", "<unk>")
 MDM_LABEL, ARM_LABEL = "MDM (LLaDA arch.)", "ARM (LLaMA arch.)"
 ARM_AT_MDM, MDM_AT_ARM = "ARM at the MDM's budget", "MDM at the ARM's budget"
 _PUNCTUATION = ".,;:!?\"'"
+SCORING = "startswith; MDM: mask token never written, open masks after an answer that does not end its line"
+"""The scoring rule's name in ``training.json``: a run folder scored by another rule is not reused."""
 
 
 @dataclass(frozen=True)
@@ -477,37 +483,84 @@ def foil_indices(answers: list[str], persons: list[Person | None], file: str) ->
 
 
 class WritesWords:
-    """An MDM that never writes its mask token: its logit is set far below the others, so the probabilities are
-    renormalised over the vocabulary's words. An early model can rank the mask token first, and a slot "filled"
-    with it would still count as open (a batch would then hold prompts with different numbers of masks)."""
+    """An MDM that never writes its mask token, asked with ``open_after`` open masks after the answer slots.
 
-    def __init__(self, lm) -> None:
-        self.lm = lm
+    The mask token's logit is set far below the others, so the probabilities are renormalised over the
+    vocabulary's words: an early model can rank the mask token first, and a slot "filled" with it would still count
+    as open (a batch would then hold prompts with different numbers of masks). ``open_after`` masks are appended
+    to every input and their logits dropped: they stand for the rest of a line the answer does not end (see
+    :func:`ends_line`), which the model reads but is not asked to write."""
+
+    def __init__(self, lm, open_after: int = 0) -> None:
+        if open_after < 0:
+            raise ValueError(f"open_after must be >= 0, got {open_after}")
+        self.lm, self.open_after = lm, open_after
 
     def __getattr__(self, name: str):
         return getattr(self.lm, name)
 
     def mask_logits(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_masks vocab"]:
-        logits = self.lm.mask_logits(tokens).clone()
+        if self.open_after:
+            tail = torch.full((tokens.shape[0], self.open_after), int(self.lm.mask_token_id), dtype=tokens.dtype,
+                              device=tokens.device)
+            logits = self.lm.mask_logits(torch.cat([tokens, tail], 1))[:, : -self.open_after].clone()
+        else:
+            logits = self.lm.mask_logits(tokens).clone()
         logits[..., self.lm.mask_token_id] = torch.finfo(logits.dtype).min / 2
         return logits
 
 
+_LINE_END = re.compile(r"[.?!][\"')\]]*\s*$")
+
+
+def ends_line(completion: str) -> bool:
+    """Whether a completion ends its line as the training lines end (with sentence punctuation). The release's
+    bare-name completions do not: in training a name is followed by the rest of its sentence."""
+    return bool(_LINE_END.search(completion))
+
+
+def continuation_length(trained: dict[str, list[Example]], names: list[str], tok) -> int:
+    """The most common number of tokens after the name (the smaller on a tie) in the training lines whose
+    completion opens with it (name-last lines): the open masks an MDM gets after an answer that does not end its
+    line (0 when there is no such line). In the release it is 1: the closing full stop.
+
+    Without them an MDM is told that the text ends right after the name, where every training line it saw ends
+    with punctuation; it then writes the punctuation into the name's last slot. (Read on the held-out split of an
+    exploratory token-masked MDM at step 3700: name answers 0.03 with no open mask, 0.82 with one, 0.67 with the
+    median count, 4; the most common count was adopted.) An ARM is free to go on anyway."""
+    after: Counter[int] = Counter()
+    for file in TRAIN_FILES:
+        for ex, person in zip(trained[file], line_persons(trained[file], names, file, training=True)):
+            if not person.name_first and ex.completion.strip().startswith(person.name):
+                n_completion = len(tok(ex.completion, add_special_tokens=False)["input_ids"])
+                after[n_completion - len(tok(" " + person.name, add_special_tokens=False)["input_ids"])] += 1
+    return min(after, key=lambda k: (-after[k], k)) if after else 0
+
+
 def score_file(lm, examples: list[Example], file: str, names: list[str] | None = None,
-               with_rank: bool = True) -> pd.DataFrame:
+               with_rank: bool = True, open_after: int = 0) -> pd.DataFrame:
     """One row per example: correct (rule above), gold logp, OOV flag, and with ``with_rank`` the person, the gold
     rank among the file's distinct completions and a foil's log-probability (:func:`foil_indices`). An MDM is
-    scored as :class:`WritesWords`."""
-    lm = WritesWords(lm) if lm.family.masked and not isinstance(lm, WritesWords) else lm
-    tok = lm.tokenizer
+    scored as :class:`WritesWords`, with ``open_after`` open masks after every answer that does not end its line
+    (column ``open_after``)."""
     qs = queries(examples, file)
-    table = pd.DataFrame(answer_scores(lm, qs, rule="startswith"))
+    after = [0 if not lm.family.masked or ends_line(q.answer) else open_after for q in qs]
+    candidates = sorted({q.answer for q in qs})
+    parts = []
+    for n_after in sorted(set(after)):
+        rows = [i for i, a in enumerate(after) if a == n_after]
+        scorer = WritesWords(lm.lm if isinstance(lm, WritesWords) else lm, n_after) if lm.family.masked else lm
+        part = pd.DataFrame(answer_scores(scorer, [qs[i] for i in rows], rule="startswith"), index=rows)
+        if with_rank:
+            part["grid"] = list(candidate_logprobs(scorer, [qs[i].prefix for i in rows], candidates))
+        parts.append(part.assign(open_after=n_after))
+    table = pd.concat(parts).sort_index()
+    tok = lm.tokenizer
     table["correct"] = [is_correct_text(tok, p, q.answer) for p, q in zip(table.predicted, qs)]
     table["gold_has_unk"] = [tok.unk_token_id in tok(q.answer, add_special_tokens=False)["input_ids"] for q in qs]
     if with_rank:
         persons = line_persons(examples, names or [], file, training=False)
-        candidates = sorted({q.answer for q in qs})
-        grid = candidate_logprobs(lm, [q.prefix for q in qs], candidates)
+        grid = torch.stack(table.pop("grid").tolist())
         gold = torch.tensor([candidates.index(q.answer) for q in qs])
         foil = torch.tensor(foil_indices([q.answer for q in qs], persons, file))
         rows = torch.arange(len(qs))
@@ -517,7 +570,7 @@ def score_file(lm, examples: list[Example], file: str, names: list[str] | None =
         table["foil_logp"] = grid[rows, foil].numpy()
         table["gold_minus_foil"] = (grid[rows, gold] - grid[rows, foil]).numpy()
     table["file"] = file
-    return table
+    return table.reset_index(drop=True)
 
 
 def gold_ranks(lm, qs: list[Query]) -> Float[Tensor, " n"]:
@@ -559,22 +612,23 @@ def _wrap(model: torch.nn.Module, family: str, folder: Path, tok):
     return HookedLM.from_pretrained(folder, family=family)
 
 
-def held_out_accuracy(lm, validation: list[Example]) -> float:
+def held_out_accuracy(lm, validation: list[Example], open_after: int = 0) -> float:
     """Share of the held-out training paraphrases answered under the scoring rule: the stopping signal."""
-    return float(score_file(lm, validation, HELD_OUT, with_rank=False).correct.mean())
+    return float(score_file(lm, validation, HELD_OUT, with_rank=False, open_after=open_after).correct.mean())
 
 
 def train_until_flat(family: str, buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig,
                      folder: Path, pc: PairConfig | None = None,
                      start: tuple[torch.nn.Module, torch.optim.Optimizer, int] | None = None,
-                     stop_at: int | None = None, snapshot: tuple[int, Path] | None = None
+                     stop_at: int | None = None, snapshot: tuple[int, Path] | None = None, open_after: int = 0
                      ) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, list[dict]]:
     """Train one model until its held-out trained-direction accuracy has not improved for ``patience`` evaluations
     (and at least ``min_steps``), or to ``stop_at``; the model as it ends is saved in ``folder``.
 
     Constant learning rate after a linear warm-up, so training can be continued (``start``) to a fixed step
     (``stop_at``) without a schedule that depends on the end. ``snapshot=(step, path)`` also saves the model as it
-    is at that step (the other model's budget). ``pc`` defaults to ``hc.pair``. Returns the model, its optimiser,
+    is at that step (the other model's budget). ``pc`` defaults to ``hc.pair``; ``open_after``: see
+    :func:`score_file`. Returns the model, its optimiser,
     the step reached and the history (step, loss, held-out accuracy; the snapshot's row marked).
     """
     pc = pc or hc.pair
@@ -604,11 +658,11 @@ def train_until_flat(family: str, buckets: list[Bucket], validation: list[Exampl
         if snapshot is not None and step == snapshot[0]:
             model.eval()
             history.append({"step": step, "loss": loss, "held-out accuracy":
-                            held_out_accuracy(_wrap(model, family, snapshot[1], tok), validation),
+                            held_out_accuracy(_wrap(model, family, snapshot[1], tok), validation, open_after),
                             "seconds": round(time.time() - began, 1), "snapshot": True})
         if step % hc.eval_every == 0 or step == limit:
             model.eval()
-            accuracy = held_out_accuracy(_wrap(model, family, folder, tok), validation)
+            accuracy = held_out_accuracy(_wrap(model, family, folder, tok), validation, open_after)
             history.append({"step": step, "loss": loss, "held-out accuracy": accuracy,
                             "seconds": round(time.time() - began, 1)})
             bar.set_postfix(held_out=f"{accuracy:.3f}")
@@ -628,18 +682,18 @@ def _entry(step: int, seconds: float | None, history: list[dict]) -> dict:
             "converged": bool(final >= CONVERGED_ACCURACY), "history": history}
 
 
-def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig, seed: int, out: Path
-               ) -> dict[str, dict]:
+def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig, seed: int, out: Path,
+               open_after: int = 0) -> dict[str, dict]:
     """Both models of one seed, each to its own plateau, and each also at the other's step count: the one that
     stopped first is trained on to the other's step, the one that went on is saved when it passed it. Folders under
     ``out``: ``llada``, ``llama`` and ``llama_at_mdm_budget`` or ``llada_at_arm_budget`` (none when equal)."""
     pc = replace(hc.pair, seed=seed)
     started = time.time()
-    mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc)
+    mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc, open_after=open_after)
     record = {"llada": _entry(mdm[2], time.time() - started, mdm[3])}
     started = time.time()
     arm = train_until_flat("llama", buckets, validation, tok, hc, out / "llama", pc,
-                           snapshot=(mdm[2], out / "llama_at_mdm_budget"))
+                           snapshot=(mdm[2], out / "llama_at_mdm_budget"), open_after=open_after)
     record["llama"] = _entry(arm[2], time.time() - started, [h for h in arm[3] if not h.get("snapshot")])
     snap = [h for h in arm[3] if h.get("snapshot")]
     if snap and arm[2] > mdm[2]:  # the ARM went past the MDM's step count: its state there is the ARM at that budget
@@ -650,7 +704,7 @@ def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: Harnes
         if record[short]["steps"] < record[long_]["steps"]:
             started = time.time()
             step, history = train_until_flat(short, buckets, validation, tok, hc, out / name, pc, start=at[:3],
-                                             stop_at=record[long_]["steps"])[2:]
+                                             stop_at=record[long_]["steps"], open_after=open_after)[2:]
             record[name] = _entry(step, record[short]["seconds"] + time.time() - started, history)
     return record
 
@@ -673,7 +727,8 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
     """
     out, data_dir = Path(out_dir), Path(data_dir)
     layout = read_layout(data_dir)
-    record: dict = {"config": json.loads(json.dumps(asdict(hc))), "data": data_fingerprint(data_dir)}
+    record: dict = {"config": json.loads(json.dumps(asdict(hc))), "data": data_fingerprint(data_dir),
+                    "scoring": SCORING}
     finished = finished_text_run(out, record, overwrite)
     if finished is not None:
         return finished
@@ -682,7 +737,7 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
     trained, validation, _ = split_layout(layout, names, held)
     tok = layout_tokenizer(trained)
     buckets = training_buckets(trained, tok)
-    record |= {"vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
+    record |= {"open_after": continuation_length(trained, names, tok), "vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
                "held_out_lines": held, "n_held_out": len(validation), "converged_accuracy": CONVERGED_ACCURACY,
                "train_test_overlap": train_test_overlap(trained, tok), "models": {}}
     with folder_swap(out) as tmp:
@@ -701,7 +756,8 @@ def finished_text_run(out: Path, record: dict, overwrite: bool) -> pd.DataFrame 
     if not (isinstance(found, dict) and isinstance(found.get("models"), dict) and (out / "results.csv").is_file()):
         raise ValueError(f"{out} is a non-empty folder that is not a text-reversal run; refusing to overwrite it: "
                          "choose a new --out, or pass --overwrite to replace the whole folder")
-    differing = [what for key, what in (("config", "configuration"), ("data", "dataset")) if found.get(key) != record[key]]
+    differing = [what for key, what in (("config", "configuration"), ("data", "dataset"), ("scoring", "scoring rule"))
+                 if found.get(key) != record[key]]
     if differing:
         raise ValueError(f"{out} holds a text-reversal run of another {' and '.join(differing)}; choose a new --out, "
                          "or pass --overwrite to replace it")
@@ -719,11 +775,11 @@ def _train_and_score(layout: dict[str, list[Example]], names: list[str], tok, bu
     :func:`run_text_reversal`); ``layout[HELD_OUT]`` is the stopping split."""
     models = []
     for seed in hc.seeds:
-        trained = train_seed(buckets, layout[HELD_OUT], tok, hc, seed, out / f"seed{seed}")
+        trained = train_seed(buckets, layout[HELD_OUT], tok, hc, seed, out / f"seed{seed}", record["open_after"])
         record["models"][f"seed{seed}"] = trained
         models += [ScoredModel(MODEL_FOLDERS[name], seed, name.split("_")[0], out / f"seed{seed}" / name,
                                entry["steps"], entry["converged"]) for name, entry in trained.items()]
-    scores = evaluate_models(models, layout, names)
+    scores = evaluate_models(models, layout, names, record["open_after"])
     write_text_atomic(out / "scores.jsonl", scores.to_json(orient="records", lines=True))
     results = summarise(scores, record["train_test_overlap"])
     write_text_atomic(out / "results.csv", results.to_csv(index=False))
@@ -741,8 +797,10 @@ class ScoredModel:
     converged: bool
 
 
-def evaluate_models(models: list[ScoredModel], layout: dict[str, list[Example]], names: list[str]) -> pd.DataFrame:
-    """Every test file (and the held-out split, without ranks) scored by every model: one row per example and model."""
+def evaluate_models(models: list[ScoredModel], layout: dict[str, list[Example]], names: list[str],
+                    open_after: int = 0) -> pd.DataFrame:
+    """Every test file (and the held-out split, without ranks) scored by every model: one row per example and model
+    (``open_after``: see :func:`score_file`)."""
     from revlens.lm import HookedLM
 
     tables = []
@@ -750,7 +808,8 @@ def evaluate_models(models: list[ScoredModel], layout: dict[str, list[Example]],
         lm = HookedLM.from_pretrained(m.folder, family=m.family)
         labels = {"model": m.label, "seed": m.seed, "steps": m.steps, "converged": m.converged}
         for name in TEST_FILES + ((HELD_OUT,) if HELD_OUT in layout else ()):
-            tables.append(score_file(lm, layout[name], name, names, with_rank=name != HELD_OUT).assign(**labels))
+            tables.append(score_file(lm, layout[name], name, names, with_rank=name != HELD_OUT,
+                                     open_after=open_after).assign(**labels))
     return pd.concat(tables, ignore_index=True)
 
 
