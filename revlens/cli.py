@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train both models at each of these seeds into one run folder (e.g. 0 1 2; overrides --seed)")
     tx.add_argument("--masking", choices=("token", "entity"), default="token",
                     help="MDM masking: each token independently, or the completion as one span (entity)")
+    tx.add_argument("--models", nargs="+", choices=("llada", "llama"), default=["llada", "llama"],
+                    help="train both (default, with each also at the other's step count), or the MDM alone, e.g. for "
+                         "another --masking when the ARM, which masking does not touch, is trained already")
     tx.add_argument("--max-steps", type=_positive_int, default=40000, help="cap on steps per model")
     tx.add_argument("--min-steps", type=number_option(int, 0), default=2000, help="no model stops before this step")
     tx.add_argument("--eval-every", type=_positive_int, default=250,
@@ -276,7 +279,8 @@ def cmd_text_reversal(args: argparse.Namespace) -> int:
                       mlp_hidden_size=3 * args.d_model, masking=args.masking)
     seeds = tuple(args.seeds) if args.seeds else (args.seed,)
     hc = HarnessConfig(pair=pair, seeds=seeds, max_steps=args.max_steps, min_steps=args.min_steps,
-                       eval_every=args.eval_every, patience=args.patience)
+                       eval_every=args.eval_every, patience=args.patience,
+                       models=tuple(m for m in ("llada", "llama") if m in args.models))
     results = run_text_reversal(args.data, args.out, hc, args.overwrite)
     table = results.pivot_table(index=["file", "model", "seed"], columns="metric", values="value", sort=False)
     print(table.round(3).to_string())

@@ -49,13 +49,16 @@ def assert_shipped_table(dest: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two finished fixture runs of one configuration: token masking at seeds 0 and 1, entity masking at seed 0."""
+    """Finished fixture runs of one configuration: token masking at seeds 0 and 1, entity masking at seed 0, and the
+    MDM alone with entity masking at seed 1."""
     root = tmp_path_factory.mktemp("runs")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # models this small run fastest on one thread (several spin on a busy machine)
     try:
         run_text_reversal(FIXTURE, root / "token", replace(QUICK, seeds=(0, 1)))
         run_text_reversal(FIXTURE, root / "entity", replace(QUICK, pair=replace(TINY, masking="entity")))
+        run_text_reversal(FIXTURE, root / "entity_mdm", replace(QUICK, pair=replace(TINY, masking="entity"), seeds=(1,),
+                                                                models=("llada",)))
     finally:
         torch.set_num_threads(threads)
     return root
@@ -68,8 +71,9 @@ OPTIONS = "--d-model 16 --heads 2 --max-steps 2 --min-steps 0 --eval-every 2 --p
 def _command(folder: Path) -> str:
     config = json.loads((folder / "training.json").read_text())["config"]
     seeds = " ".join(map(str, config["seeds"]))
-    masking = config["pair"]["masking"]
-    return f"revlens text-reversal {FIXTURE} --out {folder} --seeds {seeds} --masking {masking} {OPTIONS}"
+    masking, models = config["pair"]["masking"], " ".join(config["models"])
+    return (f"revlens text-reversal {FIXTURE} --out {folder} --seeds {seeds} --masking {masking} --models {models} "
+            f"{OPTIONS}")
 
 
 def _ship(folders, dest, **kw):
@@ -101,6 +105,22 @@ def test_ship_merges_seeds_and_maskings_into_numbers_only_tables(runs, tmp_path)
     one = means[(means.file == FILES[0]) & (means.model == MDM_LABEL) & (means.metric == "mean gold logp")].iloc[0]
     per_seed = shipped[(shipped.file == FILES[0]) & (shipped.model == MDM_LABEL) & (shipped.metric == "mean gold logp")]
     assert one.value == pytest.approx(per_seed.value.mean()) and one.half_width > 0
+
+
+def test_an_mdm_alone_ships_beside_the_arm_of_its_seed_from_another_masking(runs, tmp_path):
+    """The ARM's training does not depend on the masking, so a run may train the MDM alone; it ships only where the
+    same seed's ARM is shipped from another run."""
+    table = _ship([runs / "token", runs / "entity", runs / "entity_mdm"], tmp_path / "table", data_dir=FIXTURE)
+    assert table.shipped == {"token": [0, 1], "entity": [0, 1]}
+    entity1 = table.training[(table.training.masking == "entity") & (table.training.seed == 1)]
+    assert list(entity1.model) == [MDM_LABEL]
+    assert [r["models"] for r in table.run["runs"]] == [["llada", "llama"]] * 2 + [["llada"]]
+    with pytest.raises(ValueError, match=r"masking entity, seed 1 has models .*ARM \(LLaMA arch.\) at this seed here "
+                                         "or under another masking"):
+        _ship([runs / "entity", runs / "entity_mdm"], tmp_path / "alone")
+    with pytest.raises(ValueError, match="--models"):  # the command must say the run trained the MDM alone
+        ship_runs([runs / "entity_mdm"], tmp_path / "cmd", commands=[_command(runs / "entity_mdm").replace(
+            "--models llada", "")], source=RELEASE, revlens_commit=COMMIT)
 
 
 def test_nothing_of_the_data_is_shipped(runs, tmp_path):

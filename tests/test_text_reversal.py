@@ -450,3 +450,11 @@ def test_a_cut_short_answer_gets_open_masks_after_it_and_a_line_ending_one_none(
     assert (harness.score_file(models["llama"], layout[names_file], names_file, names, open_after=2).open_after == 0).all()
     with pytest.raises(ValueError, match="open_after must be >= 0"):
         harness.WritesWords(mdm, -1)
+
+
+def test_models_are_both_or_one():
+    assert HarnessConfig(models=["llada"]).models == ("llada",)
+    with pytest.raises(ValueError, match="models must be"):
+        HarnessConfig(models=("llama", "llada"))
+    with pytest.raises(ValueError, match="models must be"):
+        HarnessConfig(models=())

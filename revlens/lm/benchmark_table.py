@@ -3,14 +3,15 @@
 A run folder holds ``scores.jsonl`` (every prompt, completion and foil of the dataset) and checkpoints. The folder
 released with Berglund et al. 2023 has no licence, so what this repository ships of a run on it is numbers only:
 :func:`ship_runs` merges run folders of the same data and configuration (they may differ only in their seeds and the
-MDM's masking) into a destination folder (``data/text_reversal/``) holding
+MDM's masking, and a run may train the MDM alone, whose ARM is then another run's at the same seed) into a
+destination folder (``data/text_reversal/``) holding
 
 - ``results.csv``: file x model x masking x seed x metric, with ``value``, ``half_width`` (95% over persons),
   ``steps`` and ``converged``, as each run's ``results.csv`` has them (its rows averaged over seeds are left out;
   :func:`revlens.lm.text_reversal.seed_means` recomputes them over every shipped seed);
 - ``training.csv``: model x masking x seed: ``steps``, wall ``seconds``, final ``held-out accuracy``, ``converged``;
 - ``history.csv``: every evaluation while training: model, masking, seed, step, loss, held-out accuracy, seconds;
-- ``run.json``: per run folder its exact command, masking and seeds; the (masking, seeds) shipped; the data's
+- ``run.json``: per run folder its exact command, masking, seeds and models; the (masking, seeds) shipped; the data's
   source (repository, commit, folder) and SHA-256 per file; the revlens commit; the shared configuration; the
   held-out split's line indices.
 
@@ -40,7 +41,7 @@ from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
 from revlens.config import load_json
 from revlens.lm.corpus import WORDINGS
 from revlens.lm.small_pair import MASKINGS, T_SAMPLINGS
-from revlens.lm.text_reversal import (_PER_PROMPT, HELD_OUT, MODEL_FOLDERS, TEST_FILES, TRAIN_FILES,
+from revlens.lm.text_reversal import (_PER_PROMPT, HELD_OUT, MODEL_FOLDERS, SCORING, TEST_FILES, TRAIN_FILES,
                                       data_fingerprint, person_names, read_layout, seed_means)
 
 FILES: tuple[str, ...] = (*TEST_FILES, HELD_OUT)
@@ -55,13 +56,14 @@ TABLES: dict[str, list[str]] = {"results.csv": RESULT_COLUMNS, "training.csv": T
 SHIPPED_FILES = (*TABLES, "run.json")
 _LABELS = {"file": FILES, "model": MODELS, "masking": MASKINGS, "metric": METRICS}
 """The string columns of the tables and the only values each may hold."""
-KNOWN_NAMES = frozenset(FILES + TRAIN_FILES + MODELS + METRICS + MASKINGS + T_SAMPLINGS + tuple(WORDINGS)
+KNOWN_NAMES = frozenset(FILES + TRAIN_FILES + MODELS + tuple(MODEL_FOLDERS) + METRICS + MASKINGS + T_SAMPLINGS
+                        + tuple(WORDINGS) + (SCORING,)
                         + tuple(c for cols in TABLES.values() for c in cols))
 """Every string a shipped table may hold outside its provenance fields."""
 _RUN_COLUMNS = ["file", "model", "seed", "metric", "value", "half_width", "steps", "converged"]
-_VARYING = ("config.seeds", "config.pair.masking")
+_VARYING = ("config.seeds", "config.pair.masking", "config.models")
 """What runs shipped together may differ in; everything else of their training.json but the models must be equal."""
-_SHARED = ("config", "data", "vocab_size", "n_train_sequences", "held_out_lines", "n_held_out", "converged_accuracy",
+_SHARED = ("config", "data", "scoring", "open_after", "vocab_size", "n_train_sequences", "held_out_lines", "n_held_out", "converged_accuracy",
            "train_test_overlap")
 _HEX40, _HEX64 = re.compile(r"[0-9a-f]{40}"), re.compile(r"[0-9a-f]{64}")
 
@@ -123,7 +125,7 @@ _LAUNCHER = re.compile(r"[A-Z_][A-Z0-9_]*=\S*|\S*(python|revlens|/)\S*|-[A-Za-z-
 """What may come before ``text-reversal`` in a command: environment settings, the program, a launcher's options."""
 _CLI_OPTIONS = {"layers": ("pair", "n_layers"), "d_model": ("pair", "d_model"), "heads": ("pair", "n_heads"),
                 "masking": ("pair", "masking"), "max_steps": ("max_steps",), "min_steps": ("min_steps",),
-                "eval_every": ("eval_every",), "patience": ("patience",)}
+                "eval_every": ("eval_every",), "patience": ("patience",), "models": ("models",)}
 """Options of ``revlens text-reversal`` -> where the run's configuration records them."""
 
 
@@ -167,8 +169,11 @@ def _check_command(command: object, config: dict | None = None) -> None:
         recorded = config
         for key in where:
             recorded = recorded[key]
-        if getattr(args, option) != recorded:
-            raise ValueError(f"command {command!r} gives --{option.replace('_', '-')} {getattr(args, option)}, but its "
+        given = getattr(args, option)
+        if option == "models":  # the command line accepts them in any order
+            given, recorded = sorted(given), sorted(recorded)
+        if given != recorded:
+            raise ValueError(f"command {command!r} gives --{option.replace('_', '-')} {given}, but its "
                              f"run folder was trained with {recorded}")
 
 
@@ -264,8 +269,8 @@ def ship_runs(runs: Sequence[str | Path], dest: str | Path, *, commands: Sequenc
            "data": {"repository": source.repository, "commit": source.commit, "folder": source.folder,
                     "sha256": records[0]["data"]},
            "shipped": shipped,
-           "runs": [{"command": c, "masking": r["config"]["pair"]["masking"], "seeds": r["config"]["seeds"]}
-                    for c, r in zip(commands, records)],
+           "runs": [{"command": c, "masking": r["config"]["pair"]["masking"], "seeds": r["config"]["seeds"],
+                     "models": r["config"]["models"]} for c, r in zip(commands, records)],
            "config": _without_varying(records[0]["config"])}
     run |= {k: records[0].get(k) for k in _SHARED if k not in ("config", "data")}
     with folder_swap(dest) as tmp:
@@ -314,8 +319,8 @@ def _check_dest(dest: Path, folders: list[Path], overwrite: bool) -> None:
 
 
 def _without_varying(config: dict) -> dict:
-    """The configuration shared by the shipped runs: without its seeds and the MDM's masking (see ``runs``)."""
-    shared = {k: v for k, v in config.items() if k != "seeds"}
+    """The configuration shared by the shipped runs: without its seeds, models and the MDM's masking (see ``runs``)."""
+    shared = {k: v for k, v in config.items() if k not in ("seeds", "models")}
     shared["pair"] = {k: v for k, v in config["pair"].items() if k not in ("masking", "seed")}
     return shared
 
@@ -449,11 +454,13 @@ def check_shipped(dest: str | Path) -> ShippedTable:
             raise ValueError(f"{dest / name}: (masking, seed) pairs {sorted(found)}, but run.json claims "
                              f"{sorted(claimed)}")
     results, training = tables["results.csv"], tables["training.csv"]
+    arm_seeds = set(training[training.model == MODELS[1]].seed)
     for (masking, seed), group in training.groupby(["masking", "seed"]):
         models = set(group.model)
-        if len(group) != len(models) or not {MODELS[0], MODELS[1]} <= models:
+        if len(group) != len(models) or MODELS[0] not in models or seed not in arm_seeds:
             raise ValueError(f"{dest / 'training.csv'}: masking {masking}, seed {seed} has models "
-                             f"{sorted(group.model)}; expected each once, {MODELS[0]} and {MODELS[1]} among them")
+                             f"{sorted(group.model)}; expected each once, {MODELS[0]} among them, and {MODELS[1]} at "
+                             "this seed here or under another masking (its training does not depend on the masking)")
         rows = results[(results.masking == masking) & (results.seed == seed)]
         if set(rows.model) != models:
             raise ValueError(f"{dest / 'results.csv'}: masking {masking}, seed {seed} has models "

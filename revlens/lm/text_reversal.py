@@ -585,7 +585,9 @@ def gold_ranks(lm, qs: list[Query]) -> Float[Tensor, " n"]:
 @dataclass(frozen=True)
 class HarnessConfig:
     """Model shape and objective switches (``pair``, shared by both models; ``pair.masking``: ``"token"`` or
-    ``"entity"``, the completion masked as one span), the seeds and the stopping rule."""
+    ``"entity"``, the completion masked as one span), the seeds, the stopping rule and which models to train
+    (``models``: both, or the MDM alone, e.g. for another masking whose ARM, which no masking touches, is already
+    trained; the budgets at the other model's step count need both)."""
 
     pair: PairConfig = PairConfig(steps=0)  # d_model, n_layers, ..., lr, batch_size, mask_eps, masking; seed unused
     seeds: tuple[int, ...] = (0,)
@@ -595,8 +597,13 @@ class HarnessConfig:
     patience: int = 4  # stop after this many evaluations without a better held-out accuracy
     warmup: int = 100
     held_out_fraction: float = HELD_OUT_FRACTION
+    models: tuple[str, ...] = ("llada", "llama")
 
     def __post_init__(self) -> None:
+        models = tuple(self.models)
+        if models not in (("llada", "llama"), ("llada",), ("llama",)):
+            raise ValueError(f"models must be ('llada', 'llama'), ('llada',) or ('llama',), got {self.models!r}")
+        object.__setattr__(self, "models", models)
         seeds = tuple(self.seeds)
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
             raise ValueError(f"seeds must be distinct integers >= 0, at least one, got {self.seeds!r}")
@@ -686,8 +693,15 @@ def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: Harnes
                open_after: int = 0) -> dict[str, dict]:
     """Both models of one seed, each to its own plateau, and each also at the other's step count: the one that
     stopped first is trained on to the other's step, the one that went on is saved when it passed it. Folders under
-    ``out``: ``llada``, ``llama`` and ``llama_at_mdm_budget`` or ``llada_at_arm_budget`` (none when equal)."""
+    ``out``: ``llada``, ``llama`` and ``llama_at_mdm_budget`` or ``llada_at_arm_budget`` (none when equal). With one
+    model in ``hc.models``, that model alone to its plateau."""
     pc = replace(hc.pair, seed=seed)
+    if len(hc.models) == 1:
+        started = time.time()
+        family = hc.models[0]
+        step, history = train_until_flat(family, buckets, validation, tok, hc, out / family, pc,
+                                         open_after=open_after)[2:]
+        return {family: _entry(step, time.time() - started, history)}
     started = time.time()
     mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc, open_after=open_after)
     record = {"llada": _entry(mdm[2], time.time() - started, mdm[3])}
