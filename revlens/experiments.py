@@ -29,6 +29,7 @@ from revlens.config import EncoderConfig
 from revlens.objectives import Objective
 from revlens.dynamics import AlignmentLogger
 from revlens.routes import RouteLogger
+from revlens.stats import mean_ci
 from revlens.training import TrainConfig, TrainRun
 from revlens.world import EVAL_SETS, ReversalWorld
 
@@ -182,44 +183,6 @@ def summarise(table: pd.DataFrame, columns: Sequence[str] = EVAL_SETS) -> pd.Dat
     grouped = table.groupby("setting", sort=False)[list(columns)]
     out = pd.concat({"mean": grouped.mean(), "min": grouped.min(), "max": grouped.max()}, axis=1)
     return out.swaplevel(axis=1).reindex(columns=list(columns), level=0)
-
-
-# two-sided 95% Student-t quantiles by degrees of freedom (1..30); 1.96 beyond
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-
-
-def mean_ci(values: pd.Series) -> tuple[float, float]:
-    """Mean and half-width of its 95% Student-t confidence interval (NaNs dropped; the normal 1.96 beyond 30
-    degrees of freedom)."""
-    v = values.dropna()
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan")
-    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
-    return float(v.mean()), float(t * v.std(ddof=1) / len(v) ** 0.5)
-
-
-def permutation_pvalue(x: Sequence[float], y: Sequence[float]) -> float:
-    """Exact two-sided permutation p-value for a difference in means between two small samples.
-
-    Every split of the pooled values into groups of the original sizes is enumerated (252 splits for
-    5 + 5 seeds), so no distributional assumption is made; the p-value is the share of splits whose
-    absolute mean difference is at least the observed one.
-    """
-    from itertools import combinations
-
-    pooled = [float(v) for v in (*x, *y)]
-    n, total = len(x), sum(pooled)
-    if not len(x) or not len(y):
-        raise ValueError("both samples need at least one value")
-
-    def gap(first: Sequence[float]) -> float:
-        return abs(sum(first) / n - (total - sum(first)) / (len(pooled) - n))
-
-    observed = gap(pooled[:n])
-    splits = [gap([pooled[i] for i in idx]) for idx in combinations(range(len(pooled)), n)]
-    return sum(g >= observed - 1e-12 for g in splits) / len(splits)
 
 
 def ci_table(table: pd.DataFrame, columns: Sequence[str], by: str = "setting") -> pd.DataFrame:

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from revlens.objectives import READOUTS, Objective
-from revlens.theory import pearson
+from revlens.stats import pearson
 from revlens.world import ReversalWorld
 
 SCORE_HOOK = "blocks.{layer}.attn.hook_attn_scores"

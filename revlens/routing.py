@@ -42,8 +42,8 @@ route-vs-storage interventions and their controls (:func:`causal_split`), the cl
 matched-filter prediction of accuracy (:func:`matched_filter_reverse_accuracy`), the nearest-key
 and trained-offset baselines (:func:`nearest_key_share`, :func:`trained_offset_share`), the filter with
 RoPE's highest frequency only (:func:`highest_frequency_reverse_accuracy`), statistics over the table's cells
-(:func:`correlation_ci`, :func:`bootstrap_correlation`, :func:`within_delta_agreement`, :func:`misrouted_cells`,
-:func:`compare_by_delta`) and the sweep (:class:`RoutingSweepSpec`, :func:`run_routing_sweep`; ``revlens sweep`` dispatches on
+(:func:`within_delta_agreement`, :func:`misrouted_cells`, :func:`compare_by_delta`; correlation intervals such as
+:func:`revlens.stats.correlation_ci` are in :mod:`revlens.stats`) and the sweep (:class:`RoutingSweepSpec`, :func:`run_routing_sweep`; ``revlens sweep`` dispatches on
 ``"family": "routing"``).
 """
 
@@ -61,7 +61,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from revlens.config import EncoderConfig, check_choice, check_file_name, check_finite, check_int, check_seeds
-from revlens.theory import pearson, spearman
 from revlens.objectives import OBJECTIVES
 from revlens.sweep import Planned, config_hash
 from revlens.training import TrainConfig, init_noise
@@ -884,63 +883,6 @@ def read_table(path: str | Path):
     return pd.read_json(path, lines=True)
 
 
-def correlation_ci(x: Sequence[float], y: Sequence[float], kind: str = "pearson", level: float = 0.95) -> tuple[float, float, float]:
-    """Pearson or Spearman (average ranks) correlation with a Fisher-z confidence interval: ``(r, low, high)``.
-
-    Pearson: se = 1 / sqrt(n - 3). Spearman: Fieller et al.'s se = sqrt(1.06 / (n - 3)).
-    """
-    from statistics import NormalDist
-
-    import numpy as np
-
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1 or len(x) < 4:
-        raise ValueError(f"need two equal-length 1-d samples of at least 4 values, got {x.shape} and {y.shape}")
-    tx, ty = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    if kind == "pearson":
-        r, se = pearson(tx, ty).item(), 1 / np.sqrt(len(x) - 3)
-    elif kind == "spearman":
-        r, se = spearman(tx, ty).item(), np.sqrt(1.06 / (len(x) - 3))
-    else:
-        raise ValueError(f"unknown correlation {kind!r}; expected 'pearson' or 'spearman'")
-    z, q = np.arctanh(np.clip(r, -0.999999, 0.999999)), NormalDist().inv_cdf(0.5 + level / 2)
-    return float(r), float(np.tanh(z - q * se)), float(np.tanh(z + q * se))
-
-
-def bootstrap_correlation(
-    prediction: Sequence[float], measured: Sequence[Sequence[float]], over: str = "cells",
-    n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-) -> tuple[float, float, float]:
-    """Pearson correlation of a per-cell prediction with the cell means of ``measured`` ([cell, seed])
-    and a percentile bootstrap interval: ``(r, low, high)``.
-
-    ``over="cells"`` resamples cells with replacement; ``over="seeds"`` resamples the seed columns
-    (one draw shared by every cell, as a seed is one training run per cell). Unlike a Fisher-z
-    interval it does not assume bivariate normality, which a predictor that is mostly 0 or 1 breaks.
-    Resamples in which either side is constant are skipped.
-    """
-    import numpy as np
-
-    x, y = np.asarray(prediction, dtype=float), np.asarray(measured, dtype=float)
-    if y.ndim != 2 or x.shape != y.shape[:1] or len(x) < 4:
-        raise ValueError(f"need a prediction per cell and a [cell, seed] table for at least 4 cells, got {x.shape} and {y.shape}")
-    if over not in ("cells", "seeds"):
-        raise ValueError(f"unknown resampling {over!r}; expected 'cells' or 'seeds'")
-    r = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
-    gen = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        if over == "cells":
-            pick = gen.integers(len(x), size=len(x))
-            xs, ys = x[pick], y[pick].mean(1)
-        else:
-            xs, ys = x, y[:, gen.integers(y.shape[1], size=y.shape[1])].mean(1)
-        if xs.std() > 0 and ys.std() > 0:
-            draws.append(r(xs, ys))
-    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return r(x, y.mean(1)), float(low), float(high)
-
-
 # ---- statistics over the table's cells -----------------------------------------------------------
 def within_delta_agreement(deltas: Sequence[int], predicted: Sequence[float], measured: Sequence[float],
                            n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
@@ -1002,10 +944,10 @@ def misrouted_cells(rows: Any, guess: float = 1 / 3):
 def compare_by_delta(first: Any, second: Any, column: str):
     """Two sets of routing rows (DataFrames, one row per model) side by side per delta they share: each
     side's mean of ``column`` over its models and the half-width of its 95% Student-t interval
-    (:func:`revlens.experiments.mean_ci`), and ``apart``: the two intervals do not overlap."""
+    (:func:`revlens.stats.mean_ci`), and ``apart``: the two intervals do not overlap."""
     import pandas as pd
 
-    from revlens.experiments import mean_ci
+    from revlens.stats import mean_ci
 
     out = []
     for delta in sorted(set(first.delta) & set(second.delta)):

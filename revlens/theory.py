@@ -32,6 +32,7 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 
 from revlens.positions import apply_rope, rope_cos_sin, rope_frequencies
+from revlens.stats import pearson
 
 PAPER_BOUND = 0.4
 """The lower bound on Corr(S_fwd, S_rev) stated in arXiv 2602.02133."""
@@ -135,35 +136,3 @@ def monte_carlo_score_correlation(
     groups = torch.stack([s_fwd[:n_used], s_rev[:n_used]]).reshape(2, n_groups, -1)
     per_group = pearson(groups[0], groups[1])
     return float(pearson(s_fwd, s_rev)), float(per_group.std() / math.sqrt(n_groups))
-
-
-def pearson(x: Float[Tensor, "... n"], y: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
-    """Pearson correlation along the last axis (NaN where a side is constant)."""
-    x = x - x.mean(-1, keepdim=True)
-    y = y - y.mean(-1, keepdim=True)
-    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
-
-
-def average_ranks(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """Ranks 1..n along a 1-d tensor, tied values sharing the mean of their ranks.
-
-    Ranking by ``argsort`` alone would order tied values by float noise (or by index), so a rank
-    statistic over, say, ten models all at accuracy 1.000 would depend on bits; average ranks do not.
-    """
-    x = x.double()
-    order = x.argsort()
-    sorted_x = x[order]
-    ranks = torch.empty_like(x)
-    start = 0
-    while start < len(x):
-        stop = start + 1
-        while stop < len(x) and sorted_x[stop] == sorted_x[start]:
-            stop += 1
-        ranks[order[start:stop]] = (start + stop + 1) / 2  # mean of ranks start+1 .. stop
-        start = stop
-    return ranks
-
-
-def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> Float[Tensor, ""]:
-    """Spearman rank correlation with average ranks for ties (Pearson of the ranks)."""
-    return pearson(average_ranks(torch.as_tensor(x)), average_ranks(torch.as_tensor(y)))

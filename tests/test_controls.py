@@ -104,7 +104,7 @@ def test_type_logit_split_with_absolute_positions_and_untied_values(small_world)
 
 
 def test_spearman_uses_average_ranks_for_ties():
-    from revlens.theory import average_ranks, spearman
+    from revlens.stats import average_ranks, spearman
 
     assert average_ranks(torch.tensor([0.5, 1.0, 1.0, 0.2])).tolist() == [2.0, 3.5, 3.5, 1.0]
     # ten tied values: any tiny perturbation of the ties must not change the statistic

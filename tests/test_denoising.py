@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from revlens.lm.denoising import (SlotCounts, StepPatching, _cluster_permutation, namesake_agreement,
-                                  order_agreement, wilson_interval)
+from revlens.lm.denoising import SlotCounts, StepPatching, _cluster_permutation, namesake_agreement, order_agreement
+from revlens.stats import wilson_interval
 
 
 # ---- per-slot scoring of patching at a step ------------------------------------------------------------------

@@ -3,7 +3,8 @@ import math
 import pandas as pd
 import pytest
 
-from revlens.experiments import SETTINGS, ci_table, mean_ci, train_setting
+from revlens.experiments import SETTINGS, ci_table, train_setting
+from revlens.stats import mean_ci
 from revlens.training import TrainConfig
 
 
@@ -34,7 +35,7 @@ def test_cache_serves_identical_runs_and_keys_on_the_config(small_world, tmp_pat
 
 
 def test_permutation_pvalue_is_exact_on_small_samples():
-    from revlens.experiments import permutation_pvalue
+    from revlens.stats import permutation_pvalue
 
     # fully separated 5 + 5 samples: only the observed split and its mirror are as extreme -> 2 / 252
     assert permutation_pvalue([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)

@@ -298,7 +298,8 @@ def test_bad_arguments_are_refused_with_clear_messages(models):
 def test_wilson_interval_and_order_agreement():
     import pandas as pd
 
-    from revlens.lm.denoising import order_agreement, wilson_interval
+    from revlens.lm.denoising import order_agreement
+    from revlens.stats import wilson_interval
 
     low, high = wilson_interval(5, 10)
     assert abs(low - 0.2366) < 1e-3 and abs(high - 0.7634) < 1e-3  # the textbook Wilson interval for 5 / 10

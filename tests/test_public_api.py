@@ -53,11 +53,16 @@ def test_import_revlens_lm_loads_no_toy_module():
 
 
 # The toy library: the reversal world, the toy encoder and its training, checkpoints and analyses. The real-model
-# code builds only on the core modules (atomic, config, hooks, positions, readout, weights).
+# code builds only on the core modules (atomic, config, hooks, positions, readout, stats, weights).
 TOY_MODULES = frozenset(f"revlens.{name}" for name in (
     "checkpoint", "controls", "evaluation", "model", "objectives", "optim", "training", "world", "stack", "routing",
     "routes", "dynamics", "theory", "experiments", "sweep", "attribution", "patching",
 ))
+
+
+def test_stats_loads_no_other_revlens_module():
+    loaded = {m for m in modules_after("import revlens.stats") if m.startswith("revlens")}
+    assert loaded == {"revlens", "revlens.stats"}
 
 
 @pytest.mark.parametrize("statement", ["from revlens.lm import HookedLM", "import revlens.lm.hooked_lm"])

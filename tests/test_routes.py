@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from revlens.routes import RouteLogger, RoutePrompts, read_routes, route_correlation, toy_routes
-from revlens.theory import pearson
+from revlens.stats import pearson
 
 
 def test_read_routes_matches_the_cached_hooks(trained_mdm, small_world):

@@ -231,7 +231,7 @@ def test_matched_filter_prediction_uses_the_closed_form():
 
 
 def test_correlation_ci_brackets_the_estimate():
-    from revlens.routing import correlation_ci
+    from revlens.stats import correlation_ci
 
     x = [0.1, 0.4, 0.35, 0.8, 0.7, 0.95]
     for kind in ("pearson", "spearman"):
@@ -400,7 +400,8 @@ def _equal_to_rounding(p: torch.Tensor, q: torch.Tensor) -> bool:
 
 
 def test_tie_rule_trained_offset_baseline_and_bootstrap():
-    from revlens.routing import bootstrap_correlation, trained_offset_share
+    from revlens.routing import trained_offset_share
+    from revlens.stats import bootstrap_correlation
 
     import numpy as np
 

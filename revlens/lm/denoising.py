@@ -24,6 +24,7 @@ from revlens.lm.analysis import PatchingPairs, _last_token_of
 from revlens.lm.generation import GenerationTrace, generate, patch_generation
 from revlens.patching import HEAD_Z, RESID_PRE, head_out_sites, resid_pre_sites
 from revlens.routes import PATTERN_HOOK
+from revlens.stats import wilson_interval
 
 
 @dataclass(frozen=True)
@@ -252,16 +253,6 @@ def patch_by_step(lm, pairs: PatchingPairs, steps: list[int], extra_sites: dict[
                                     torch.cat([p.commit_step.cpu() for p in patched]), n_layers, seq, n_heads,
                                     tuple(extra_sites)))
     return results
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% by default)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)  # it lies in [0, 1]; clip the rounding at 0 / n and n / n
 
 
 def first_slot_summary(table: pd.DataFrame) -> pd.DataFrame:

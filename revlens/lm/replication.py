@@ -21,7 +21,7 @@ import pandas as pd
 from revlens import provenance
 from revlens.atomic import write_json_atomic
 from revlens.config import load_json
-from revlens.experiments import mean_ci
+from revlens.stats import mean_ci
 from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR, PairConfig
 
 REPLICATION_SEEDS: tuple[int, ...] = (3, 4, 5)

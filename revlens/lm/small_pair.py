@@ -503,7 +503,7 @@ def switch_table(scores: pd.DataFrame, decode: str = "sequential") -> pd.DataFra
     half-width": over seeds when there are several, else over persons (each person's queries averaged first: a
     person is asked through two templates that share gold and foil). Rows are those scored with ``decode`` (see
     :func:`pair_scores`); a model with no rows under ``decode`` (an ARM, for ``parallel``) keeps its sequential ones."""
-    from revlens.experiments import mean_ci
+    from revlens.stats import mean_ci
 
     check_choice("decode", decode, DECODES)
     if "decode" in scores:

@@ -87,7 +87,7 @@ from tqdm.auto import tqdm
 
 from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
 from revlens.config import load_json
-from revlens.experiments import mean_ci
+from revlens.stats import mean_ci
 from revlens.facts import Query, _finite, _slot_logprobs, answer_logprobs, answer_scores, encode_query
 from revlens.lm.small_pair import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
 
