@@ -207,7 +207,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     data = load_json(args.config)
     if isinstance(data, dict) and data.get("family") == "routing":  # the routing world (revlens.routing): a stack per cell
-        from revlens.routing import RoutingSweepSpec, run_routing_sweep
+        from revlens.routing.sweep import RoutingSweepSpec, run_routing_sweep
 
         try:
             routing = RoutingSweepSpec.from_dict(data)

@@ -76,21 +76,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("REVLENS_CACHE", Path.home() / ".cache" / "revlens"))
 
 
-def code_fingerprint() -> str:
-    """Hash of every top-level source file of the package and of the torch version: a run is reused
-    (and a sweep row kept) only by the code that made it.
+def code_fingerprint(root: str | Path | None = None) -> str:
+    """Hash of every source file of the package and of the torch version: a run is reused (and a
+    sweep row kept) only by the code that made it.
 
-    Hashing all of it (not a hand-kept list of "modules that matter") means a change to evaluation,
-    readouts, loggers or checkpoints can never serve stale histories; the price is a retrain after
-    edits to files that do not affect training, such as plotting. The real-architecture subpackage
-    ``revlens.lm`` is never imported by toy training and is not hashed. torch's version is, since
-    its kernels produce the weights.
+    Every ``*.py`` under the package folder is hashed, in subpackages too (such as
+    ``revlens.routing``), each keyed by its path relative to the folder (``routing/world.py``), so a
+    file moved or renamed changes the hash as well. Hashing all of it (not a hand-kept list of
+    "modules that matter") means a change to evaluation, readouts, loggers or checkpoints can never
+    serve stale histories; the price is a retrain after edits to files that do not affect training,
+    such as plotting. The real-architecture subpackage ``revlens.lm`` (the folder ``lm/``) is never
+    imported by toy training and is not hashed. torch's version is, since its kernels produce the
+    weights. ``root``: the package folder to hash (default: this package's; tests pass a copy).
     """
     import torch
 
+    root = Path(__file__).parent if root is None else Path(root)
     digest = hashlib.sha256(f"torch {torch.__version__}".encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    files = sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*.py"))
+    for name, path in files:
+        if name.split("/")[0] == "lm":
+            continue
+        digest.update(name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 from revlens import provenance
 from revlens.atomic import write_json_atomic
 from revlens.config import load_json
-from revlens.routing import (N_CTX, N_DISTRACTORS, RoutingSweepSpec, distractor_offsets, matched_filter_reverse_accuracy,
-                             matched_filter_score, nearest_key_share)
+from revlens.routing.measures import N_CTX
+from revlens.routing.predictors import matched_filter_reverse_accuracy, matched_filter_score, nearest_key_share
+from revlens.routing.sweep import RoutingSweepSpec
+from revlens.routing.world import N_DISTRACTORS, distractor_offsets
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -31,8 +31,9 @@ from torch import Tensor
 
 from revlens.config import check_choice
 from revlens.positions import apply_rope
-from revlens.routing import (MASK_ID, N_DISTRACTORS, ROUTING_EVAL_SETS, RoutingWorld, alphabet_ids, distractor_offsets,
-                             mask_row, matched_filter_score)
+from revlens.routing.measures import mask_row
+from revlens.routing.predictors import matched_filter_score
+from revlens.routing.world import MASK_ID, N_DISTRACTORS, ROUTING_EVAL_SETS, RoutingWorld, alphabet_ids, distractor_offsets
 
 if TYPE_CHECKING:
     from revlens.model import HookedEncoder

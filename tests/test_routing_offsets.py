@@ -132,7 +132,7 @@ def test_weight_read_predicts_the_reverse_query_without_reading_evaluation_data(
     """``read_route`` takes a model and geometry (delta, alphabet size, offsets) and runs no prompt: with every
     way to build or score a prompt disabled it still predicts; the prediction then matches the measurement."""
     import revlens.evaluation
-    import revlens.routing
+    import revlens.routing.measures
 
     models, worlds = trained
 
@@ -145,7 +145,7 @@ def test_weight_read_predicts_the_reverse_query_without_reading_evaluation_data(
         for owner, name in [(HookedEncoder, "forward"), (HookedEncoder, "run_with_cache"), (HookedEncoder, "run_with_hooks"),
                             (RoutingWorld, "eval_prompts"), (RoutingWorld, "single_distractor_prompts"),
                             (RoutingWorld, "training_data"), (revlens.evaluation, "answer_metrics"),
-                            (revlens.evaluation, "evaluate"), (revlens.routing, "mask_row")]:
+                            (revlens.evaluation, "evaluate"), (revlens.routing.measures, "mask_row")]:
             patch.setattr(owner, name, refuse)
         reads = [read_route(m, w.delta, w.n_facts) for m, w in zip(models, worlds)]
         per_offset = [read_route(m, w.delta, w.n_facts, offsets=[o for o in OFFSETS if o != w.delta]) for m, w in zip(models, worlds)]

@@ -181,3 +181,35 @@ def test_training_stops_with_a_clear_message_when_the_loss_is_not_finite():
         training.train(cfg, WORLD, TrainConfig(steps=50, batch_size=16, lr=1e20), (0, 1), progress=False)
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
         TrainConfig(weight_decay=float("nan"))
+
+
+def test_code_fingerprint_hashes_subpackages_but_not_lm(tmp_path):
+    """Cached runs retrain after an edit anywhere in the library (``revlens.routing`` is a subpackage), but
+    not after one to the real-model code under ``lm/``; tested on a copy of the package, never the tree."""
+    from revlens import experiments
+
+    package = Path(experiments.__file__).parent
+    root = tmp_path / "revlens"
+    shutil.copytree(package, root, ignore=shutil.ignore_patterns("__pycache__"))
+    assert experiments.code_fingerprint(root) == experiments.code_fingerprint()
+    before = experiments.code_fingerprint(root)
+
+    lm_file = root / "lm" / "__init__.py"
+    lm_file.write_text(lm_file.read_text() + "\n# an edit to the real-model code\n")
+    (root / "lm" / "new_module.py").write_text("X = 1\n")
+    assert experiments.code_fingerprint(root) == before
+
+    routing_file = root / "routing" / "world.py"
+    original = routing_file.read_text()
+    routing_file.write_text(original + "\n# an edit to a toy subpackage\n")
+    assert experiments.code_fingerprint(root) != before
+    routing_file.write_text(original)
+    assert experiments.code_fingerprint(root) == before
+
+    (root / "routing" / "world.py").rename(root / "routing" / "moved.py")  # same bytes, another path
+    assert experiments.code_fingerprint(root) != before
+    (root / "routing" / "moved.py").rename(root / "routing" / "world.py")
+
+    top = root / "plotting.py"
+    top.write_text(top.read_text() + "\n# an edit to a top-level module\n")
+    assert experiments.code_fingerprint(root) != before

@@ -12,7 +12,8 @@ from revlens.stats import ci_text, mean_ci
 MOVED = {
     "revlens.theory": ("pearson", "spearman", "average_ranks"),
     "revlens.experiments": ("mean_ci", "permutation_pvalue"),
-    "revlens.routing": ("correlation_ci", "bootstrap_correlation"),
+    **{f"revlens.routing.{m}": ("correlation_ci", "bootstrap_correlation")
+       for m in ("world", "predictors", "measures", "sweep", "cells")},
     "revlens.lm.denoising": ("wilson_interval",),
 }
 

@@ -1,0 +1,206 @@
+"""Measurements on a trained model in the routing world.
+
+The readout position's logits and layer-0 attention (:func:`mask_row`), where it attends and how the
+two routes' scores agree (:func:`route_statistics`), the metrics of a model at its trained and
+held-out offsets (:func:`routing_metrics`, :func:`held_out_offsets`) and the route-vs-storage
+interventions and their controls (:func:`causal_split`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from revlens.routing.world import N_DISTRACTORS, ROUTING_EVAL_SETS, Arranged, RoutingWorld
+from revlens.world import EvalSet
+
+
+
+def _query_row(es: EvalSet, objective: str) -> int:
+    from revlens.objectives import READOUTS
+    from revlens.readout import read_position
+
+    return int(read_position(es.mask_pos, READOUTS[objective]))
+
+
+@dataclass(frozen=True)
+class MaskRow:
+    """A forward pass's logits and layer-0 attention at the readout position of a set's prompts (heads kept apart)."""
+
+    logits: Float[Tensor, "batch vocab"]
+    on_b: Float[Tensor, "batch head"]
+    """Attention weight on B."""
+    on_d: Float[Tensor, "batch head n_distractors"]
+    """Attention weight on each distractor."""
+    score_b: Float[Tensor, "batch head"]
+    """Pre-softmax score on B."""
+
+
+@torch.no_grad()
+def mask_row(model, es: EvalSet, arranged: Arranged, objective: str) -> MaskRow | None:
+    """Logits and layer-0 attention at the readout position of ``es`` (the mask's, or the one before it for a
+    next-token model); ``None`` where the set has no readout position."""
+    row = _query_row(es, objective)
+    if row < 0:
+        return None
+    logits, cache = model.run_with_cache(
+        es.prompts, positions=es.positions, names_filter=lambda n: n in ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")
+    )
+    batch = torch.arange(len(es.prompts))
+    pattern = cache["blocks.0.attn.hook_pattern"][:, :, row]  # [batch, head, key]
+    on_d = pattern.gather(2, arranged.d_index[:, None, :].expand(-1, pattern.shape[1], -1))
+    return MaskRow(logits[:, row], pattern[batch, :, arranged.b_index], on_d,
+                   cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index])
+
+
+@torch.no_grad()
+def route_statistics(model, world: RoutingWorld, objective: str = "inplace") -> dict[str, float]:
+    """Where the answer's readout position attends (layer 0) in each eval set, and how the two routes' scores agree.
+
+    The readout position is the mask's (the one before it for a next-token model).
+    ``{set}_attn_b`` / ``{set}_attn_d``: mean attention weight on B / on a distractor (mean over
+    heads, prompts and the two distractors). ``{set}_attn_b_top``: the same on B for the head that
+    attends most to B in the *in-place* set (chosen there, so the reverse number is not selected on
+    itself). ``score_corr``: per head, the Pearson correlation over prompts (facts) of the mask-to-B
+    pre-softmax score in the in-place prompt and in its mirror image, averaged over heads -- the
+    within-head agreement of the two routes' scores that tr R(2 delta) / d describes for shared
+    W_Q, W_K at initialisation (pooling heads would let differences between heads dominate). NaN
+    where a set has no readout position (the in-place query of a next-token model).
+    """
+    out: dict[str, float] = {}
+    scores = {}
+    top_head = None
+    for name in ROUTING_EVAL_SETS:
+        read = mask_row(model, *world.eval_prompts(name)[:2], objective)
+        if read is None:
+            out.update({f"{name}_{m}": math.nan for m in ("attn_b", "attn_d", "attn_b_top")})
+            continue
+        scores[name] = read.score_b  # [batch, head]
+        on_b, on_d = read.on_b.mean(0), read.on_d  # on B per head; on each distractor
+        if top_head is None and name == "inplace":
+            top_head = int(on_b.argmax())
+        out[f"{name}_attn_b"] = on_b.mean().item()
+        out[f"{name}_attn_d"] = on_d.mean().item()
+        out[f"{name}_attn_b_top"] = math.nan if top_head is None else on_b[top_head].item()
+    pair = [scores.get(n) for n in ROUTING_EVAL_SETS]
+    if any(p is None for p in pair):
+        out["score_corr"] = math.nan
+    else:
+        per_head = [torch.corrcoef(torch.stack([pair[0][:, h], pair[1][:, h]]))[0, 1] for h in range(pair[0].shape[1])]
+        out["score_corr"] = torch.stack(per_head).nanmean().item()
+    return out
+
+
+N_CTX = 68
+"""Position ids the sweep's models accept: enough for delta = 32 and its held-out offset 33 (ids up to 67)."""
+HELD_OUT: tuple[tuple[str, int], ...] = (("dm1", -1), ("dp1", +1))
+"""Held-out evaluation offsets: ``(suffix, change)``, B at ``delta + change`` in the eval prompts."""
+HELD_OUT_METRICS: tuple[str, ...] = ("inplace_acc", "reverse_acc", "forward_acc", "inplace_attn_b", "reverse_attn_b", "reverse_attn_d")
+
+
+def held_out_offsets(delta: int) -> dict[str, int]:
+    """``{suffix: offset}`` of the held-out offsets that exist for ``delta`` and fit :data:`N_CTX`."""
+    return {suffix: delta + change for suffix, change in HELD_OUT if delta + change >= 1 and 2 * (delta + change) + 2 <= N_CTX}
+
+
+def routing_metrics(model, world: RoutingWorld, objective: str) -> dict[str, float]:
+    """Answer metrics per eval set, the same under a uniform mask pattern, :func:`route_statistics`,
+    and at the held-out offsets ``delta -/+ 1`` (suffixes ``_dm1`` / ``_dp1``; NaN where none exists, or
+    where a world's chosen ``distractor_offsets`` leave fewer than two offsets besides it)."""
+    from revlens.evaluation import evaluate, evaluate_under_control
+
+    out = {
+        **evaluate(model, world, objective),  # type: ignore[arg-type]
+        **evaluate_under_control(model, world, objective, "uniform", sets=world.eval_set_names),  # type: ignore[arg-type]
+        **route_statistics(model, world, objective),
+    }
+    offsets = {suffix: d for suffix, d in held_out_offsets(world.delta).items()
+               if len(world.offset_choices(d)) >= N_DISTRACTORS}
+    for suffix, _ in HELD_OUT:
+        if suffix in offsets:
+            shifted = dataclasses.replace(world, eval_delta=offsets[suffix])
+            metrics = {**evaluate(model, shifted, objective), **route_statistics(model, shifted, objective)}  # type: ignore[arg-type]
+        else:
+            metrics = {}
+        out.update({f"{key}_{suffix}": metrics.get(key, math.nan) for key in HELD_OUT_METRICS})
+    return out
+
+
+@torch.no_grad()
+def causal_split(model, world: RoutingWorld) -> dict[str, float]:
+    """Route vs storage in the reverse query of a one-layer model, by interventions and their controls.
+
+    ``reverse_acc``: the model's own reverse accuracy. ``route_patched_acc``: reverse accuracy after
+    writing, in every head, the mask-to-B pre-softmax score of the *in-place* prompt into the reverse
+    prompt (``blocks.0.attn.hook_attn_scores``, query = mask, key = B; the distractors keep their own
+    scores): if this restores the answer, what the reverse query lacked was the route, and the stored
+    B -> A mapping was there to be read. ``row_patched_acc``: the in-place prompt's whole mask row
+    written in (the scores on the mask itself, B and both distractors, each onto the same token's key;
+    with fillers the filler keys keep theirs): where the B-only patch restores part of the answer, the
+    difference is what the distractors' scores carry. In a one-layer, attention-only RoPE model on the
+    gap layout the two prompts hold the same tokens, so this patch makes the mask's output the in-place
+    prompt's: it must give in-place accuracy, a check of the patch rather than a finding. Specificity control: ``decoy_patched_acc`` /
+    ``decoy_patched_decoy_acc`` write the same score onto the first *distractor's* key instead (B keeps
+    its own): a route patch that works through the key it targets gives that distractor's A
+    (``..._decoy_acc``), not B's. ``head{h}_ablated_acc``: reverse accuracy with head h's value
+    vectors zeroed (``blocks.0.attn.hook_v``); ``all_heads_ablated_acc``: every head's values zeroed,
+    the floor; ``patched_head{h}_ablated_acc`` / ``patched_all_heads_ablated_acc``: the same on the
+    route-patched prompt (does the patched answer go through the same heads' values?).
+    """
+    from revlens.evaluation import answer_metrics
+
+    inplace, in_keys, _ = world.eval_prompts("inplace")
+    reverse, rev_keys, decoy_answers = world.eval_prompts("reverse")
+    score_hook, value_hook = "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_v"
+    _, cache = model.run_with_cache(inplace.prompts, positions=inplace.positions, names_filter=score_hook)
+    batch = torch.arange(len(inplace.prompts))
+    inplace_row = cache[score_hook][:, :, inplace.mask_pos]  # [batch, head, key]
+    inplace_scores = inplace_row[batch, :, in_keys.b_index]  # [batch, head]
+    def entities(keys: Arranged, mask_pos: int) -> Int[Tensor, "batch 4"]:  # the mask, B, D1, D2
+        return torch.cat([torch.full_like(keys.b_index, mask_pos)[:, None], keys.b_index[:, None], keys.d_index], 1)
+
+    in_entities, rev_entities = entities(in_keys, inplace.mask_pos), entities(rev_keys, reverse.mask_pos)
+    decoy = dataclasses.replace(reverse, answers=decoy_answers[:, 0])
+
+    def accuracies(hooks, sets=(reverse,)) -> list[float]:
+        logits = model.run_with_hooks(reverse.prompts, positions=reverse.positions, fwd_hooks=hooks)[:, reverse.mask_pos]
+        return [answer_metrics(logits, es)["acc"] for es in sets]
+
+    def patch(key: Tensor):
+        def hook(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            scores = scores.clone()
+            scores[batch, :, reverse.mask_pos, key] = inplace_scores
+            return scores
+
+        return (score_hook, hook)
+
+    def patch_row(scores: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+        scores = scores.clone()
+        for column in range(in_entities.shape[1]):
+            scores[batch, :, reverse.mask_pos, rev_entities[:, column]] = inplace_row[batch, :, in_entities[:, column]]
+        return scores
+
+    def ablate(heads: Sequence[int]):
+        def hook(v: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            v = v.clone()
+            v[:, :, list(heads)] = 0.0
+            return v
+
+        return (value_hook, hook)
+
+    route = patch(rev_keys.b_index)
+    every = range(model.cfg.n_heads)
+    out = {"reverse_acc": accuracies([])[0], "route_patched_acc": accuracies([route])[0],
+           "row_patched_acc": accuracies([(score_hook, patch_row)])[0]}
+    out["decoy_patched_acc"], out["decoy_patched_decoy_acc"] = accuracies([patch(rev_keys.d_index[:, 0])], (reverse, decoy))
+    for prefix, base in (("", []), ("patched_", [route])):
+        for head in every:
+            out[f"{prefix}head{head}_ablated_acc"] = accuracies([*base, ablate([head])])[0]
+        out[f"{prefix}all_heads_ablated_acc"] = accuracies([*base, ablate(list(every))])[0]
+    return out
