@@ -12,7 +12,7 @@ _EXPORTS = {
     # the toy reversal world and the model
     "ReversalWorld": "revlens.world",
     "EncoderConfig": "revlens.config",
-    "HookedEncoder": "revlens.model",
+    "ToyTransformer": "revlens.model",
     # training, checkpoints, evaluation
     "TrainConfig": "revlens.training",
     "TrainRun": "revlens.training",

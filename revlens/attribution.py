@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from revlens.model import HookedEncoder
+from revlens.model import ToyTransformer
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,14 @@ class TypeLogitSplit:
 
     total: Float[Tensor, " n"]
     direct: Float[Tensor, " n"]  # the readout position's own embedding (+ absolute position)
-    by_key: Float[Tensor, "n key"]  # through attention, from each key position (heads summed)
-    by_key_head: Float[Tensor, "n head key"]  # the same, per head
+    by_key: Float[Tensor, "n key_pos"]  # through attention, from each key position (heads summed)
+    by_key_head: Float[Tensor, "n head key_pos"]  # the same, per head
 
 
 @torch.no_grad()
 def type_logit_split(
-    model: HookedEncoder,
-    prompts: Int[Tensor, "n seq"],
+    model: ToyTransformer,
+    prompts: Int[Tensor, "n pos"],
     read_pos: int,
     answer_alphabet: Int[Tensor, " n_answer"],
     other_alphabet: Int[Tensor, " n_other"],

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from revlens.atomic import folder_swap, fsync_path, write_text_atomic
 from revlens.config import EncoderConfig, load_json
-from revlens.model import HookedEncoder
+from revlens.model import ToyTransformer
 from revlens.training import TrainConfig, TrainRun
 from revlens.weights import CorruptCheckpoint, load_weights, read_weights
 from revlens.world import ReversalWorld
@@ -155,7 +155,7 @@ def load_run(folder: str | Path, *, require_checksums: bool = False) -> tuple[Tr
     if missing:
         raise ValueError(f"{folder / CONFIG} lacks {', '.join(repr(k) for k in missing)}")
     try:
-        model = HookedEncoder(EncoderConfig.from_dict(meta["model"]))
+        model = ToyTransformer(EncoderConfig.from_dict(meta["model"]))
         train_cfg = TrainConfig.from_dict(meta["train"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / CONFIG}: {err}") from None

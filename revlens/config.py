@@ -138,7 +138,7 @@ def check_seeds(value: Any) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Shape and ablation switches of a :class:`revlens.model.HookedEncoder`.
+    """Shape and ablation switches of a :class:`revlens.model.ToyTransformer`.
 
     ``untied_positions`` names the projections (subset of ``q``, ``k``, ``v``) that get a separate
     weight matrix per position instead of one shared matrix; empty means the standard Transformer.

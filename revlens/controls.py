@@ -9,7 +9,7 @@ depend on where the query attends, and the world cannot tell a good route from a
 
 The hooks edit ``blocks.{l}.attn.hook_pattern`` ([batch, head, query, key], post-softmax) at the
 given query positions only, so the rest of the forward pass is the model's own. They work on any
-model exposing that hook name (the toy :class:`revlens.model.HookedEncoder`, and
+model exposing that hook name (the toy :class:`revlens.model.ToyTransformer`, and
 :class:`revlens.lm.HookedLM` for LLaDA, whose pattern hook is editable).
 """
 
@@ -27,7 +27,7 @@ ATTENTION_CONTROLS: tuple[str, ...] = ("uniform", "shuffled")
 HookFn = Callable[..., Tensor]
 
 
-def _allowed_keys(pattern: Float[Tensor, "batch head query key"], causal: bool) -> Tensor:
+def _allowed_keys(pattern: Float[Tensor, "batch head query_pos key_pos"], causal: bool) -> Tensor:
     """Boolean [query, key]: which keys each query may attend to."""
     n_query, n_key = pattern.shape[-2:]
     allowed = torch.ones(n_query, n_key, dtype=torch.bool, device=pattern.device)
@@ -35,12 +35,12 @@ def _allowed_keys(pattern: Float[Tensor, "batch head query key"], causal: bool) 
 
 
 def controlled_pattern(
-    pattern: Float[Tensor, "batch head query key"],
+    pattern: Float[Tensor, "batch head query_pos key_pos"],
     query_pos: int | Sequence[int],
     control: AttentionControl,
     causal: bool,
     generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch head query key"]:
+) -> Float[Tensor, "batch head query_pos key_pos"]:
     """``pattern`` with the rows of ``query_pos`` replaced by the control's pattern.
 
     ``uniform``: 1 / (number of visible keys) on every visible key. ``shuffled``: the row's own

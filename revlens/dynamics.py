@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.func import grad, vmap
 
-from revlens.model import HookedEncoder, functional_logits
+from revlens.model import ToyTransformer, functional_logits
 from revlens.objectives import READOUTS, Objective
 from revlens.readout import read_position, readable
 from revlens.world import EvalSet, ReversalWorld
@@ -38,7 +38,7 @@ _ROUTE_NAMES = ("W_Q", "W_K")
 Params = dict[str, Tensor]
 
 
-def parameter_blocks(model: HookedEncoder) -> dict[str, str]:
+def parameter_blocks(model: ToyTransformer) -> dict[str, str]:
     """Map every parameter name to ``storage``, ``route``, ``embedding`` or ``other`` (MLP weights)."""
     out = {}
     for name, _ in model.named_parameters():
@@ -56,7 +56,7 @@ def parameter_blocks(model: HookedEncoder) -> dict[str, str]:
 class LossQuery:
     """Prompts whose answer sits at a fixed slot, read at ``read_pos`` (readout applied)."""
 
-    prompts: Int[Tensor, "n seq"]
+    prompts: Int[Tensor, "n pos"]
     answers: Int[Tensor, " n"]
     read_pos: int
 
@@ -77,29 +77,29 @@ def toy_loss_queries(world: ReversalWorld, objective: Objective) -> tuple[LossQu
     )
 
 
-def _nll(model: HookedEncoder, params: Params, prompts: Tensor, answers: Tensor, read_pos: int) -> Tensor:
+def _nll(model: ToyTransformer, params: Params, prompts: Tensor, answers: Tensor, read_pos: int) -> Tensor:
     logits = functional_logits(model, params, prompts)[:, read_pos]
     return -logits.log_softmax(-1).gather(-1, answers[..., None])[..., 0]
 
 
-def params_of(model: HookedEncoder) -> Params:
+def params_of(model: ToyTransformer) -> Params:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def per_fact_losses(model: HookedEncoder, query: LossQuery, params: Params | None = None) -> Float[Tensor, " n"]:
+def per_fact_losses(model: ToyTransformer, query: LossQuery, params: Params | None = None) -> Float[Tensor, " n"]:
     """-log p(answer) for each prompt."""
     with torch.no_grad():
         return _nll(model, params or params_of(model), query.prompts, query.answers, query.read_pos)
 
 
-def mean_loss_grad(model: HookedEncoder, query: LossQuery, params: Params | None = None) -> Params:
+def mean_loss_grad(model: ToyTransformer, query: LossQuery, params: Params | None = None) -> Params:
     """Gradient of the fact-averaged loss with respect to every parameter."""
     return grad(lambda p: _nll(model, p, query.prompts, query.answers, query.read_pos).mean())(
         params or params_of(model)
     )
 
 
-def per_fact_grads(model: HookedEncoder, query: LossQuery, params: Params | None = None) -> Params:
+def per_fact_grads(model: ToyTransformer, query: LossQuery, params: Params | None = None) -> Params:
     """Per-fact gradients, each tensor ``[n_facts, *param_shape]``, via ``vmap`` over ``grad``."""
 
     def single(p: Params, prompt: Tensor, answer: Tensor) -> Tensor:
@@ -108,7 +108,7 @@ def per_fact_grads(model: HookedEncoder, query: LossQuery, params: Params | None
     return vmap(grad(single), in_dims=(None, 0, 0))(params or params_of(model), query.prompts, query.answers)
 
 
-def per_fact_grads_loop(model: HookedEncoder, query: LossQuery) -> Params:
+def per_fact_grads_loop(model: ToyTransformer, query: LossQuery) -> Params:
     """The same as :func:`per_fact_grads` with one backward pass per fact (the baseline in bench/)."""
     names = [n for n, _ in model.named_parameters()]
     rows = []
@@ -122,7 +122,7 @@ def per_fact_grads_loop(model: HookedEncoder, query: LossQuery) -> Params:
 
 
 def block_products(
-    model: HookedEncoder, g_fwd: Params, g_rev: Params, batch_dims: int = 0
+    model: ToyTransformer, g_fwd: Params, g_rev: Params, batch_dims: int = 0
 ) -> dict[str, dict[str, Tensor]]:
     """Inner product, norms and cosine of two gradients, per block and for ``all`` parameters.
 
@@ -151,7 +151,7 @@ class FirstOrderCheck:
     actual: float  # L_rev(theta - eta grad L_fwd) - L_rev(theta)
 
 
-def first_order_check(model: HookedEncoder, fwd: LossQuery, rev: LossQuery, etas: Sequence[float]) -> list[FirstOrderCheck]:
+def first_order_check(model: ToyTransformer, fwd: LossQuery, rev: LossQuery, etas: Sequence[float]) -> list[FirstOrderCheck]:
     """Predicted vs actual change of the mean reverse loss after one SGD step on the forward loss.
 
     Computed on a float64 copy of the model: for small eta the actual change is far below float32
@@ -183,7 +183,7 @@ class StorageFactorisation:
         return self.error_dot * self.resid_dot
 
 
-def storage_factorisation(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) -> StorageFactorisation:
+def storage_factorisation(model: ToyTransformer, fwd: LossQuery, rev: LossQuery) -> StorageFactorisation:
     """Check <grad_WU L_fwd, grad_WU L_rev> = <p_fwd - e, p_rev - e> * <a_fwd, a_rev> fact by fact.
 
     grad_WU L = a (p - e_target)^T is rank one, so the Frobenius product of two such gradients
@@ -204,7 +204,7 @@ def storage_factorisation(model: HookedEncoder, fwd: LossQuery, rev: LossQuery) 
     return StorageFactorisation(autograd, (e_f * e_r).sum(-1), (a_f * a_r).sum(-1))
 
 
-def storage_logits(model: HookedEncoder, sources: Tensor, targets: Tensor) -> Float[Tensor, "head n_source n_target"]:
+def storage_logits(model: ToyTransformer, sources: Tensor, targets: Tensor) -> Float[Tensor, "head n_source n_target"]:
     """Logit of each target read from each source token through one head's value path alone:
     ``e_source W_V[h] W_O[h] W_U[:, target]`` (attention weight 1 on the source, no residual).
     For deeper models this is the direct path through the first layer only."""
@@ -216,7 +216,7 @@ def storage_logits(model: HookedEncoder, sources: Tensor, targets: Tensor) -> Fl
         return torch.einsum("sm,hmn,nt->hst", model.W_E[sources], ov, model.W_U[:, targets])
 
 
-def storage_evidence(model: HookedEncoder, sources: Tensor, targets: Tensor) -> dict[str, float]:
+def storage_evidence(model: ToyTransformer, sources: Tensor, targets: Tensor) -> dict[str, float]:
     """Storage logit of each fact's own pair (source_i -> target_i) against unrelated pairs
     (source_i -> target_j, j != i), summed over heads: mean of each and the gap in units of the
     unrelated pairs' standard deviation."""
@@ -237,7 +237,7 @@ class AlignmentLogger:
         self.b_ids, self.a_ids = torch.tensor(world.b_ids[:cut]), torch.tensor(world.a_ids[:cut])
         self.cache_id = f"AlignmentLogger/{objective}/{self.etas}"
 
-    def __call__(self, step: int, model: HookedEncoder) -> dict[str, float]:
+    def __call__(self, step: int, model: ToyTransformer) -> dict[str, float]:
         row: dict[str, float] = {
             "L_fwd": float(per_fact_losses(model, self.fwd).mean()),
             "L_rev": float(per_fact_losses(model, self.rev).mean()),

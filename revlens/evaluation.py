@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from revlens.controls import AttentionControl, attention_control_hooks
-from revlens.model import HookedEncoder, functional_logits
+from revlens.model import ToyTransformer, functional_logits
 from revlens.objectives import READOUTS, Objective
 from revlens.readout import logits_at_masks, read_position, readable
 from revlens.world import EVAL_SETS, EvalSet, ReversalWorld
@@ -34,7 +34,7 @@ StackedForward = Callable[[Tensor, Tensor | None], Float[Tensor, "instance batch
 
 
 @torch.no_grad()
-def evaluate(model: HookedEncoder, world: ReversalWorld, objective: Objective) -> dict[str, float]:
+def evaluate(model: ToyTransformer, world: ReversalWorld, objective: Objective) -> dict[str, float]:
     """``{set}_{metric}`` for each eval set and each of :data:`ANSWER_METRICS`, plus ``chance``."""
     _check_vocabulary(model, world)
     was_training = model.training
@@ -46,7 +46,7 @@ def evaluate(model: HookedEncoder, world: ReversalWorld, objective: Objective) -
 
 @torch.no_grad()
 def evaluate_instances(
-    model: HookedEncoder, params: dict[str, Tensor], world: ReversalWorld, objective: Objective
+    model: ToyTransformer, params: dict[str, Tensor], world: ReversalWorld, objective: Objective
 ) -> list[dict[str, float]]:
     """:func:`evaluate` for each of K instances of ``model``'s architecture whose parameters are
     stacked in ``params`` (each ``[instance, *shape]``), in one vmapped forward pass per set."""
@@ -61,7 +61,7 @@ def evaluate_instances(
     return _score(forward, n_instances, model, world, objective)
 
 
-def _run(model: HookedEncoder, tokens: Tensor, positions: Tensor | None, **kwargs) -> Tensor:
+def _run(model: ToyTransformer, tokens: Tensor, positions: Tensor | None, **kwargs) -> Tensor:
     """``model(tokens)``, passing position ids only where the world has them (``kwargs``: run_with_hooks')."""
     extra = {} if positions is None else {"positions": positions}
     if kwargs:
@@ -74,13 +74,13 @@ def eval_set_names(world: ReversalWorld) -> tuple[str, ...]:
     return getattr(world, "eval_set_names", EVAL_SETS)
 
 
-def _check_vocabulary(model: HookedEncoder, world: ReversalWorld) -> None:
+def _check_vocabulary(model: ToyTransformer, world: ReversalWorld) -> None:
     if model.cfg.d_vocab != world.d_vocab:
         raise ValueError(f"model vocabulary ({model.cfg.d_vocab}) does not match the world's ({world.d_vocab})")
 
 
 def _score(
-    forward: StackedForward, n_instances: int, model: HookedEncoder, world: ReversalWorld, objective: Objective
+    forward: StackedForward, n_instances: int, model: ToyTransformer, world: ReversalWorld, objective: Objective
 ) -> list[dict[str, float]]:
     metrics: list[dict[str, float]] = [{} for _ in range(n_instances)]
     for name in eval_set_names(world):
@@ -92,7 +92,7 @@ def _score(
 
 
 def _score_set(
-    forward: StackedForward, n_instances: int, model: HookedEncoder, world: ReversalWorld, objective: Objective, name: str
+    forward: StackedForward, n_instances: int, model: ToyTransformer, world: ReversalWorld, objective: Objective, name: str
 ) -> list[dict[str, float]]:
     """Per instance, the metrics of eval set ``name`` (see :func:`answer_metrics`), keys prefixed by it."""
     readout = READOUTS[objective]
@@ -139,7 +139,7 @@ def answer_metrics(logits: Float[Tensor, "n vocab"], es: EvalSet) -> dict[str, f
 
 @torch.no_grad()
 def evaluate_under_control(
-    model: HookedEncoder,
+    model: ToyTransformer,
     world: ReversalWorld,
     objective: Objective,
     control: AttentionControl = "uniform",

@@ -144,7 +144,7 @@ class Block(nn.Module):
         return self.hook_resid_post(resid)
 
 
-class HookedEncoder(StrictHookedRootModule):
+class ToyTransformer(StrictHookedRootModule):
     """Token + (optional) position embedding, ``n_layers`` blocks, unembedding; returns logits."""
 
     def __init__(self, cfg: EncoderConfig):
@@ -203,7 +203,7 @@ class HookedEncoder(StrictHookedRootModule):
 
 
 def functional_logits(
-    model: HookedEncoder,
+    model: ToyTransformer,
     params: dict[str, Tensor],
     tokens: Int[Tensor, "batch pos"],
     positions: Int[Tensor, "batch pos"] | None = None,
@@ -213,13 +213,13 @@ def functional_logits(
     that ``torch.func`` transforms (``vmap`` over stacked instances, ``grad``). Token ids are not
     checked here -- a data-dependent check cannot run under ``vmap`` -- so callers check them once.
     ``params`` may also hold buffers (a RoPE table, say) to run the model with other ones;
-    ``positions`` and ``read`` are :meth:`HookedEncoder.forward`'s."""
+    ``positions`` and ``read`` are :meth:`ToyTransformer.forward`'s."""
     if positions is None and read is None:
         return functional_call(model, params, (tokens,), {"check_tokens": False})
     return functional_call(model, params, (tokens,), {"check_tokens": False, "positions": positions, "read": read})
 
 
-def stack_parameters(models: Sequence[HookedEncoder]) -> dict[str, Tensor]:
+def stack_parameters(models: Sequence[ToyTransformer]) -> dict[str, Tensor]:
     """The models' parameters by name, stacked along a new leading instance axis (detached copies)."""
     names = [name for name, _ in models[0].named_parameters()]
     per_model = [dict(m.named_parameters()) for m in models]

@@ -51,15 +51,15 @@ MDM_MASK_EPS = 1e-3
 class LossBatch:
     """Model inputs with per-position targets and loss weights (zero where there is no loss)."""
 
-    inputs: Int[Tensor, "batch seq"]
-    targets: Int[Tensor, "batch seq"]
-    weights: Float[Tensor, "batch seq"]
+    inputs: Int[Tensor, "batch pos"]
+    targets: Int[Tensor, "batch pos"]
+    weights: Float[Tensor, "batch pos"]
 
 
 def weighted_token_loss(
-    logits: Float[Tensor, "batch seq vocab"],
-    targets: Int[Tensor, "batch seq"],
-    weights: Float[Tensor, "batch seq"],
+    logits: Float[Tensor, "batch pos vocab"],
+    targets: Int[Tensor, "batch pos"],
+    weights: Float[Tensor, "batch pos"],
 ) -> Float[Tensor, ""]:
     """sum_{b,i} w[b,i] * CE(logits[b,i], targets[b,i]) / batch.
 
@@ -71,8 +71,8 @@ def weighted_token_loss(
 
 
 def masked_batch(
-    tokens: Int[Tensor, "*instance batch seq"],
-    mask: Bool[Tensor, "*instance batch seq"],
+    tokens: Int[Tensor, "*instance batch pos"],
+    mask: Bool[Tensor, "*instance batch pos"],
     rate: Float[Tensor, "*instance batch"],
     mask_id: int,
 ) -> LossBatch:
@@ -105,7 +105,7 @@ def _masking_probability(n: int, generator: torch.Generator, eps: float, stratif
 
 def sample_mdm_mask(
     shape: tuple[int, int], generator: torch.Generator, eps: float = MDM_MASK_EPS
-) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"]]:
     """t ~ U(0, 1] per sentence, p = (1 - eps) t + eps, then an independent Bernoulli(p) mask per token.
 
     Returns the mask and the masking probability p (the rate the loss divides by).
@@ -116,8 +116,8 @@ def sample_mdm_mask(
 
 
 def sample_span_mask(
-    units: Int[Tensor, "batch seq"], generator: torch.Generator, eps: float = MDM_MASK_EPS, stratified: bool = False
-) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+    units: Int[Tensor, "batch pos"], generator: torch.Generator, eps: float = MDM_MASK_EPS, stratified: bool = False
+) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"]]:
     """Masked diffusion with whole spans: like :func:`sample_mdm_mask`, but tokens sharing a unit id are
     masked together (one Bernoulli(p) per unit), e.g. every token of a two-word name at once.
 
@@ -133,7 +133,7 @@ def sample_span_mask(
 
 def sample_mask(
     objective: Objective, shape: tuple[int, int], generator: torch.Generator, mask_eps: float = MDM_MASK_EPS
-) -> tuple[Bool[Tensor, "batch seq"], Float[Tensor, " batch"]]:
+) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"]]:
     """The mask and per-sentence masking rate of a masked objective (``mdm`` or ``bert``)."""
     if objective == "mdm":
         return sample_mdm_mask(shape, generator, mask_eps)
@@ -146,7 +146,7 @@ def sample_mask(
     raise ValueError(f"objective {objective!r} does not mask tokens")
 
 
-def next_token_batch(tokens: Int[Tensor, "*instance batch seq"]) -> LossBatch:
+def next_token_batch(tokens: Int[Tensor, "*instance batch pos"]) -> LossBatch:
     """Inputs are the sentence; position i is scored on token i + 1."""
     seq_len = tokens.shape[-1]
     targets = torch.roll(tokens, -1, dims=-1)
@@ -157,7 +157,7 @@ def next_token_batch(tokens: Int[Tensor, "*instance batch seq"]) -> LossBatch:
 
 def make_loss_batch(
     objective: Objective,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Int[Tensor, "batch pos"],
     mask_id: int,
     generator: torch.Generator,
     mask_eps: float = MDM_MASK_EPS,
@@ -172,7 +172,7 @@ def make_loss_batch(
 
 def sample_loss_batches(
     objective: Objective,
-    sentences: Int[Tensor, "n seq"],
+    sentences: Int[Tensor, "n pos"],
     batch_size: int,
     mask_id: int,
     generators: Sequence[torch.Generator],

@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-Metric = Callable[[Float[Tensor, "batch seq vocab"]], Float[Tensor, ""]]
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, ""]]
 RESID_PRE = "blocks.{layer}.hook_resid_pre"
 HEAD_Z = "blocks.{layer}.attn.hook_z"  # [batch, pos, head, d_head]
 
@@ -55,7 +55,7 @@ def auto_sites_per_pass(model: Any, batch: int, seq: int, *, budget: int = PASS_
 @torch.no_grad()
 def batched_patch(
     model: Any,
-    corrupted_tokens: Int[Tensor, "batch seq"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
     clean_cache: Any,
     metric: Metric,
     hook: str,

@@ -54,7 +54,7 @@ def alibi_slopes(n_heads: int) -> Float[Tensor, " head"]:
     return 2.0 ** (-8.0 * h / n_heads)
 
 
-def alibi_bias(n_ctx: int, n_heads: int) -> Float[Tensor, "head query key"]:
+def alibi_bias(n_ctx: int, n_heads: int) -> Float[Tensor, "head query_pos key_pos"]:
     """Symmetric distance penalty -slope_h * |i - j| added to the attention scores."""
     pos = torch.arange(n_ctx, dtype=torch.float32)
     distance = (pos[:, None] - pos[None, :]).abs()

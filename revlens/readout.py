@@ -34,7 +34,7 @@ def readable(mask_pos: int, readout: Readout) -> bool:
 
 
 def mask_positions(
-    tokens: Int[Tensor, "batch seq"], mask_id: int, *, readout: Readout, causal: bool
+    tokens: Int[Tensor, "batch pos"], mask_id: int, *, readout: Readout, causal: bool
 ) -> Int[Tensor, "batch n_masks"]:
     """Positions of the mask tokens, row by row, after checking the prompt is answerable.
 
@@ -63,7 +63,7 @@ def mask_positions(
 
 def logits_at_masks(
     model: Callable[[Tensor], Tensor],
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Int[Tensor, "batch pos"],
     mask_id: int,
     *,
     readout: Readout,

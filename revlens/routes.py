@@ -29,7 +29,7 @@ PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 class RoutePrompts:
     """Prompts with, per prompt, the query position and the key position of the route."""
 
-    prompts: Int[Tensor, "n seq"]
+    prompts: Int[Tensor, "n pos"]
     query_pos: Int[Tensor, " n"]
     key_pos: Int[Tensor, " n"]
 

@@ -36,7 +36,7 @@ from revlens.routing.predictors import matched_filter_score
 from revlens.routing.world import MASK_ID, N_DISTRACTORS, ROUTING_EVAL_SETS, RoutingWorld, alphabet_ids, distractor_offsets
 
 if TYPE_CHECKING:
-    from revlens.model import HookedEncoder
+    from revlens.model import ToyTransformer
 
 NEAR_ZERO_MARGIN = 0.05
 """A kernel margin below this, in units of tr R / d (the margin divided by ``d_head / 2``), is near zero:
@@ -68,7 +68,7 @@ def single_distractor_offsets(delta: int, n_ctx: int) -> list[int]:
 # ---- measured -----------------------------------------------------------------------------------
 @torch.no_grad()
 def single_distractor_metrics(
-    models: Sequence["HookedEncoder"], worlds: Sequence[RoutingWorld], objective: str = "inplace",
+    models: Sequence["ToyTransformer"], worlds: Sequence[RoutingWorld], objective: str = "inplace",
     offsets: Sequence[int] | None = None, queries: Sequence[str] = ROUTING_EVAL_SETS,
 ) -> list[dict[str, Any]]:
     """Per model, query and distractor offset, how the model answers prompts with B and one distractor.
@@ -175,7 +175,7 @@ class RouteRead:
         return self.predicted_acc > 0.5
 
 
-def _b_wins(self_score: Float[Tensor, " head"], scores: Float[Tensor, "head key"], gain: Float[Tensor, " head"]) -> bool:
+def _b_wins(self_score: Float[Tensor, " head"], scores: Float[Tensor, "head key_pos"], gain: Float[Tensor, " head"]) -> bool:
     """Whether B (key 0 of ``scores``) gets more evidence than every distractor (the other keys): per key,
     each head's softmax weight (over the mask's own key and these) times the head's gain, summed over heads."""
     weights = torch.cat([self_score[:, None], scores], 1).softmax(-1)[:, 1:]
@@ -184,7 +184,7 @@ def _b_wins(self_score: Float[Tensor, " head"], scores: Float[Tensor, "head key"
 
 
 @torch.no_grad()
-def read_route(model: "HookedEncoder", delta: int, n_facts: int, offsets: Sequence[int] | None = None, query: str = "reverse") -> RouteRead:
+def read_route(model: "ToyTransformer", delta: int, n_facts: int, offsets: Sequence[int] | None = None, query: str = "reverse") -> RouteRead:
     """Predict a trained model's selection in a routing prompt from its weights alone (no prompt is run).
 
     In a one-layer, attention-only RoPE model the residual stream at the mask is the mask's token

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from revlens.config import EncoderConfig
-from revlens.model import HookedEncoder, functional_logits, stack_parameters
+from revlens.model import ToyTransformer, functional_logits, stack_parameters
 from revlens.objectives import INPLACE_SLOT, masked_batch, next_token_batch, sample_mask, weighted_token_loss
 from revlens.optim import AdamW
 from revlens.training import StepProgress, TrainConfig, init_model
@@ -49,7 +49,7 @@ class PositionedWorld(Protocol):
     mask_id: int
     d_vocab: int
 
-    def training_data(self) -> tuple[Int[Tensor, "n seq"], Int[Tensor, "n seq"]]: ...
+    def training_data(self) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]: ...
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,13 @@ class Member:
     seed: int
 
 
-def _shape_signature(model: HookedEncoder) -> list[tuple[str, tuple[int, ...]]]:
+def _shape_signature(model: ToyTransformer) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in model.named_parameters()] + [
         (name, tuple(b.shape)) for name, b in model.named_buffers()
     ]
 
 
-def _check_members(members: Sequence[Member], models: Sequence[HookedEncoder], data: Sequence[tuple[Tensor, Tensor]]) -> None:
+def _check_members(members: Sequence[Member], models: Sequence[ToyTransformer], data: Sequence[tuple[Tensor, Tensor]]) -> None:
     if not members:
         raise ValueError("train_stack needs at least one member")
     first = _shape_signature(models[0])
@@ -87,7 +87,7 @@ def _check_members(members: Sequence[Member], models: Sequence[HookedEncoder], d
 def train_stack(
     members: Sequence[Member], train_cfg: TrainConfig, progress: bool = True, shift_positions: bool = False,
     name: str | None = None,
-) -> list[HookedEncoder]:
+) -> list[ToyTransformer]:
     """Train every member for ``train_cfg.steps`` steps as one stack; returns the models in eval mode.
 
     ``progress`` reports the steps (:class:`revlens.training.StepProgress`), under ``name`` when given.

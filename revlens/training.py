@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from revlens.config import EncoderConfig, check_choice, check_fields, check_finite
 from revlens.evaluation import evaluate, evaluate_instances
-from revlens.model import HookedEncoder, functional_logits, stack_parameters
+from revlens.model import ToyTransformer, functional_logits, stack_parameters
 from revlens.objectives import (
     MDM_MASK_EPS,
     OBJECTIVES,
@@ -55,7 +55,7 @@ from revlens.objectives import (
 from revlens.optim import AdamW
 from revlens.world import ReversalWorld
 
-Callback = Callable[[int, HookedEncoder], dict[str, float]]
+Callback = Callable[[int, ToyTransformer], dict[str, float]]
 """Called as ``callback(step, model)`` (model in eval mode, current weights); returns values to log."""
 
 
@@ -94,7 +94,7 @@ class TrainConfig:
 class TrainRun:
     """A trained model with its seed, its settings and its logged history."""
 
-    model: HookedEncoder
+    model: ToyTransformer
     seed: int
     train_cfg: TrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
@@ -189,12 +189,12 @@ class StepProgress:
         self._next_write = time.monotonic() + self.interval
 
 
-def init_model(cfg: EncoderConfig, seed: int) -> HookedEncoder:
+def init_model(cfg: EncoderConfig, seed: int) -> ToyTransformer:
     """A freshly initialised model whose weights depend only on ``cfg`` and ``seed``
     (and on :func:`init_noise`, when that switch is set)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = HookedEncoder(cfg)
+        model = ToyTransformer(cfg)
     noise = init_noise()
     if noise:
         generator = torch.Generator().manual_seed(10_007 + seed)
@@ -207,7 +207,7 @@ def init_model(cfg: EncoderConfig, seed: int) -> HookedEncoder:
 LossBatchFn = Callable[[Tensor, Tensor, Tensor], Float[Tensor, " instance"]]
 
 
-def _loss_function(models: Sequence[HookedEncoder]) -> tuple[dict[str, Tensor], LossBatchFn]:
+def _loss_function(models: Sequence[ToyTransformer]) -> tuple[dict[str, Tensor], LossBatchFn]:
     """The parameters to optimise and ``losses(inputs, targets, weights)``, all ``[instance, ...]``.
 
     One model: its own parameters, called as a plain module. Several: their parameters stacked along

@@ -49,11 +49,11 @@ class EvalSet:
     """
 
     name: str
-    prompts: Int[Tensor, "n seq"]
+    prompts: Int[Tensor, "n pos"]
     mask_pos: int
     answers: Int[Tensor, " n"]
     candidates: Int[Tensor, " n_candidates"]
-    positions: Int[Tensor, "n seq"] | None = None
+    positions: Int[Tensor, "n pos"] | None = None
     """Position ids of the prompt tokens (None: 0 .. seq - 1)."""
 
 
@@ -110,7 +110,7 @@ class ReversalWorld:
     def chance(self) -> float:
         return 1.0 / self.n_facts
 
-    def decode(self, tokens: Int[Tensor, "... seq"]) -> list[str]:
+    def decode(self, tokens: Int[Tensor, "... pos"]) -> list[str]:
         """Token ids to space-joined strings, one per row."""
         vocab = self.vocab
         rows = tokens.reshape(-1, tokens.shape[-1]).tolist()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from revlens.config import EncoderConfig
-from revlens.model import HookedEncoder
+from revlens.model import ToyTransformer
 from revlens.positions import apply_rope
 from revlens.training import init_model
 
@@ -23,7 +23,7 @@ EXPECTED_HOOKS = {
 }
 
 
-def make(**kw) -> HookedEncoder:
+def make(**kw) -> ToyTransformer:
     return init_model(EncoderConfig(d_vocab=30, d_model=32, n_heads=4, d_head=8, **kw), seed=0).eval()
 
 

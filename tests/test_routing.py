@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from revlens.config import EncoderConfig
-from revlens.model import HookedEncoder
+from revlens.model import ToyTransformer
 from revlens.objectives import make_loss_batch, sample_loss_batches
 from revlens.routing import (
     A_SLOT,
@@ -95,7 +95,7 @@ def test_world_refuses_bad_arguments():
 @pytest.mark.parametrize("positional", ["rotary", "alibi", "absolute", "none"])
 def test_default_position_ids_change_nothing(positional):
     torch.manual_seed(0)
-    model = HookedEncoder(EncoderConfig(d_vocab=20, n_ctx=8, d_model=16, n_heads=2, d_head=8, positional=positional))
+    model = ToyTransformer(EncoderConfig(d_vocab=20, n_ctx=8, d_model=16, n_heads=2, d_head=8, positional=positional))
     tokens = torch.randint(20, (5, 4))
     plain = model(tokens)
     assert torch.equal(model(tokens, positions=torch.arange(4).expand(5, 4)), plain)
@@ -278,7 +278,7 @@ def test_cli_sweep_dispatches_on_the_routing_family(tmp_path, capsys):
 
 def test_untied_projections_index_their_matrices_by_position_id():
     torch.manual_seed(0)
-    model = HookedEncoder(EncoderConfig(d_vocab=20, n_ctx=12, d_model=16, n_heads=2, d_head=8, untied_positions=("q", "k")))
+    model = ToyTransformer(EncoderConfig(d_vocab=20, n_ctx=12, d_model=16, n_heads=2, d_head=8, untied_positions=("q", "k")))
     tokens = torch.randint(20, (5, 4))
     plain = model(tokens)
     # positions = 0 .. 3 give the matrices the sequence index gave (another einsum path: float32 rounding)
@@ -542,7 +542,7 @@ def test_held_out_metrics_are_nan_where_a_chosen_layout_leaves_one_offset():
     B moved to 3 keeps both (``_dm1`` measured)."""
     world = RoutingWorld.generate(n_facts=16, delta=4, seed=0, distractor_offsets=(5, 6))
     torch.manual_seed(0)
-    model = HookedEncoder(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16))
+    model = ToyTransformer(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16))
     out = routing_metrics(model, world, "inplace")
     assert all(out[f"{m}_dp1"] != out[f"{m}_dp1"] for m in ("inplace_acc", "reverse_acc", "reverse_attn_b"))
     assert 0.0 <= out["reverse_acc_dm1"] <= 1.0 and 0.0 <= out["reverse_attn_b_dm1"] <= 1.0

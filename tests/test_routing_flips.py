@@ -65,7 +65,7 @@ def test_flip_layouts_come_from_geometry_alone(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("flip selection touched a model")
 
-    for owner, name in [(revlens.stack, "train_stack"), (revlens.model.HookedEncoder, "__init__"),
+    for owner, name in [(revlens.stack, "train_stack"), (revlens.model.ToyTransformer, "__init__"),
                         (revlens.evaluation, "evaluate")]:
         monkeypatch.setattr(owner, name, refuse)
     flips = select_flips(16, [1, 2, 3, 4, 6, 8, 12, 16, 24, 32], [100.0, 1e4, 1e6])

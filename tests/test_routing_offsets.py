@@ -9,7 +9,7 @@ import torch
 
 from revlens.config import EncoderConfig
 from revlens.evaluation import answer_metrics, evaluate
-from revlens.model import HookedEncoder
+from revlens.model import ToyTransformer
 from revlens.routing import N_CTX, RoutingWorld, distractor_offsets, matched_filter_reverse_accuracy
 from revlens.routing_offsets import (NEAR_ZERO_MARGIN, mirrored_filter_b_wins, mirrored_filter_margin, offset_agreement,
                                      read_route, single_distractor_metrics, single_distractor_offsets)
@@ -104,7 +104,7 @@ def test_weight_read_scores_are_the_models_own():
     model computes for a mask at position p and a B at p + r (either sign of r), for any weights."""
     torch.manual_seed(0)
     world = RoutingWorld.generate(n_facts=16, delta=3, seed=0)
-    model = HookedEncoder(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16, rotary_base=100.0))
+    model = ToyTransformer(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16, rotary_base=100.0))
     read = read_route(model, 3, 16, offsets=(1, 5, 40))
     b = world.alphabet("B")
     for sign, query in ((-1, "reverse"), (1, "inplace")):
@@ -119,7 +119,7 @@ def test_weight_read_scores_are_the_models_own():
             torch.testing.assert_close(scores[0, :, 0, 0], read.self_score, rtol=1e-4, atol=1e-5)
     assert read.head_margin.shape == (2,) and read.single_b_wins.shape == (3,) and 0 <= read.predicted_acc <= 1
     for bad in (dict(positional="alibi"), dict(untied_positions=("q", "k")), dict(attention_dir="causal"), dict(n_layers=2)):
-        other = HookedEncoder(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, **bad))
+        other = ToyTransformer(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, **bad))
         with pytest.raises(ValueError, match="read_route reads"):
             read_route(other, 3, 16)
     with pytest.raises(ValueError, match="distractor offsets other than delta=3"):
@@ -142,7 +142,7 @@ def test_weight_read_predicts_the_reverse_query_without_reading_evaluation_data(
     measured = [evaluate(m, w, "inplace")["reverse_acc"] for m, w in zip(models, worlds)]
     single = single_distractor_metrics(models, worlds, offsets=OFFSETS, queries=("reverse",))
     with monkeypatch.context() as patch:
-        for owner, name in [(HookedEncoder, "forward"), (HookedEncoder, "run_with_cache"), (HookedEncoder, "run_with_hooks"),
+        for owner, name in [(ToyTransformer, "forward"), (ToyTransformer, "run_with_cache"), (ToyTransformer, "run_with_hooks"),
                             (RoutingWorld, "eval_prompts"), (RoutingWorld, "single_distractor_prompts"),
                             (RoutingWorld, "training_data"), (revlens.evaluation, "answer_metrics"),
                             (revlens.evaluation, "evaluate"), (revlens.routing.measures, "mask_row")]:

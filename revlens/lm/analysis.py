@@ -55,8 +55,8 @@ def fact_route_correlation(lm, facts: FactSet, indices: list[int]) -> RouteCorre
 class PatchingPairs:
     """Clean and corrupted prompts of one shape: the corrupted prompt asks about another fact's B."""
 
-    clean: Int[Tensor, "n seq"]
-    corrupted: Int[Tensor, "n seq"]
+    clean: Int[Tensor, "n pos"]
+    corrupted: Int[Tensor, "n pos"]
     answer: Int[Tensor, " n"]  # first token of the clean answer
     read_pos: int  # where that token is predicted
     facts: list[int]

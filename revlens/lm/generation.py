@@ -176,7 +176,7 @@ class GenerationTrace:
 
     config: GenerationConfig
     slots: Int[Tensor, "batch n_slots"]  # positions of the generated slots
-    states: Int[Tensor, "n_steps_plus_1 batch seq"]  # states[s]: the sequence before step s; [-1]: final
+    states: Int[Tensor, "n_steps_plus_1 batch pos"]  # states[s]: the sequence before step s; [-1]: final
     records: list[StepRecord]
     targets: Int[Tensor, "batch n_slots"] | None = None
     target_logprob: Float[Tensor, "n_steps batch n_slots"] | None = None  # log p(target) at each step
@@ -304,7 +304,7 @@ def _masked_prompt(lm: Any, tokens: Tensor, gen_length: int | None) -> tuple[Ten
 
 def generate(
     lm: Any,
-    tokens: Int[Tensor, "batch seq"],
+    tokens: Int[Tensor, "batch pos"],
     steps: int,
     *,
     gen_length: int | None = None,

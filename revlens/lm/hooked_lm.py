@@ -257,11 +257,11 @@ class HookedLM:
         return tokens.to(self.cfg.device)
 
     @torch.no_grad()
-    def __call__(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq vocab"]:
+    def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
         return self.bridge(self._check_tokens(tokens))
 
     @torch.no_grad()
-    def run_with_cache(self, tokens: Int[Tensor, "batch seq"],
+    def run_with_cache(self, tokens: Int[Tensor, "batch pos"],
                        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None) -> tuple[Tensor, Any]:
         """Logits and a cache of exactly the hooks named (never the full cache: an 8B model's would not fit).
 
@@ -277,7 +277,7 @@ class HookedLM:
         return self.bridge.run_with_cache(self._check_tokens(tokens), names_filter=self.check_hook_names(names_filter))
 
     @torch.no_grad()
-    def run_with_hooks(self, tokens: Int[Tensor, "batch seq"], fwd_hooks: Sequence[tuple[str, HookFn]]) -> Tensor:
+    def run_with_hooks(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: Sequence[tuple[str, HookFn]]) -> Tensor:
         self.check_hook_names(name for name, _ in fwd_hooks)
         return self.bridge.run_with_hooks(self._check_tokens(tokens), fwd_hooks=list(fwd_hooks))
 
@@ -286,7 +286,7 @@ class HookedLM:
         """Position whose logits predict the token at ``answer_pos`` for this family."""
         return read_position(answer_pos, self.family.readout)
 
-    def mask_logits(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_masks vocab"]:
+    def mask_logits(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch n_masks vocab"]:
         """Logits for every mask token of each prompt, read at the family's position."""
         if not self.family.masked:
             raise ValueError(f"{self.family.name} is a left-to-right model with no mask token; "
@@ -306,7 +306,7 @@ class HookedLM:
         return (f"HookedLM({self.family.name}: {c.n_layers} layers, {c.n_heads} heads, d_model={c.d_model}, "
                 f"vocab={c.d_vocab}, mask_token_id={self.mask_token_id}, from {self.source})")
 
-    def generate(self, tokens: Int[Tensor, "batch seq"], steps: int, **kwargs: Any) -> Any:
+    def generate(self, tokens: Int[Tensor, "batch pos"], steps: int, **kwargs: Any) -> Any:
         """Denoise the masks step by step, with optional step-indexed hooks and caches: see
         :func:`revlens.lm.generation.generate`."""
         from revlens.lm.generation import generate

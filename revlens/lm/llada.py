@@ -152,7 +152,7 @@ class RotaryEmbedding(nn.Module):
         self.d_head, self.theta = d_head, theta
 
     def forward(
-        self, q: Float[Tensor, "batch head seq d_head"], k: Float[Tensor, "batch kv_head seq d_head"]
+        self, q: Float[Tensor, "batch head pos d_head"], k: Float[Tensor, "batch kv_head pos d_head"]
     ) -> tuple[Tensor, Tensor]:
         if q.shape[-2] != k.shape[-2]:
             raise ValueError("LLaDA is a single-pass denoiser here: queries and keys cover the same positions")
@@ -190,13 +190,13 @@ class LLaDABlock(nn.Module):
 
     def attention(
         self,
-        q: Float[Tensor, "batch seq d_model"],
-        k: Float[Tensor, "batch seq kv_width"],
-        v: Float[Tensor, "batch seq kv_width"],
-        attention_bias: Float[Tensor, "batch 1 seq seq"] | None = None,
+        q: Float[Tensor, "batch pos d_model"],
+        k: Float[Tensor, "batch pos kv_width"],
+        v: Float[Tensor, "batch pos kv_width"],
+        attention_bias: Float[Tensor, "batch 1 query_pos key_pos"] | None = None,
         layer_past: tuple[Tensor, Tensor] | None = None,
         use_cache: bool = False,
-    ) -> tuple[Float[Tensor, "batch seq d_model"], None]:
+    ) -> tuple[Float[Tensor, "batch pos d_model"], None]:
         """Bidirectional multi-head attention followed by the output projection."""
         if layer_past is not None or use_cache:
             raise ValueError("LLaDA is a single-pass denoiser here: no KV cache")
@@ -219,11 +219,11 @@ class LLaDABlock(nn.Module):
 
     def forward(
         self,
-        x: Float[Tensor, "batch seq d_model"],
+        x: Float[Tensor, "batch pos d_model"],
         attention_bias: Tensor | None = None,
         layer_past: tuple[Tensor, Tensor] | None = None,
         use_cache: bool = False,
-    ) -> tuple[Float[Tensor, "batch seq d_model"], None]:
+    ) -> tuple[Float[Tensor, "batch pos d_model"], None]:
         normed = self.attn_norm(x)
         attn, cache = self.attention(
             self.q_proj(normed), self.k_proj(normed), self.v_proj(normed), attention_bias,
@@ -237,7 +237,7 @@ class LLaDABlock(nn.Module):
 
 @dataclass
 class LLaDAOutput:
-    logits: Float[Tensor, "batch seq vocab"]
+    logits: Float[Tensor, "batch pos vocab"]
 
 
 class LLaDATransformer(nn.Module):
@@ -275,8 +275,8 @@ class LLaDAModelLM(nn.Module):
 
     def forward(
         self,
-        input_ids: Int[Tensor, "batch seq"],
-        attention_mask: Int[Tensor, "batch seq"] | None = None,
+        input_ids: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
         **unused: Any,
     ) -> LLaDAOutput:
         """Logits at every position. ``attention_mask`` (1 = real token) hides padded keys."""

@@ -102,8 +102,8 @@ def _llama_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64):
 class Bucket:
     """Tokenised sentences of one length, with each token's entity-span id (see ``entity_units``)."""
 
-    tokens: Int[Tensor, "n seq"]
-    units: Int[Tensor, "n seq"]
+    tokens: Int[Tensor, "n pos"]
+    units: Int[Tensor, "n pos"]
 
 
 def length_buckets(world: FactSet, tok) -> list[Bucket]:

@@ -499,7 +499,7 @@ class WritesWords:
     def __getattr__(self, name: str):
         return getattr(self.lm, name)
 
-    def mask_logits(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_masks vocab"]:
+    def mask_logits(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch n_masks vocab"]:
         if self.open_after:
             tail = torch.full((tokens.shape[0], self.open_after), int(self.lm.mask_token_id), dtype=tokens.dtype,
                               device=tokens.device)

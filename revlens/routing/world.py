@@ -185,14 +185,14 @@ class RoutingWorld:
         tokens.scatter_(1, index, entities)
         return Arranged(tokens, torch.arange(length).expand(n, -1).clone(), slot, index[:, 0], index[:, 1:])
 
-    def training_data(self) -> tuple[Int[Tensor, "n seq"], Int[Tensor, "n seq"]]:
+    def training_data(self) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
         """Sentences ``A B D1 D2`` with B at offset ``delta`` (``sentences_per_fact`` each) and their
         position ids: ``0, delta, o1, o2`` with gaps, ``0 .. 2 delta + 1`` with fillers."""
         facts, distractors, offsets = self._draw(self.sentences_per_fact, 0, self.delta)
         arranged = self._arrange(torch.tensor(self.a_ids)[facts], facts, distractors, offsets, self.delta, mirrored=False)
         return arranged.tokens, arranged.positions
 
-    def training_sentences(self) -> Int[Tensor, "n seq"]:
+    def training_sentences(self) -> Int[Tensor, "n pos"]:
         return self.training_data()[0]
 
     def eval_prompts(self, name: str) -> tuple[EvalSet, Arranged, Int[Tensor, "n 2"]]:
@@ -247,7 +247,7 @@ class RoutingWorld:
         may also occur in some training sentence, since training draws many per fact."""
         return self.eval_prompts(name)[0]
 
-    def decode(self, tokens: Int[Tensor, "... seq"], positions: Int[Tensor, "... seq"] | None = None) -> list[str]:
+    def decode(self, tokens: Int[Tensor, "... pos"], positions: Int[Tensor, "... pos"] | None = None) -> list[str]:
         """Token ids to strings, ``token@position`` when positions are given."""
         vocab = self.vocab
         rows = tokens.reshape(-1, tokens.shape[-1]).tolist()
@@ -269,8 +269,8 @@ class RoutingWorld:
 class Arranged:
     """Prompts or sentences of a routing world and where their parts sit (sequence indices)."""
 
-    tokens: Int[Tensor, "n seq"]
-    positions: Int[Tensor, "n seq"]
+    tokens: Int[Tensor, "n pos"]
+    positions: Int[Tensor, "n pos"]
     answer_slot: int
     b_index: Int[Tensor, " n"]
     d_index: Int[Tensor, "n n_distractors"]
