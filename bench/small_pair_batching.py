@@ -18,7 +18,8 @@ import torch
 from _timing import best_of
 
 from revlens.lm.corpus import build_tokenizer, make_world
-from revlens.lm.small_pair import SHIPPED_PAIR, length_buckets, new_model, optimizer_step
+from revlens.lm.small_pair import SHIPPED_PAIR, length_buckets
+from revlens.lm.trainer import new_model, optimizer_step
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import torch
 from _timing import best_of
 
 from revlens.lm import HookedLM
-from revlens.lm.small_pair import PairConfig, new_model, save_model
 from revlens.lm.text_reversal import build_text_tokenizer, candidate_logprobs, per_candidate_logprobs
+from revlens.lm.trainer import PairConfig, new_model, save_model
 
 FIRST = ["Ada", "Bram", "Cleo", "Dario", "Edda", "Fenn", "Greta", "Hal", "Ines", "Joss"]
 LAST = ["Arlow", "Brisk", "Corran"]

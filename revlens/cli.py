@@ -272,7 +272,7 @@ def cmd_facts(args: argparse.Namespace) -> int:
 
 
 def cmd_text_reversal(args: argparse.Namespace) -> int:
-    from revlens.lm.small_pair import PairConfig
+    from revlens.lm.trainer import PairConfig
     from revlens.lm.text_reversal import CONVERGED_ACCURACY, HarnessConfig, not_converged, run_text_reversal
 
     pair = PairConfig(steps=0, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,

@@ -316,8 +316,10 @@ def _without_mask(scores: Float[Tensor, "*batch vocab"], mask_id: int) -> Float[
     return scores
 
 
-def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Decode) -> tuple[Tensor, Tensor]:
-    """Filled answer slots and gold log-probability under ``decode`` (see :data:`DECODES`), one group (on CPU)."""
+def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Decode,
+                  with_logp: bool = True) -> tuple[Tensor, Tensor]:
+    """Filled answer slots and gold log-probability under ``decode`` (see :data:`DECODES`), one group (on CPU);
+    without ``with_logp`` the log-probabilities are NaN and their passes are not run."""
     n = answers.shape[1]
     slots = torch.arange(start, start + n)
     rows = torch.arange(prompts.shape[0])
@@ -325,7 +327,8 @@ def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Deco
     if decode == "parallel":  # one pass: its argmax per slot, and the gold tokens' log-probabilities
         logp = _slot_logprobs(lm, prompts)
         return _without_mask(logp, mask_id).argmax(-1), _gold_in_pass(logp, answers)
-    gold_logp = _masked_gold_logp(lm, prompts, answers, start, decode)
+    gold_logp = (_masked_gold_logp(lm, prompts, answers, start, decode) if with_logp
+                 else torch.full((prompts.shape[0],), float("nan")))
     filled = prompts.clone()
     for _ in range(n):  # greedy low-confidence remasking: commit the most confident mask each step
         masks = (filled == mask_id)[:, slots]
@@ -338,10 +341,11 @@ def _score_masked(lm, prompts: Tensor, answers: Tensor, start: int, decode: Deco
 
 
 @torch.no_grad()
-def _score_causal(lm, prompts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
-    """Greedy continuation and teacher-forced gold log-probability, one group (on CPU)."""
+def _score_causal(lm, prompts: Tensor, answers: Tensor, with_logp: bool = True) -> tuple[Tensor, Tensor]:
+    """Greedy continuation and teacher-forced gold log-probability (NaN without ``with_logp``), one group (on CPU)."""
     n, p = answers.shape[1], prompts.shape[1]
-    gold_logp = _causal_gold_logp(lm, prompts, answers)
+    gold_logp = (_causal_gold_logp(lm, prompts, answers) if with_logp
+                 else torch.full((prompts.shape[0],), float("nan")))
     tokens = prompts
     for _ in range(n):
         tokens = torch.cat([tokens, _finite(lm, lm(tokens)[:, -1]).argmax(-1, keepdim=True).cpu()], dim=1)
@@ -384,11 +388,13 @@ def check_decode(lm, decode: str) -> None:
                          "use decode='sequential'")
 
 
-def answer_scores(lm, queries: list[Query], rule: Rule = "startswith", decode: Decode = "sequential") -> list[dict]:
+def answer_scores(lm, queries: list[Query], rule: Rule = "startswith", decode: Decode = "sequential",
+                  with_logp: bool = True) -> list[dict]:
     """One row per query: fact, direction, gold, predicted text, correct (under ``rule``), gold log-prob.
 
     Queries are batched by prompt shape; masked models get as many masks as the gold answer has tokens and fill
-    them as ``decode`` says (see :data:`DECODES`).
+    them as ``decode`` says (see :data:`DECODES`). ``with_logp=False`` skips the gold log-probability (NaN), whose
+    teacher-forced passes cost as much as the decoding, for a caller that needs only the answers.
     """
     check_choice("rule", rule, RULES)
     check_decode(lm, decode)
@@ -398,9 +404,9 @@ def answer_scores(lm, queries: list[Query], rule: Rule = "startswith", decode: D
         prompts = torch.tensor([encoded[i].prompt for i in members])
         answers = torch.tensor([encoded[i].answer for i in members])
         if lm.family.masked:
-            predicted, logp = _score_masked(lm, prompts, answers, start, decode)
+            predicted, logp = _score_masked(lm, prompts, answers, start, decode, with_logp)
         else:
-            predicted, logp = _score_causal(lm, prompts, answers)
+            predicted, logp = _score_causal(lm, prompts, answers, with_logp)
         for k, i in enumerate(members):
             text = lm.decode(predicted[k].tolist())
             same_ids = predicted[k].tolist() == encoded[i].answer

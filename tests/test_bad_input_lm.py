@@ -16,8 +16,9 @@ from revlens.facts import Fact, FactSet, Query, Relation, answer_scores, encode_
 from revlens.lm import HookedLM
 from revlens.lm.analysis import score_table
 from revlens.lm.hooked_lm import CONFIG_RECORD
-from revlens.lm.small_pair import PairConfig, check_loss, train_small_pair
+from revlens.lm.small_pair import train_small_pair
 from revlens.lm.text_reversal import HarnessConfig, read_examples, run_text_reversal, train_test_overlap
+from revlens.lm.trainer import PairConfig, check_loss
 from tests.lm_checkpoints import llada_checkpoint
 from tests.reversal_fixture import write as write_fixture
 

@@ -13,9 +13,9 @@ import torch
 
 from revlens.lm.benchmark_table import (FILES, HISTORY_COLUMNS, RELEASE, RESULT_COLUMNS, TRAINING_COLUMNS,
                                         DataSource, check_no_sentences, check_numbers_only, check_shipped, ship_runs)
-from revlens.lm.small_pair import PairConfig
 from revlens.lm.text_reversal import (ARM_LABEL, MDM_LABEL, HarnessConfig, data_fingerprint, read_layout,
                                       run_text_reversal, seed_means)
+from revlens.lm.trainer import PairConfig
 
 ROOT = Path(__file__).parents[1]
 FIXTURE = ROOT / "tests" / "data" / "reversal_layout"

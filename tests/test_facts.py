@@ -12,7 +12,8 @@ from revlens.facts import Fact, FactSet, Relation, answer_scores, encode_query, 
 from revlens.lm import HookedLM
 from revlens.lm.analysis import fact_route_correlation, foil_logp, patching_pairs, reverse_patching, score_table
 from revlens.lm.corpus import build_tokenizer, make_world, training_sentences
-from revlens.lm.small_pair import PairConfig, train_small_pair
+from revlens.lm.small_pair import train_small_pair
+from revlens.lm.trainer import PairConfig
 from revlens.routes import RoutePrompts, read_routes, read_routes_ragged
 
 

@@ -13,18 +13,18 @@ import torch
 from torch import Tensor
 
 from revlens.lm.corpus import build_tokenizer, entity_units, make_world
-from revlens.lm.small_pair import PairConfig
 import revlens.lm.text_reversal as harness
 from revlens.lm.text_reversal import (HELD_OUT, TEST_FILES, TRAIN_FILES, HarnessConfig, build_text_tokenizer,
                                       candidate_logprobs, held_out_split, is_correct_text, layout_tokenizer,
                                       line_persons, normalise, per_candidate_logprobs, person_names, rank_of,
                                       read_examples, read_layout, run_text_reversal, split_layout, summarise,
                                       training_buckets)
+from revlens.lm.trainer import PairConfig
 from revlens.objectives import sample_mdm_mask, sample_span_mask
 
 FIXTURE = Path(__file__).parent / "data" / "reversal_layout"
 TINY = PairConfig(steps=0, d_model=16, n_heads=2, mlp_hidden_size=32, batch_size=8)
-QUICK = HarnessConfig(pair=TINY, max_steps=4, min_steps=0, eval_every=2, patience=1)
+QUICK = HarnessConfig(pair=TINY, max_steps=4, min_steps=0, eval_every=2, patience=1, lr_decays=0)
 
 
 def test_fixture_is_what_the_generator_writes(tmp_path):
@@ -199,7 +199,7 @@ def test_completion_is_one_span_for_entity_masking():
 def tiny_models(tmp_path_factory):
     """An untrained MDM and ARM of the harness, saved and loaded back: scorer equality needs no training."""
     from revlens.lm import HookedLM
-    from revlens.lm.small_pair import new_model, save_model
+    from revlens.lm.trainer import new_model, save_model
 
     layout = read_layout(FIXTURE)
     tok = layout_tokenizer(layout)
@@ -375,11 +375,12 @@ def test_training_continues_to_a_fixed_step(tmp_path):
     tok = layout_tokenizer(trained)
     buckets = training_buckets(trained, tok)
     hc = HarnessConfig(pair=replace(TINY, batch_size=4), max_steps=2, min_steps=0, eval_every=2)
-    model, opt, step, _ = train_until_flat("llama", buckets, validation, tok, hc, tmp_path / "a")
+    first = train_until_flat("llama", buckets, validation, tok, hc, tmp_path / "a")
+    model, step = first.model, first.step
     assert step == 2
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, _, step, history = train_until_flat("llama", buckets, validation, tok, hc, tmp_path / "b", start=(model, opt, step),
-                                           stop_at=5, snapshot=(3, tmp_path / "c"))
+    _, _, step, history, _ = train_until_flat("llama", buckets, validation, tok, hc, tmp_path / "b", start=first,
+                                              stop_at=5, snapshot=(3, tmp_path / "c"))
     assert step == 5 and [h["step"] for h in history] == [3, 4, 5] and history[0]["snapshot"]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert (tmp_path / "b" / "model.safetensors").exists() and (tmp_path / "c" / "model.safetensors").exists()
@@ -458,3 +459,23 @@ def test_models_are_both_or_one():
         HarnessConfig(models=("llama", "llada"))
     with pytest.raises(ValueError, match="models must be"):
         HarnessConfig(models=())
+
+
+def test_a_plateau_divides_the_learning_rate_before_the_model_stops(tmp_path, monkeypatch):
+    """At the first plateau the rate drops to a tenth and the count restarts; the second plateau stops it. A model
+    continued to another budget keeps the rate it ended with."""
+    from revlens.lm.text_reversal import train_until_flat
+
+    accuracies = iter([0.1, 0.5, 0.5, 0.6, 0.6, 0.6, 0.6])  # plateau at the 3rd evaluation, better at the 4th
+    monkeypatch.setattr(harness, "held_out_accuracy", lambda lm, validation, open_after=0: next(accuracies))
+    layout = read_layout(FIXTURE)
+    tok = layout_tokenizer(layout)
+    hc = replace(QUICK, max_steps=40, lr_decays=1, warmup=1)
+    run = train_until_flat("llama", training_buckets(layout, tok), [], tok, hc, tmp_path / "m")
+    lrs = [h["lr"] for h in run.history]
+    assert run.step == 10 and run.lr_scale == pytest.approx(0.1)  # evaluations at 2, 4, 6 (plateau), 8, 10 (plateau)
+    assert lrs[:3] == [TINY.lr] * 3 and lrs[3:] == pytest.approx([TINY.lr / 10] * 2)
+    more = train_until_flat("llama", training_buckets(layout, tok), [], tok, hc, tmp_path / "n", start=run, stop_at=12)
+    assert more.step == 12 and more.history[-1]["lr"] == pytest.approx(TINY.lr / 10)
+    with pytest.raises(ValueError, match="lr_decays must be"):
+        HarnessConfig(lr_decays=-1)

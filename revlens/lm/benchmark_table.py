@@ -10,7 +10,8 @@ destination folder (``data/text_reversal/``) holding
   ``steps`` and ``converged``, as each run's ``results.csv`` has them (its rows averaged over seeds are left out;
   :func:`revlens.lm.text_reversal.seed_means` recomputes them over every shipped seed);
 - ``training.csv``: model x masking x seed: ``steps``, wall ``seconds``, final ``held-out accuracy``, ``converged``;
-- ``history.csv``: every evaluation while training: model, masking, seed, step, loss, held-out accuracy, seconds;
+- ``history.csv``: every evaluation while training: model, masking, seed, step, loss, held-out accuracy, learning
+  rate, seconds;
 - ``run.json``: per run folder its exact command, masking, seeds and models; the (masking, seeds) shipped; the data's
   source (repository, commit, folder) and SHA-256 per file; the revlens commit; the shared configuration; the
   held-out split's line indices.
@@ -40,9 +41,9 @@ import pandas as pd
 from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
 from revlens.config import load_json
 from revlens.lm.corpus import WORDINGS
-from revlens.lm.small_pair import MASKINGS, T_SAMPLINGS
 from revlens.lm.text_reversal import (_PER_PROMPT, HELD_OUT, MODEL_FOLDERS, SCORING, TEST_FILES, TRAIN_FILES,
                                       data_fingerprint, person_names, read_layout, seed_means)
+from revlens.lm.trainer import MASKINGS, T_SAMPLINGS
 
 FILES: tuple[str, ...] = (*TEST_FILES, HELD_OUT)
 """The ``file`` values of ``results.csv``: the scored test files and the stopping split."""
@@ -50,7 +51,7 @@ MODELS: tuple[str, ...] = tuple(MODEL_FOLDERS.values())
 METRICS: tuple[str, ...] = (*_PER_PROMPT, "candidates", "gold with unknown words", "n", "lines also in training")
 RESULT_COLUMNS = ["file", "model", "masking", "seed", "metric", "value", "half_width", "steps", "converged"]
 TRAINING_COLUMNS = ["model", "masking", "seed", "steps", "seconds", "held-out accuracy", "converged"]
-HISTORY_COLUMNS = ["model", "masking", "seed", "step", "loss", "held-out accuracy", "seconds"]
+HISTORY_COLUMNS = ["model", "masking", "seed", "step", "loss", "held-out accuracy", "lr", "seconds"]
 TABLES: dict[str, list[str]] = {"results.csv": RESULT_COLUMNS, "training.csv": TRAINING_COLUMNS,
                                 "history.csv": HISTORY_COLUMNS}
 SHIPPED_FILES = (*TABLES, "run.json")

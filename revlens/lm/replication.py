@@ -22,7 +22,8 @@ from revlens import provenance
 from revlens.atomic import write_json_atomic
 from revlens.config import load_json
 from revlens.stats import mean_ci
-from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR, PairConfig
+from revlens.lm.small_pair import SHIPPED_PAIR, SMALL_PAIR_DIR
+from revlens.lm.trainer import PairConfig
 
 REPLICATION_SEEDS: tuple[int, ...] = (3, 4, 5)
 """Fresh seeds: each draws its own world (people, titles, which facts are controls), initialisation and batches."""

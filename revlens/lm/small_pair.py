@@ -2,9 +2,11 @@
 
 Both have the same size, tokenizer and training sentences (:mod:`revlens.lm.corpus`) and differ
 only in what separates an MDM from an ARM: bidirectional attention with the masked-diffusion loss
-(predict at the mask) versus causal attention with next-token loss. Both are trained with
-:func:`revlens.objectives.make_loss_batch`, saved as config.json + safetensors + tokenizer in the
-public layouts, and loaded back through :class:`revlens.lm.HookedLM` like any real checkpoint.
+(predict at the mask) versus causal attention with next-token loss. Both are built, trained (one step at a
+time, :func:`revlens.objectives.make_loss_batch`) and saved by :mod:`revlens.lm.trainer`, as config.json +
+safetensors + tokenizer in the public layouts, and loaded back through :class:`revlens.lm.HookedLM` like any
+real checkpoint. This module holds the recipe: its configurations, the corpus's length buckets, the one-cycle
+training loop, the switches and replicates, and their tables.
 
 Regenerate with ``revlens small-pair`` (about 8 minutes per model on one CPU core: 4000 steps each).
 """
@@ -12,62 +14,24 @@ Regenerate with ``revlens small-pair`` (about 8 minutes per model on one CPU cor
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
-from jaxtyping import Int
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from revlens.atomic import folder_swap, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from revlens.atomic import write_json_atomic, write_text_atomic
 from revlens.config import check_choice, load_json
 from revlens.facts import DECODES, FactSet, model_decodes
-from revlens.lm.corpus import WORDINGS, build_tokenizer, entity_units, make_world, training_statements
-from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
-from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
+from revlens.lm.corpus import build_tokenizer, entity_units, make_world, training_statements
+from revlens.lm.trainer import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
 from revlens.workers import in_order
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
-
-
-MASKINGS = ("token", "entity")
-T_SAMPLINGS = ("uniform", "stratified")
-OBJECTIVE = {"llada": "mdm", "llama": "arm"}
-
-
-@dataclass(frozen=True)
-class PairConfig:
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    mlp_hidden_size: int = 384
-    rope_theta: float = 10000.0
-    steps: int = 8000  # MDM steps (masked models need several times an ARM's steps to memorise)
-    arm_steps: int | None = None  # ARM steps; None = ``steps``
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    seed: int = 0
-    n_facts: int = 240
-    mask_eps: float = MDM_MASK_EPS  # LLaDA's floor on the masking probability
-    masking: str = "token"  # "token": independent per token; "entity": each name/title masked whole
-    wording: str = "reworded"  # reverse templates, see revlens.lm.corpus.make_world
-    t_sampling: str = "uniform"  # "stratified": one t per batch row, evenly spread over (0, 1] (MDLM)
-    grad_clip: float | None = None  # clip the gradient's global norm (None: no clipping)
-
-    def __post_init__(self) -> None:
-        check_choice("masking", self.masking, MASKINGS)
-        check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
-        check_choice("wording", self.wording, tuple(WORDINGS))
-
-    def steps_for(self, objective: str) -> int:
-        return self.arm_steps if objective == "arm" and self.arm_steps is not None else self.steps
 
 
 SHIPPED_PAIR = PairConfig(n_layers=4, masking="entity", t_sampling="stratified", grad_clip=1.0, lr=5e-4, steps=4000,
@@ -79,31 +43,6 @@ shape (see the ``*_curve`` records in ``training.json``). The peak rate was chos
 step 8000 or 12000. Decoded the way it was trained (``decode="parallel"``: a name is filled from the pass that sees
 it wholly masked) its MDM answers the in-place queries at seeds 0, 1 and 2 and at least 0.98 of the forward ones
 (see notebook 05). The trainer switches are measured on :data:`SWITCH_BASE` instead."""
-
-
-def _llada_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64) -> LLaDAConfig:
-    return LLaDAConfig(d_model=pc.d_model, n_heads=pc.n_heads, n_layers=pc.n_layers,
-                       mlp_hidden_size=pc.mlp_hidden_size, vocab_size=vocab_size, rope_theta=pc.rope_theta,
-                       max_sequence_length=max_len, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-
-
-def _llama_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=pc.d_model, intermediate_size=pc.mlp_hidden_size,
-                       num_hidden_layers=pc.n_layers, num_attention_heads=pc.n_heads, num_key_value_heads=pc.n_heads,
-                       rope_theta=pc.rope_theta, max_position_embeddings=max_len, rms_norm_eps=1e-5,
-                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Tokenised sentences of one length, with each token's entity-span id (see ``entity_units``)."""
-
-    tokens: Int[Tensor, "n pos"]
-    units: Int[Tensor, "n pos"]
 
 
 def length_buckets(world: FactSet, tok) -> list[Bucket]:
@@ -142,39 +81,6 @@ def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], m
             model.train()
     model.eval()
     return losses
-
-
-def check_loss(loss: float, step: int, pc: PairConfig, desc: str) -> float:
-    """``loss`` unless it is NaN or infinite: training has diverged, and every later step and score would be
-    meaningless (a NaN model answers nothing and scores accuracy 0), so stop with the step and the rate."""
-    if not math.isfinite(loss):
-        raise ValueError(f"{desc}: training diverged at step {step} (loss {loss}) with lr {pc.lr}; nothing was saved "
-                         "for this model: lower the learning rate (--lr)")
-    return loss
-
-
-def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket], sizes: Tensor, mask_id: int,
-                   pc: PairConfig, gen: torch.Generator, opt: torch.optim.Optimizer) -> float:
-    """One AdamW step on a batch from one length bucket (drawn in proportion to ``sizes``); returns the loss."""
-    bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
-    rows = torch.randint(len(bucket.tokens), (pc.batch_size,), generator=gen)
-    if objective == "mdm" and pc.t_sampling == "stratified":
-        seq_len = bucket.tokens.shape[1]
-        units = bucket.units[rows] if pc.masking == "entity" else torch.arange(seq_len).expand(len(rows), -1)
-        mask, rate = sample_span_mask(units, gen, pc.mask_eps, stratified=True)
-        batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
-    elif objective == "mdm" and pc.masking == "entity":
-        mask, rate = sample_span_mask(bucket.units[rows], gen, pc.mask_eps)
-        batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
-    else:
-        batch = make_loss_batch(objective, bucket.tokens[rows], mask_id, gen, pc.mask_eps)
-    loss = weighted_token_loss(model(batch.inputs).logits, batch.targets, batch.weights)
-    opt.zero_grad()
-    loss.backward()
-    if pc.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
-    opt.step()
-    return loss.item()
 
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIPPED_PAIR,
@@ -269,35 +175,6 @@ def stale_pair_files(out: Path, previous: dict | None, record: dict, models: tup
 def recent_loss(losses: list[float], window: int = 100) -> float:
     """Mean training loss over the last ``window`` steps (fewer at the start)."""
     return sum(losses[-window:]) / len(losses[-window:])
-
-
-def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
-    """config.json (+ its record, see :data:`revlens.lm.hooked_lm.CONFIG_RECORD`) + model.safetensors + tokenizer
-    files, the layout :class:`revlens.lm.HookedLM` loads. The folder is built beside ``folder`` and swapped in whole,
-    so a kill leaves the old model or the new one; a tensor with NaN or infinite values is refused, naming it."""
-    from revlens.lm.hooked_lm import save_config
-
-    state = model.state_dict()
-    broken = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if broken:
-        raise ValueError(f"refusing to save {folder}: tensor {broken[0]} has NaN or infinite values "
-                         f"({len(broken)} tensor(s) in all); training diverged")
-    with folder_swap(folder) as tmp:
-        save_safetensors_atomic(state, tmp / "model.safetensors")
-        save_config(tmp, model.config.to_dict())
-        tok.save_pretrained(str(tmp))
-
-
-def new_model(family: str, pc: PairConfig, tok, max_len: int = 64) -> torch.nn.Module:
-    """A freshly initialised LLaDA-architecture MDM (``llada``) or LLaMA-architecture ARM (``llama``), seeded by ``pc.seed``."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(pc.seed)
-    if family == "llama":
-        return LlamaForCausalLM(_llama_config(pc, len(tok), tok, max_len))
-    model = LLaDAModelLM(_llada_config(pc, len(tok), tok, max_len))
-    model.init_weights()
-    return model
 
 
 def pair_accuracy(folder: str | Path, models: tuple[str, ...] = ("llada", "llama")) -> dict[str, float]:

@@ -41,7 +41,8 @@ one where there are two or more) is held out of training as the stopping split; 
 name-last line (as the release's d2p test asks) and the completion on a name-first line, and a line is held out
 only if its answer stays in training through another paraphrase (a reworded description seen nowhere else
 cannot be recalled). Each model trains until this trained-direction accuracy has not improved for ``patience``
-evaluations, after at least ``min_steps``; one ending below :data:`CONVERGED_ACCURACY` is flagged "not
+evaluations, after at least ``min_steps``, then on at a tenth of the learning rate until it has not improved for
+``patience`` evaluations again (``lr_decays`` such decays); one ending below :data:`CONVERGED_ACCURACY` is flagged "not
 converged" in ``results.csv``, ``training.json`` and on the command's last line. Test files are never read while
 training.
 
@@ -78,6 +79,7 @@ import weakref
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -89,7 +91,7 @@ from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
 from revlens.config import load_json
 from revlens.stats import mean_ci
 from revlens.facts import Query, _finite, _slot_logprobs, answer_logprobs, answer_scores, encode_query
-from revlens.lm.small_pair import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
+from revlens.lm.trainer import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
 
 TRAIN_FILES: tuple[str, ...] = ("p2d_prompts_train.jsonl", "d2p_prompts_train.jsonl", "both_prompts_train.jsonl")
 TEST_FILES: tuple[str, ...] = ("p2d_prompts_test.jsonl", "p2d_reverse_prompts_test.jsonl", "d2p_prompts_test.jsonl",
@@ -538,11 +540,11 @@ def continuation_length(trained: dict[str, list[Example]], names: list[str], tok
 
 
 def score_file(lm, examples: list[Example], file: str, names: list[str] | None = None,
-               with_rank: bool = True, open_after: int = 0) -> pd.DataFrame:
+               with_rank: bool = True, open_after: int = 0, with_logp: bool = True) -> pd.DataFrame:
     """One row per example: correct (rule above), gold logp, OOV flag, and with ``with_rank`` the person, the gold
     rank among the file's distinct completions and a foil's log-probability (:func:`foil_indices`). An MDM is
     scored as :class:`WritesWords`, with ``open_after`` open masks after every answer that does not end its line
-    (column ``open_after``)."""
+    (column ``open_after``). ``with_logp=False``: the gold logp is NaN, its passes skipped."""
     qs = queries(examples, file)
     after = [0 if not lm.family.masked or ends_line(q.answer) else open_after for q in qs]
     candidates = sorted({q.answer for q in qs})
@@ -550,7 +552,8 @@ def score_file(lm, examples: list[Example], file: str, names: list[str] | None =
     for n_after in sorted(set(after)):
         rows = [i for i, a in enumerate(after) if a == n_after]
         scorer = WritesWords(lm.lm if isinstance(lm, WritesWords) else lm, n_after) if lm.family.masked else lm
-        part = pd.DataFrame(answer_scores(scorer, [qs[i] for i in rows], rule="startswith"), index=rows)
+        part = pd.DataFrame(answer_scores(scorer, [qs[i] for i in rows], rule="startswith", with_logp=with_logp),
+                            index=rows)
         if with_rank:
             part["grid"] = list(candidate_logprobs(scorer, [qs[i].prefix for i in rows], candidates))
         parts.append(part.assign(open_after=n_after))
@@ -594,7 +597,9 @@ class HarnessConfig:
     max_steps: int = 40000
     min_steps: int = 2000  # no stop before this step (or max_steps), however flat the held-out accuracy
     eval_every: int = 250
-    patience: int = 4  # stop after this many evaluations without a better held-out accuracy
+    patience: int = 4  # evaluations without a better held-out accuracy that make a plateau
+    lr_decays: int = 1  # on a plateau, divide the learning rate by lr_decay this many times before stopping
+    lr_decay: float = 10.0
     warmup: int = 100
     held_out_fraction: float = HELD_OUT_FRACTION
     models: tuple[str, ...] = ("llada", "llama")
@@ -608,6 +613,9 @@ class HarnessConfig:
         if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) and s >= 0 for s in seeds):
             raise ValueError(f"seeds must be distinct integers >= 0, at least one, got {self.seeds!r}")
         object.__setattr__(self, "seeds", seeds)
+        if not (isinstance(self.lr_decays, int) and self.lr_decays >= 0 and self.lr_decay > 1):
+            raise ValueError(f"lr_decays must be an integer >= 0 and lr_decay > 1, got {self.lr_decays!r}, "
+                             f"{self.lr_decay!r}")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}")
 
@@ -621,42 +629,55 @@ def _wrap(model: torch.nn.Module, family: str, folder: Path, tok):
 
 def held_out_accuracy(lm, validation: list[Example], open_after: int = 0) -> float:
     """Share of the held-out training paraphrases answered under the scoring rule: the stopping signal."""
-    return float(score_file(lm, validation, HELD_OUT, with_rank=False, open_after=open_after).correct.mean())
+    return float(score_file(lm, validation, HELD_OUT, with_rank=False, open_after=open_after,
+                            with_logp=False).correct.mean())
+
+
+class Training(NamedTuple):
+    """A model in training: its optimiser, the step reached, the history and the learning rate's scale."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: int
+    history: list[dict]
+    lr_scale: float
 
 
 def train_until_flat(family: str, buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig,
-                     folder: Path, pc: PairConfig | None = None,
-                     start: tuple[torch.nn.Module, torch.optim.Optimizer, int] | None = None,
+                     folder: Path, pc: PairConfig | None = None, start: Training | None = None,
                      stop_at: int | None = None, snapshot: tuple[int, Path] | None = None, open_after: int = 0
-                     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, list[dict]]:
-    """Train one model until its held-out trained-direction accuracy has not improved for ``patience`` evaluations
-    (and at least ``min_steps``), or to ``stop_at``; the model as it ends is saved in ``folder``.
+                     ) -> Training:
+    """Train one model until its held-out trained-direction accuracy has reached a plateau ``lr_decays + 1``
+    times (and at least ``min_steps``), or to ``stop_at``; the model as it ends is saved in ``folder``.
 
-    Constant learning rate after a linear warm-up, so training can be continued (``start``) to a fixed step
-    (``stop_at``) without a schedule that depends on the end. ``snapshot=(step, path)`` also saves the model as it
-    is at that step (the other model's budget). ``pc`` defaults to ``hc.pair``; ``open_after``: see
-    :func:`score_file`. Returns the model, its optimiser,
-    the step reached and the history (step, loss, held-out accuracy; the snapshot's row marked).
+    A plateau is ``patience`` evaluations without a better held-out accuracy than the best so far. The learning
+    rate rises linearly over the warm-up and is then constant; at each of the first ``lr_decays`` plateaus it is
+    divided by ``lr_decay`` and the count restarts (a constant rate leaves the held-out accuracy of a memorising
+    MDM jumping by a tenth between evaluations). Continued from ``start`` to ``stop_at`` (the other model's budget),
+    a model keeps the rate it ended with. ``snapshot=(step, path)`` also saves the model as it is at that step.
+    ``pc`` defaults to ``hc.pair``; ``open_after``: see :func:`score_file`. History rows: step, loss, held-out
+    accuracy, learning rate, seconds (the snapshot's row marked).
     """
     pc = pc or hc.pair
     objective = OBJECTIVE[family]
     if start is None:
         model = new_model(family, pc, tok, max_len=max(b.tokens.shape[1] for b in buckets) + 64)
         opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
-        step = 0
+        step, scale = 0, 1.0
     else:
-        model, opt, step = start
+        model, opt, step, _, scale = start
     gen = torch.Generator().manual_seed(pc.seed + step)
     sizes = torch.tensor([len(b.tokens) for b in buckets], dtype=torch.float)
     limit = stop_at if stop_at is not None else hc.max_steps
     history: list[dict] = []
-    best, since_best = -1.0, 0
+    best, since_best, decays_left = -1.0, 0, hc.lr_decays
     desc = f"train {family} ({objective}, seed {pc.seed})"
     began = time.time()
     bar = tqdm(total=limit, initial=step, desc=desc, mininterval=5)
     while step < limit:
+        lr = pc.lr * scale * min(1.0, (step + 1) / hc.warmup)
         for group in opt.param_groups:
-            group["lr"] = pc.lr * min(1.0, (step + 1) / hc.warmup)
+            group["lr"] = lr
         model.train()
         loss = optimizer_step(model, objective, buckets, sizes, tok.mask_token_id, pc, gen, opt)
         step += 1
@@ -666,20 +687,22 @@ def train_until_flat(family: str, buckets: list[Bucket], validation: list[Exampl
             model.eval()
             history.append({"step": step, "loss": loss, "held-out accuracy":
                             held_out_accuracy(_wrap(model, family, snapshot[1], tok), validation, open_after),
-                            "seconds": round(time.time() - began, 1), "snapshot": True})
+                            "lr": lr, "seconds": round(time.time() - began, 1), "snapshot": True})
         if step % hc.eval_every == 0 or step == limit:
             model.eval()
             accuracy = held_out_accuracy(_wrap(model, family, folder, tok), validation, open_after)
-            history.append({"step": step, "loss": loss, "held-out accuracy": accuracy,
+            history.append({"step": step, "loss": loss, "held-out accuracy": accuracy, "lr": lr,
                             "seconds": round(time.time() - began, 1)})
-            bar.set_postfix(held_out=f"{accuracy:.3f}")
+            bar.set_postfix(held_out=f"{accuracy:.3f}", lr=f"{lr:.0e}")
             if stop_at is None:
                 best, since_best = (accuracy, 0) if accuracy > best else (best, since_best + 1)
                 if since_best >= hc.patience and step >= hc.min_steps:
-                    break
+                    if not decays_left:
+                        break
+                    decays_left, since_best, scale = decays_left - 1, 0, scale / hc.lr_decay
     bar.close()
     model.eval()
-    return model, opt, step, history
+    return Training(model, opt, step, history, scale)
 
 
 def _entry(step: int, seconds: float | None, history: list[dict]) -> dict:
@@ -699,27 +722,26 @@ def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: Harnes
     if len(hc.models) == 1:
         started = time.time()
         family = hc.models[0]
-        step, history = train_until_flat(family, buckets, validation, tok, hc, out / family, pc,
-                                         open_after=open_after)[2:]
-        return {family: _entry(step, time.time() - started, history)}
+        alone = train_until_flat(family, buckets, validation, tok, hc, out / family, pc, open_after=open_after)
+        return {family: _entry(alone.step, time.time() - started, alone.history)}
     started = time.time()
     mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc, open_after=open_after)
-    record = {"llada": _entry(mdm[2], time.time() - started, mdm[3])}
+    record = {"llada": _entry(mdm.step, time.time() - started, mdm.history)}
     started = time.time()
     arm = train_until_flat("llama", buckets, validation, tok, hc, out / "llama", pc,
-                           snapshot=(mdm[2], out / "llama_at_mdm_budget"), open_after=open_after)
-    record["llama"] = _entry(arm[2], time.time() - started, [h for h in arm[3] if not h.get("snapshot")])
-    snap = [h for h in arm[3] if h.get("snapshot")]
-    if snap and arm[2] > mdm[2]:  # the ARM went past the MDM's step count: its state there is the ARM at that budget
-        record["llama_at_mdm_budget"] = _entry(mdm[2], snap[0]["seconds"], snap)
+                           snapshot=(mdm.step, out / "llama_at_mdm_budget"), open_after=open_after)
+    record["llama"] = _entry(arm.step, time.time() - started, [h for h in arm.history if not h.get("snapshot")])
+    snap = [h for h in arm.history if h.get("snapshot")]
+    if snap and arm.step > mdm.step:  # the ARM went past the MDM's step count: its state there is the ARM at that budget
+        record["llama_at_mdm_budget"] = _entry(mdm.step, snap[0]["seconds"], snap)
     elif snap:  # the ARM stopped at the MDM's step count: the snapshot is the ARM itself
         shutil.rmtree(out / "llama_at_mdm_budget")
     for short, long_, name, at in (("llama", "llada", "llama_at_mdm_budget", arm), ("llada", "llama", "llada_at_arm_budget", mdm)):
         if record[short]["steps"] < record[long_]["steps"]:
             started = time.time()
-            step, history = train_until_flat(short, buckets, validation, tok, hc, out / name, pc, start=at[:3],
-                                             stop_at=record[long_]["steps"], open_after=open_after)[2:]
-            record[name] = _entry(step, record[short]["seconds"] + time.time() - started, history)
+            more = train_until_flat(short, buckets, validation, tok, hc, out / name, pc, start=at,
+                                    stop_at=record[long_]["steps"], open_after=open_after)
+            record[name] = _entry(more.step, record[short]["seconds"] + time.time() - started, more.history)
     return record
 
 

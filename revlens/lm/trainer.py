@@ -1,0 +1,147 @@
+"""Build, train and save small LLaDA- and LLaMA-architecture models from scratch: the configuration, the
+objectives' batches, one optimiser step, saving as a model folder.
+
+:class:`PairConfig` sets a model's shape and its training (learning rate, batch size, masking, t sampling,
+clipping); :func:`new_model` builds a freshly initialised LLaDA-architecture MDM (``llada``) or LLaMA-architecture
+ARM (``llama``, see :data:`OBJECTIVE`); :func:`optimizer_step` takes one AdamW step on a batch of one length
+:class:`Bucket` under the model's objective (:mod:`revlens.objectives`); :func:`save_model` writes the folder
+:class:`revlens.lm.HookedLM` loads. The shipped small pair (:mod:`revlens.lm.small_pair`) and the text-reversal
+harness (:mod:`revlens.lm.text_reversal`) train with these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from revlens.atomic import folder_swap, save_safetensors_atomic
+from revlens.config import check_choice
+from revlens.lm.corpus import WORDINGS
+from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
+from revlens.objectives import MDM_MASK_EPS, make_loss_batch, masked_batch, sample_span_mask, weighted_token_loss
+
+
+MASKINGS = ("token", "entity")
+T_SAMPLINGS = ("uniform", "stratified")
+OBJECTIVE = {"llada": "mdm", "llama": "arm"}
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_hidden_size: int = 384
+    rope_theta: float = 10000.0
+    steps: int = 8000  # MDM steps (masked models need several times an ARM's steps to memorise)
+    arm_steps: int | None = None  # ARM steps; None = ``steps``
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    n_facts: int = 240
+    mask_eps: float = MDM_MASK_EPS  # LLaDA's floor on the masking probability
+    masking: str = "token"  # "token": independent per token; "entity": each name/title masked whole
+    wording: str = "reworded"  # reverse templates, see revlens.lm.corpus.make_world
+    t_sampling: str = "uniform"  # "stratified": one t per batch row, evenly spread over (0, 1] (MDLM)
+    grad_clip: float | None = None  # clip the gradient's global norm (None: no clipping)
+
+    def __post_init__(self) -> None:
+        check_choice("masking", self.masking, MASKINGS)
+        check_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
+        check_choice("wording", self.wording, tuple(WORDINGS))
+
+    def steps_for(self, objective: str) -> int:
+        return self.arm_steps if objective == "arm" and self.arm_steps is not None else self.steps
+
+
+def _llada_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64) -> LLaDAConfig:
+    return LLaDAConfig(d_model=pc.d_model, n_heads=pc.n_heads, n_layers=pc.n_layers,
+                       mlp_hidden_size=pc.mlp_hidden_size, vocab_size=vocab_size, rope_theta=pc.rope_theta,
+                       max_sequence_length=max_len, mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+
+
+def _llama_config(pc: PairConfig, vocab_size: int, tok, max_len: int = 64):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=pc.d_model, intermediate_size=pc.mlp_hidden_size,
+                       num_hidden_layers=pc.n_layers, num_attention_heads=pc.n_heads, num_key_value_heads=pc.n_heads,
+                       rope_theta=pc.rope_theta, max_position_embeddings=max_len, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, architectures=["LlamaForCausalLM"])
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Tokenised sentences of one length, with each token's entity-span id (see ``entity_units``)."""
+
+    tokens: Int[Tensor, "n pos"]
+    units: Int[Tensor, "n pos"]
+
+
+def check_loss(loss: float, step: int, pc: PairConfig, desc: str) -> float:
+    """``loss`` unless it is NaN or infinite: training has diverged, and every later step and score would be
+    meaningless (a NaN model answers nothing and scores accuracy 0), so stop with the step and the rate."""
+    if not math.isfinite(loss):
+        raise ValueError(f"{desc}: training diverged at step {step} (loss {loss}) with lr {pc.lr}; nothing was saved "
+                         "for this model: lower the learning rate (--lr)")
+    return loss
+
+
+def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket], sizes: Tensor, mask_id: int,
+                   pc: PairConfig, gen: torch.Generator, opt: torch.optim.Optimizer) -> float:
+    """One AdamW step on a batch from one length bucket (drawn in proportion to ``sizes``); returns the loss."""
+    bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
+    rows = torch.randint(len(bucket.tokens), (pc.batch_size,), generator=gen)
+    if objective == "mdm" and pc.t_sampling == "stratified":
+        seq_len = bucket.tokens.shape[1]
+        units = bucket.units[rows] if pc.masking == "entity" else torch.arange(seq_len).expand(len(rows), -1)
+        mask, rate = sample_span_mask(units, gen, pc.mask_eps, stratified=True)
+        batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
+    elif objective == "mdm" and pc.masking == "entity":
+        mask, rate = sample_span_mask(bucket.units[rows], gen, pc.mask_eps)
+        batch = masked_batch(bucket.tokens[rows], mask, rate, mask_id)
+    else:
+        batch = make_loss_batch(objective, bucket.tokens[rows], mask_id, gen, pc.mask_eps)
+    loss = weighted_token_loss(model(batch.inputs).logits, batch.targets, batch.weights)
+    opt.zero_grad()
+    loss.backward()
+    if pc.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
+    """config.json (+ its record, see :data:`revlens.lm.hooked_lm.CONFIG_RECORD`) + model.safetensors + tokenizer
+    files, the layout :class:`revlens.lm.HookedLM` loads. The folder is built beside ``folder`` and swapped in whole,
+    so a kill leaves the old model or the new one; a tensor with NaN or infinite values is refused, naming it."""
+    from revlens.lm.hooked_lm import save_config
+
+    state = model.state_dict()
+    broken = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ValueError(f"refusing to save {folder}: tensor {broken[0]} has NaN or infinite values "
+                         f"({len(broken)} tensor(s) in all); training diverged")
+    with folder_swap(folder) as tmp:
+        save_safetensors_atomic(state, tmp / "model.safetensors")
+        save_config(tmp, model.config.to_dict())
+        tok.save_pretrained(str(tmp))
+
+
+def new_model(family: str, pc: PairConfig, tok, max_len: int = 64) -> torch.nn.Module:
+    """A freshly initialised LLaDA-architecture MDM (``llada``) or LLaMA-architecture ARM (``llama``), seeded by ``pc.seed``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(pc.seed)
+    if family == "llama":
+        return LlamaForCausalLM(_llama_config(pc, len(tok), tok, max_len))
+    model = LLaDAModelLM(_llada_config(pc, len(tok), tok, max_len))
+    model.init_weights()
+    return model
