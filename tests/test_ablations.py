@@ -81,6 +81,7 @@ def test_sweep_is_resumable_and_tidy(tmp_path):
     assert read_rows(out) == rows
 
 
+@pytest.mark.slow
 def test_parallel_sweep_trains_the_same_rows_in_file_order(tmp_path, monkeypatch):
     spec = tiny_spec()
     run_sweep(spec, tmp_path / "sequential.jsonl", progress=False)

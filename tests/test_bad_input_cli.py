@@ -273,6 +273,7 @@ def _notebook(folder, name, *sources):
     nbformat.write(nb, folder / name)
 
 
+@pytest.mark.slow
 def test_reproduce_names_a_failing_notebook_keeps_it_and_never_mixes_runs(tmp_path, capsys, monkeypatch):
     import nbformat
 

@@ -210,6 +210,7 @@ def text_run(tmp_path_factory):
     return data, out, results
 
 
+@pytest.mark.slow
 def test_the_run_reports_its_train_test_overlap(text_run):
     _, out, results = text_run
     assert set(results[results.metric == "lines also in training"].value) == {0.0}
@@ -249,6 +250,7 @@ def test_the_harness_never_overwrites_what_it_did_not_write(tmp_path, content):
     assert (out.read_text() if content == "file" else (out / "notes.txt").read_text()) == "keep me"
 
 
+@pytest.mark.slow
 def test_a_run_killed_midway_leaves_the_old_folder_untouched(text_run, tmp_path, monkeypatch):
     import revlens.lm.text_reversal as harness
 

@@ -81,6 +81,7 @@ def _ship(folders, dest, **kw):
     return ship_runs(folders, dest, **({"commands": commands, "source": RELEASE, "revlens_commit": COMMIT} | kw))
 
 
+@pytest.mark.slow
 def test_ship_merges_seeds_and_maskings_into_numbers_only_tables(runs, tmp_path):
     table = _ship([runs / "token", runs / "entity"], tmp_path / "table", data_dir=FIXTURE)
     run = assert_shipped_table(tmp_path / "table")
@@ -107,6 +108,7 @@ def test_ship_merges_seeds_and_maskings_into_numbers_only_tables(runs, tmp_path)
     assert one.value == pytest.approx(per_seed.value.mean()) and one.half_width > 0
 
 
+@pytest.mark.slow
 def test_an_mdm_alone_ships_beside_the_arm_of_its_seed_from_another_masking(runs, tmp_path):
     """The ARM's training does not depend on the masking, so a run may train the MDM alone; it ships only where the
     same seed's ARM is shipped from another run."""
@@ -123,6 +125,7 @@ def test_an_mdm_alone_ships_beside_the_arm_of_its_seed_from_another_masking(runs
             "--models llada", "")], source=RELEASE, revlens_commit=COMMIT)
 
 
+@pytest.mark.slow
 def test_nothing_of_the_data_is_shipped(runs, tmp_path):
     _ship([runs / "token"], tmp_path / "table")
     shipped = " ".join(p.read_text().lower() for p in (tmp_path / "table").iterdir())
@@ -170,6 +173,7 @@ def _edited_copy(src: Path, dest: Path, edit) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_runs_that_differ_in_more_than_seeds_and_masking_are_refused(runs, tmp_path):
     lr = _edited_copy(runs / "entity", tmp_path / "lr", lambda r: r["config"]["pair"].update(lr=1e-3))
     with pytest.raises(ValueError, match=r"differ in config\.pair\.lr \(0\.001 vs 0\.002\)"):
@@ -201,6 +205,7 @@ def test_runs_that_differ_in_more_than_seeds_and_masking_are_refused(runs, tmp_p
     assert _ship([runs / "entity"], tmp_path / "table", overwrite=True).shipped == {"entity": [0]}
 
 
+@pytest.mark.slow
 def test_a_table_that_is_not_what_its_run_json_claims_is_refused(runs, tmp_path):
     _ship([runs / "token"], tmp_path / "table")
     run = json.loads((tmp_path / "table" / "run.json").read_text())

@@ -68,6 +68,7 @@ def test_reports_write_only_when_a_report_folder_is_set(tmp_path, monkeypatch):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     from revlens.lm import HookedLM
 
@@ -87,6 +88,7 @@ def test_small_pair_command_writes_loadable_checkpoints(tmp_path, capsys):
     assert not list((tmp_path / "pair").glob("replicate_seed*.json"))
 
 
+@pytest.mark.slow
 def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_path, capsys):
     out = tmp_path / "mdm"
     assert main(["small-pair", "--steps", "2", "--out", str(out), "--models", "llada", "--seed", "1", "--lr", "1e-3",
@@ -108,6 +110,7 @@ def test_small_pair_command_trains_one_model_at_another_seed_with_a_curve(tmp_pa
     assert "--lr: must be a finite number > 0, got '0'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_text_reversal_command(tmp_path, capsys):
     assert main(["text-reversal", "tests/data/reversal_layout", "--out", str(tmp_path / "run"), "--layers", "1",
                  "--d-model", "16", "--heads", "2", "--max-steps", "2", "--eval-every", "2"]) == 0

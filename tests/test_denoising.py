@@ -160,6 +160,7 @@ def test_namesake_agreement_sees_an_order_set_by_the_first_name():
                            "inplace", "reverse", 0, shuffles=10)
 
 
+@pytest.mark.slow
 def test_patching_the_whole_clean_pass_fixes_the_token_committed_then_on_the_shipped_pair():
     """What notebook 07 takes as given: at step 0 the whole clean pass commits the clean run's slot with its token,
     and at the last step it restores the last token wherever both runs committed the same slot first."""

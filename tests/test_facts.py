@@ -217,6 +217,7 @@ def test_reinitialised_keeps_architecture_changes_weights(tiny_pair):
     assert not torch.allclose(fresh(x), lm(x))
 
 
+@pytest.mark.slow
 def test_shipped_small_pair_reproduces_its_recorded_accuracy():
     import json
 
@@ -336,6 +337,7 @@ def test_accuracy_curve_is_recorded_without_changing_the_training(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_switch_runs_give_a_tidy_table_and_reuse_finished_runs(tmp_path):
     import json as json_
 
@@ -382,6 +384,7 @@ def test_head_table_lines_up_routes_and_patching_per_head(tiny_pair):
     assert heads.loc[(1, 0), HEAD_COLUMNS[2]] == pytest.approx(float(control.head_out[1, 0]), nan_ok=True)
 
 
+@pytest.mark.slow
 def test_regenerate_writes_everything_notebook_05_reads(tmp_path):
     """One tiny run of the whole regeneration: the pair, the recipe at the other seed, the switch table (both
     decodings for the MDMs) and the head table (switch MDMs and the recipe's MDMs at every seed)."""

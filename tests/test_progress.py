@@ -100,6 +100,7 @@ def _restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PROGRESS_ENV, raising=False)
 
 
+@pytest.mark.slow
 def test_run_suite_shows_a_notebooks_training_and_keeps_bars_out_of_its_cells(
         tmp_path: Path, _restore_env: None, capsys: pytest.CaptureFixture) -> None:
     source = ("from pathlib import Path\n"

@@ -60,12 +60,14 @@ TOY_MODULES = frozenset(f"revlens.{name}" for name in (
 ))
 
 
+@pytest.mark.slow
 def test_stats_loads_no_other_revlens_module():
     loaded = {m for m in modules_after("import revlens.stats") if m.startswith("revlens")}
     assert loaded == {"revlens", "revlens.stats"}
 
 
 @pytest.mark.parametrize("statement", ["from revlens.lm import HookedLM", "import revlens.lm.hooked_lm"])
+@pytest.mark.slow
 def test_hooked_lm_loads_no_toy_module(statement):
     loaded = modules_after(statement)
     assert "revlens.lm.hooked_lm" in loaded

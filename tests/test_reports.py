@@ -43,6 +43,7 @@ def runs_logged(log: Path) -> list[str]:
     return log.read_text().split() if log.is_file() else []
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_notebooks_and_executes_only_what_changed(tmp_path: Path) -> None:
     nb_dir, out, log = tmp_path / "nb", tmp_path / "reports", tmp_path / "ran.txt"
     first = logging_notebook(nb_dir, "01_first.ipynb", log, "print(1)")
@@ -67,6 +68,7 @@ def test_a_rerun_keeps_finished_notebooks_and_executes_only_what_changed(tmp_pat
     assert runs_logged(log) == ["01_first", "02_second", "02_second", "01_first", "02_second"]
 
 
+@pytest.mark.slow
 def test_other_package_sources_or_a_changed_saved_copy_mean_a_fresh_run(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     nb_dir, out, log = tmp_path / "nb", tmp_path / "reports", tmp_path / "ran.txt"
@@ -82,6 +84,7 @@ def test_other_package_sources_or_a_changed_saved_copy_mean_a_fresh_run(tmp_path
     assert json.loads((out / MARKER).read_text())["package_sha256"] == "0" * 64
 
 
+@pytest.mark.slow
 def test_a_notebook_not_in_this_run_leaves_nothing_behind(tmp_path: Path) -> None:
     nb_dir, out, log = tmp_path / "nb", tmp_path / "reports", tmp_path / "ran.txt"
     first = logging_notebook(nb_dir, "01_first.ipynb", log)
@@ -94,6 +97,7 @@ def test_a_notebook_not_in_this_run_leaves_nothing_behind(tmp_path: Path) -> Non
     assert list(json.loads((out / MARKER).read_text())["notebooks"]) == ["02_second.ipynb"]
 
 
+@pytest.mark.slow
 def test_a_timeout_names_notebook_and_cell_and_the_rerun_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     nb_dir, out, log = tmp_path / "nb", tmp_path / "reports", tmp_path / "ran.txt"
     logging_notebook(nb_dir, "01_quick.ipynb", log, record=False)  # no imports: quick even on a busy machine

@@ -199,6 +199,7 @@ def test_sweep_resumes_and_rejects_a_bad_table(tmp_path):
 
 
 @pytest.mark.parametrize("cell, delta, base", [("core", 3, 1e4), ("core", 2, 1e4), ("fillers", 3, 1e4)])
+@pytest.mark.slow
 def test_shipped_table_rows_reproduce(cell, delta, base):
     """Retrain one shipped model alone: accuracies within 2 prompts of 64 and route weights within
     0.05 of the table (the table trained it in a stack: float round-off, not bits, differ)."""
@@ -320,6 +321,7 @@ def test_filler_world_puts_a_filler_at_every_empty_position(delta):
             assert ((arranged.b_index - es.mask_pos).abs() == delta).all()
 
 
+@pytest.mark.slow
 def test_left_to_right_queries_end_in_the_mask():
     """The ARM's forward query is a training sentence's prefix with the mask in B's slot; its reverse
     query ends in A's slot; no training sentence makes an A a next-token target."""
@@ -448,6 +450,7 @@ def test_shifted_positions_train_every_query_position():
     assert shifted.shift_positions and not next(c for c in RoutingSweepSpec.from_dict(_spec()).cells if c.name == "untied-qk").shift_positions
 
 
+@pytest.mark.slow
 def test_sweep_in_worker_processes_writes_the_one_process_table(tmp_path):
     """jobs=2 trains chunks in two processes but appends them in sweep order: the same lines as jobs=1."""
     data = _spec(seeds=[0, 1], train={"steps": 3, "batch_size": 8})

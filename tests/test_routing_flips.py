@@ -78,6 +78,7 @@ def test_flip_layouts_come_from_geometry_alone(monkeypatch):
     assert v["b_wins"] and v["share"] == 1.0 and v["nearest_key_share"] == 1.0 and v["pair_margin_min"] == v["margin"] > 0
 
 
+@pytest.mark.slow
 def test_the_engine_accepts_the_flip_sweep_and_its_rows_name_their_layout(tmp_path):
     data = json.loads(SWEEP_FILE.read_text())
     data.update(seeds=[0], train={"steps": 2, "batch_size": 8})

@@ -92,6 +92,7 @@ def test_a_torn_last_line_is_dropped_and_its_model_retrained(table):
     assert table.read_text() == text
 
 
+@pytest.mark.slow
 def test_cli_redo_reaches_the_routing_sweep(table, capsys):
     from revlens.cli import main
 

@@ -125,6 +125,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.slow
 def test_killing_the_sweep_parent_ends_its_workers(tmp_path):
     data = copy.deepcopy(TINY)
     data["train"].update(steps=1_000_000, log_every=1_000_000)  # workers would train for hours

@@ -26,6 +26,7 @@ def test_rows_that_carry_provenance_were_made_from_this_sweep_file():
     assert stated == [(name, by_name[name]) for name, _ in stated]
 
 
+@pytest.mark.slow
 def test_a_rerun_reproduces_the_shipped_numbers():
     """Re-train the baseline setting from scratch (shared with notebook 01 through the run cache)."""
     setting, group = SPEC.settings[0]

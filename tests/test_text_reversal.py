@@ -246,6 +246,7 @@ def test_foils_are_other_persons_completions_and_statistics_are_over_persons(tin
     assert out.loc["n", "value"] == 4 and np.isnan(out.loc["n", "half_width"])
 
 
+@pytest.mark.slow
 def test_short_end_to_end_run_with_two_seeds(tmp_path):
     results = run_text_reversal(FIXTURE, tmp_path / "run", replace(QUICK, seeds=(0, 1)))
     assert set(results.file) == set(TEST_FILES) | {HELD_OUT}
@@ -288,6 +289,7 @@ def _without_times(value):
     return value
 
 
+@pytest.mark.slow
 def test_the_stopping_rule_never_reads_a_test_file(tmp_path, monkeypatch):
     """The release's validation file asks the untrained direction; the stopping rule must not read it (or any test
     file). Control: test files answered otherwise (the name answers permuted among persons, every other completion
@@ -320,6 +322,7 @@ def test_the_stopping_rule_never_reads_a_test_file(tmp_path, monkeypatch):
     assert {ex.prompt for ex in seen} <= training_prompts  # held-out training paraphrases, nothing else
 
 
+@pytest.mark.slow
 def test_budgets_each_model_also_at_the_other_models_step_count(tmp_path, monkeypatch):
     """Stopping is per model; the one that stops first is trained on to the other's step count, and the one that
     went on is kept at the other's step count: both budgets are recorded (and scored, see the run above)."""
@@ -349,6 +352,7 @@ def test_budgets_each_model_also_at_the_other_models_step_count(tmp_path, monkey
             assert (out / name / "model.safetensors").exists() and entry["history"]
 
 
+@pytest.mark.slow
 def test_convergence_flag_and_the_commands_last_line(tmp_path, monkeypatch, capsys):
     from revlens.cli import main
 
