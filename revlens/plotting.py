@@ -39,7 +39,7 @@ def accuracy_bars(table: pd.DataFrame, chance: float, sets: Sequence[str] = EVAL
         ax.bar(offset, np.nan_to_num(means), width, label=name, alpha=0.8)
         for j, s in enumerate(sets):
             if np.isnan(means[j]):
-                ax.text(offset[j], 0.02, "n/a", ha="center", fontsize=7, rotation=90)
+                ax.text(offset[j], 0.02, "n/a", ha="center", fontsize=8, rotation=90)
             else:
                 ax.scatter(np.full(len(rows), offset[j]), rows[s], s=8, color="k", zorder=3)
     ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3f}")
@@ -51,10 +51,29 @@ def accuracy_bars(table: pd.DataFrame, chance: float, sets: Sequence[str] = EVAL
     return fig
 
 
+METRIC_TITLES = {
+    "loss": "training loss (each objective's own)",
+    "forward_acc": "forward accuracy",
+    "inplace_acc": "in-place accuracy ([M] r B → A)",
+    "reverse_acc": "reverse accuracy (never trained)",
+    "control_reverse_acc": "control reverse accuracy (trained both ways)",
+}
+"""Panel titles for :func:`training_curves`, by history column; other columns are shown as named."""
+
+
 def training_curves(history: pd.DataFrame, metrics: Sequence[str], chance: float | None = None) -> Figure:
-    """One panel per metric: mean over seeds per setting (line) and each seed (thin line)."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    """One panel per metric: mean over seeds per setting (line) and each seed (thin line).
+
+    Four metrics make a 2 x 2 grid, otherwise at most three panels a row; the figure is at most
+    :data:`MAX_WIDTH` inches wide, and the legend sits below the panels, outside the data.
+    """
+    ncols = 2 if len(metrics) == 4 else min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(min(MAX_WIDTH, 4.5 * ncols), 2.8 * nrows + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         for k, (name, rows) in enumerate(history.groupby("setting", sort=False)):
             color = f"C{k}"
             for _, seed_rows in rows.groupby("seed"):
@@ -62,11 +81,13 @@ def training_curves(history: pd.DataFrame, metrics: Sequence[str], chance: float
             mean = rows.groupby("step")[metric].mean()
             ax.plot(mean.index, mean.values, color=color, lw=2, label=name)
         if chance is not None and metric.endswith("_acc"):
-            ax.axhline(chance, color="grey", ls="--", lw=1)
-        ax.set_title(metric)
+            ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance = {chance:.3f}")
+        ax.set_title(METRIC_TITLES.get(metric, metric))
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_ylabel("accuracy" if metric.endswith("_acc") else metric)
+    # the legend of the panel with the most entries (an accuracy panel also has the chance line)
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[1]))
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
     return fig
 
 
