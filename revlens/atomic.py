@@ -75,17 +75,23 @@ def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | Path) ->
 
 
 @contextmanager
-def folder_swap(folder: str | Path) -> Iterator[Path]:
+def folder_swap(folder: str | Path, staging: str | Path | None = None) -> Iterator[Path]:
     """Build a folder under a temporary name and swap it in for ``folder`` when the block succeeds.
 
     Yields the temporary folder to fill. On success an existing ``folder`` is replaced as a whole (the
     old one moved aside first, removed last); on any error the temporary folder is removed and
     ``folder`` is untouched. Callers decide beforehand whether replacing ``folder`` is allowed.
+    ``staging``: a fixed folder to build in instead (created if missing, its contents kept), which an
+    error leaves in place, so that long work can resume from what it holds.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # a mkdir's mode, not the temporary folder's owner-only 0o700
+    if staging is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # a mkdir's mode, not the temporary folder's owner-only 0o700
+    else:
+        tmp = Path(staging)
+        tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
         for child in tmp.rglob("*"):
@@ -101,5 +107,6 @@ def folder_swap(folder: str | Path) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if staging is None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

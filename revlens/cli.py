@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     tx = sub.add_parser("text-reversal", help="train a small MDM and a matched ARM on a reversal dataset folder "
                         "(Berglund et al. layout) and score every test file")
     tx.add_argument("data", type=Path, help="folder with p2d_/d2p_/both_prompts_train.jsonl and the test files")
-    tx.add_argument("--out", type=Path, required=True, help="run folder: results.csv, scores.jsonl, checkpoints")
+    tx.add_argument("--out", type=Path, required=True,
+                    help="run folder: results.csv, scores.jsonl, checkpoints (a killed run resumes when rerun)")
     tx.add_argument("--layers", type=_positive_int, default=2)
     tx.add_argument("--d-model", type=_positive_int, default=128)
     tx.add_argument("--heads", type=_positive_int, default=4)
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--patience", type=_positive_int, default=4,
                     help="stop after this many evaluations without a better held-out accuracy")
     tx.add_argument("--overwrite", action="store_true",
-                    help="replace --out as a whole when it holds another run or other content (refused otherwise)")
+                    help="replace --out as a whole when it holds another run or other content (refused otherwise), "
+                         "and discard an interrupted run instead of resuming it")
 
     rp = sub.add_parser("reproduce", help="run the whole notebook suite headless into reports/")
     rp.add_argument("--notebooks", type=Path, default=Path("notebooks"))

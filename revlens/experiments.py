@@ -89,16 +89,9 @@ def code_fingerprint(root: str | Path | None = None) -> str:
     imported by toy training and is not hashed. torch's version is, since its kernels produce the
     weights. ``root``: the package folder to hash (default: this package's; tests pass a copy).
     """
-    import torch
+    from revlens.provenance import source_fingerprint
 
-    root = Path(__file__).parent if root is None else Path(root)
-    digest = hashlib.sha256(f"torch {torch.__version__}".encode())
-    files = sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*.py"))
-    for name, path in files:
-        if name.split("/")[0] == "lm":
-            continue
-        digest.update(name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+    return source_fingerprint(Path(__file__).parent if root is None else root, skip=("lm",))
 
 
 def cache_key(

@@ -1,10 +1,25 @@
-"""When was a file committed? The evidence a pre-registration rests on: its prediction file's commit precedes the
-commit of the results it predicts, read from git."""
+"""Where a result came from. When was a file committed (the evidence a pre-registration rests on: its prediction
+file's commit precedes the commit of the results it predicts, read from git), and which source made it (a hash of
+the package's files, so work is reused or resumed only by the code that began it)."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
+
+
+def source_fingerprint(root: str | Path, skip: tuple[str, ...] = ()) -> str:
+    """Hash of torch's version and every ``*.py`` under ``root``, each keyed by its path relative to ``root`` (so a
+    file moved or renamed changes it too); files under the top-level folders named in ``skip`` are left out."""
+    import torch
+
+    root = Path(root)
+    digest = hashlib.sha256(f"torch {torch.__version__}".encode())
+    for name, path in sorted((path.relative_to(root).as_posix(), path) for path in root.rglob("*.py")):
+        if name.split("/")[0] not in skip:
+            digest.update(name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def registration_commit(path: str | Path) -> str:

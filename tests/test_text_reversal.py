@@ -383,7 +383,7 @@ def test_training_continues_to_a_fixed_step(tmp_path):
     model, step = first.model, first.step
     assert step == 2
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, _, step, history, _ = train_until_flat("llama", buckets, validation, tok, hc, tmp_path / "b", start=first,
+    _, _, step, history, _, _ = train_until_flat("llama", buckets, validation, tok, hc, tmp_path / "b", start=first,
                                               stop_at=5, snapshot=(3, tmp_path / "c"))
     assert step == 5 and [h["step"] for h in history] == [3, 4, 5] and history[0]["snapshot"]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -483,3 +483,56 @@ def test_a_plateau_divides_the_learning_rate_before_the_model_stops(tmp_path, mo
     assert more.step == 12 and more.history[-1]["lr"] == pytest.approx(TINY.lr / 10)
     with pytest.raises(ValueError, match="lr_decays must be"):
         HarnessConfig(lr_decays=-1)
+
+
+def _weights(folder: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{p.relative_to(folder)}:{k}": v for p in sorted(folder.rglob("model.safetensors"))
+            for k, v in load_file(str(p)).items()}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_result_of_one_never_stopped(tmp_path, monkeypatch):
+    """Killed at every third optimiser step of every attempt (so in every model of both seeds, between two
+    evaluations), the rerun goes on from the last evaluation: the same tables, records (but wall times) and
+    weights, bit for bit, as the run that never stopped. The control: a partial run is refused by another
+    configuration, and --overwrite discards it."""
+    hc = replace(QUICK, seeds=(0, 1), max_steps=6)
+    reference = run_text_reversal(FIXTURE, tmp_path / "ref", hc)
+    real, attempts = harness.optimizer_step, 0
+
+    def killed_at_the_third_step(*args, calls=[0]):
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(harness, "optimizer_step", killed_at_the_third_step)
+    out, partial = tmp_path / "run", tmp_path / ".run.partial"
+    while True:
+        attempts += 1
+        try:
+            results = run_text_reversal(FIXTURE, out, hc)
+            break
+        except KeyboardInterrupt:
+            assert not out.exists() and (partial / "partial.json").is_file()
+            if attempts == 2:
+                with pytest.raises(ValueError, match="interrupted run of another configuration"):
+                    run_text_reversal(FIXTURE, out, replace(hc, max_steps=8))
+    assert attempts > 4 and not partial.exists()  # at least one kill in each of the four models
+    assert results.equals(reference)
+    record, expected = (json.loads((folder / "training.json").read_text()) for folder in (out, tmp_path / "ref"))
+    assert _without_times(record) == _without_times(expected)
+    assert not list(out.rglob(".resume")) and not (out / "partial.json").exists()
+    got, want = _weights(out), _weights(tmp_path / "ref")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # a partial run of unknown identity is refused; --overwrite discards it and starts again
+    other = tmp_path / ".other.partial"
+    (other / "seed0").mkdir(parents=True)
+    (other / "partial.json").write_text("{}")
+    with pytest.raises(ValueError, match="interrupted run of another configuration and dataset"):
+        run_text_reversal(FIXTURE, tmp_path / "other", hc)
+    identity = json.loads((other / "partial.json").read_text()) or {"config": 1}
+    assert harness.partial_text_run(tmp_path / "other", identity, overwrite=True) == other
+    assert [p.name for p in other.iterdir()] == ["partial.json"]

@@ -73,6 +73,7 @@ import json
 import random
 import re
 import shutil
+import sys
 import time
 import unicodedata
 import weakref
@@ -91,7 +92,8 @@ from revlens.atomic import folder_swap, write_json_atomic, write_text_atomic
 from revlens.config import load_json
 from revlens.stats import mean_ci
 from revlens.facts import Query, _finite, _slot_logprobs, answer_logprobs, answer_scores, encode_query
-from revlens.lm.trainer import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
+from revlens.lm.trainer import (OBJECTIVE, Bucket, PairConfig, check_loss, load_training_state, new_model,
+                                optimizer_step, save_model, save_training_state)
 
 TRAIN_FILES: tuple[str, ...] = ("p2d_prompts_train.jsonl", "d2p_prompts_train.jsonl", "both_prompts_train.jsonl")
 TEST_FILES: tuple[str, ...] = ("p2d_prompts_test.jsonl", "p2d_reverse_prompts_test.jsonl", "d2p_prompts_test.jsonl",
@@ -632,19 +634,21 @@ def held_out_accuracy(lm, validation: list[Example], open_after: int = 0) -> flo
 
 
 class Training(NamedTuple):
-    """A model in training: its optimiser, the step reached, the history and the learning rate's scale."""
+    """A model in training: its optimiser, the step reached, the history, the learning rate's scale and the wall
+    seconds this training took (summed over the runs of a resumed one)."""
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     step: int
     history: list[dict]
     lr_scale: float
+    seconds: float = 0.0
 
 
 def train_until_flat(family: str, buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig,
                      folder: Path, pc: PairConfig | None = None, start: Training | None = None,
-                     stop_at: int | None = None, snapshot: tuple[int, Path] | None = None, open_after: int = 0
-                     ) -> Training:
+                     stop_at: int | None = None, snapshot: tuple[int, Path] | None = None, open_after: int = 0,
+                     state: Path | None = None) -> Training:
     """Train one model until its held-out trained-direction accuracy has reached a plateau ``lr_decays + 1``
     times (and at least ``min_steps``), or to ``stop_at``; the model as it ends is saved in ``folder``.
 
@@ -655,6 +659,10 @@ def train_until_flat(family: str, buckets: list[Bucket], validation: list[Exampl
     a model keeps the rate it ended with. ``snapshot=(step, path)`` also saves the model as it is at that step.
     ``pc`` defaults to ``hc.pair``; ``open_after``: see :func:`score_file`. History rows: step, loss, held-out
     accuracy, learning rate, seconds (the snapshot's row marked).
+
+    ``state``: a file where the whole training state is written at every evaluation
+    (:func:`revlens.lm.trainer.save_training_state`). When it exists the training resumes from it, taking the same
+    batches and reaching the same weights as if it had never stopped; a finished training is returned as it ended.
     """
     pc = pc or hc.pair
     objective = OBJECTIVE[family]
@@ -663,14 +671,22 @@ def train_until_flat(family: str, buckets: list[Bucket], validation: list[Exampl
         opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
         step, scale = 0, 1.0
     else:
-        model, opt, step, _, scale = start
+        model, opt, step, scale = start.model, start.opt, start.step, start.lr_scale
     gen = torch.Generator().manual_seed(pc.seed + step)
     sizes = torch.tensor([len(b.tokens) for b in buckets], dtype=torch.float)
     limit = stop_at if stop_at is not None else hc.max_steps
     history: list[dict] = []
-    best, since_best, decays_left = -1.0, 0, hc.lr_decays
+    best, since_best, decays_left, spent = -1.0, 0, hc.lr_decays, 0.0
     desc = f"train {family} ({objective}, seed {pc.seed})"
-    began = time.time()
+    if state is not None and Path(state).is_file():
+        saved = load_training_state(Path(state), model, opt, gen)
+        step, history, scale, spent = saved["step"], saved["history"], saved["lr_scale"], saved["seconds"]
+        best, since_best, decays_left = saved["best"], saved["since_best"], saved["decays_left"]
+        if saved["done"]:
+            model.eval()
+            return Training(model, opt, step, history, scale, spent)
+        print(f"{desc}: resuming at step {step} from {state}", file=sys.stderr)
+    began = time.time() - spent
     bar = tqdm(total=limit, initial=step, desc=desc, mininterval=5)
     while step < limit:
         lr = pc.lr * scale * min(1.0, (step + 1) / hc.warmup)
@@ -692,15 +708,23 @@ def train_until_flat(family: str, buckets: list[Bucket], validation: list[Exampl
             history.append({"step": step, "loss": loss, "held-out accuracy": accuracy, "lr": lr,
                             "seconds": round(time.time() - began, 1)})
             bar.set_postfix(held_out=f"{accuracy:.3f}", lr=f"{lr:.0e}")
+            done = step == limit
             if stop_at is None:
                 best, since_best = (accuracy, 0) if accuracy > best else (best, since_best + 1)
                 if since_best >= hc.patience and step >= hc.min_steps:
-                    if not decays_left:
-                        break
-                    decays_left, since_best, scale = decays_left - 1, 0, scale / hc.lr_decay
+                    if decays_left:
+                        decays_left, since_best, scale = decays_left - 1, 0, scale / hc.lr_decay
+                    else:
+                        done = True
+            if state is not None:
+                save_training_state(Path(state), model, opt, gen, step=step, history=history, lr_scale=scale,
+                                    seconds=time.time() - began, best=best, since_best=since_best,
+                                    decays_left=decays_left, done=done)
+            if done:
+                break
     bar.close()
     model.eval()
-    return Training(model, opt, step, history, scale)
+    return Training(model, opt, step, history, scale, time.time() - began)
 
 
 def _entry(step: int, seconds: float | None, history: list[dict]) -> dict:
@@ -715,31 +739,48 @@ def train_seed(buckets: list[Bucket], validation: list[Example], tok, hc: Harnes
     """Both models of one seed, each to its own plateau, and each also at the other's step count: the one that
     stopped first is trained on to the other's step, the one that went on is saved when it passed it. Folders under
     ``out``: ``llada``, ``llama`` and ``llama_at_mdm_budget`` or ``llada_at_arm_budget`` (none when equal). With one
-    model in ``hc.models``, that model alone to its plateau."""
+    model in ``hc.models``, that model alone to its plateau.
+
+    Resumable: each training keeps its state in ``out/.resume`` (see :func:`train_until_flat`), so a killed seed
+    goes on from its last evaluation when called again; a finished seed writes its record to ``out/training.json``
+    (and drops the states), which a later call returns without training."""
+    finished, states = out / "training.json", out / ".resume"
+    if finished.is_file():
+        return load_json(finished)
     pc = replace(hc.pair, seed=seed)
     if len(hc.models) == 1:
-        started = time.time()
         family = hc.models[0]
-        alone = train_until_flat(family, buckets, validation, tok, hc, out / family, pc, open_after=open_after)
-        return {family: _entry(alone.step, time.time() - started, alone.history)}
-    started = time.time()
-    mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc, open_after=open_after)
-    record = {"llada": _entry(mdm.step, time.time() - started, mdm.history)}
-    started = time.time()
+        alone = train_until_flat(family, buckets, validation, tok, hc, out / family, pc, open_after=open_after,
+                                 state=states / f"{family}.pt")
+        record = {family: _entry(alone.step, alone.seconds, alone.history)}
+    else:
+        record = _train_both(buckets, validation, tok, hc, pc, out, open_after)
+    write_json_atomic(finished, record)
+    shutil.rmtree(states, ignore_errors=True)
+    return record
+
+
+def _train_both(buckets: list[Bucket], validation: list[Example], tok, hc: HarnessConfig, pc: PairConfig, out: Path,
+                open_after: int) -> dict[str, dict]:
+    """The MDM and the ARM of one seed at both budgets (see :func:`train_seed`)."""
+    states = out / ".resume"
+    mdm = train_until_flat("llada", buckets, validation, tok, hc, out / "llada", pc, open_after=open_after,
+                           state=states / "llada.pt")
+    record = {"llada": _entry(mdm.step, mdm.seconds, mdm.history)}
     arm = train_until_flat("llama", buckets, validation, tok, hc, out / "llama", pc,
-                           snapshot=(mdm.step, out / "llama_at_mdm_budget"), open_after=open_after)
-    record["llama"] = _entry(arm.step, time.time() - started, [h for h in arm.history if not h.get("snapshot")])
+                           snapshot=(mdm.step, out / "llama_at_mdm_budget"), open_after=open_after,
+                           state=states / "llama.pt")
+    record["llama"] = _entry(arm.step, arm.seconds, [h for h in arm.history if not h.get("snapshot")])
     snap = [h for h in arm.history if h.get("snapshot")]
     if snap and arm.step > mdm.step:  # the ARM went past the MDM's step count: its state there is the ARM at that budget
         record["llama_at_mdm_budget"] = _entry(mdm.step, snap[0]["seconds"], snap)
     elif snap:  # the ARM stopped at the MDM's step count: the snapshot is the ARM itself
-        shutil.rmtree(out / "llama_at_mdm_budget")
+        shutil.rmtree(out / "llama_at_mdm_budget", ignore_errors=True)
     for short, long_, name, at in (("llama", "llada", "llama_at_mdm_budget", arm), ("llada", "llama", "llada_at_arm_budget", mdm)):
         if record[short]["steps"] < record[long_]["steps"]:
-            started = time.time()
             more = train_until_flat(short, buckets, validation, tok, hc, out / name, pc, start=at,
-                                    stop_at=record[long_]["steps"], open_after=open_after)
-            record[name] = _entry(more.step, record[short]["seconds"] + time.time() - started, more.history)
+                                    stop_at=record[long_]["steps"], open_after=open_after, state=states / f"{name}.pt")
+            record[name] = _entry(more.step, record[short]["seconds"] + more.seconds, more.history)
     return record
 
 
@@ -754,10 +795,13 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
     ``training.json`` (configuration, held-out split, budgets, histories, the data's SHA-256, the train/test
     overlap) and the checkpoints ``seed<k>/{llada,llama}/`` plus the one trained on to the other's budget.
 
-    The run is built in a temporary folder beside ``out_dir`` and swapped in whole when it is finished, so a kill
-    leaves the previous folder untouched. Into an existing folder: a finished run of the same configuration and
-    data is returned as it is (nothing retrains); another run, or a folder this harness did not write, is refused
-    before anything trains unless ``overwrite`` (which replaces the whole folder).
+    The run is built in ``.<out_dir's name>.partial`` beside ``out_dir`` and swapped in whole when it is finished,
+    so a kill leaves the previous folder untouched, and the same call again resumes the killed run from its last
+    evaluation (:func:`train_seed`), with the same result as a run never stopped; a partial run of another
+    configuration, dataset, scoring rule or library source is refused, naming what differs. Into an existing
+    folder: a finished run of the same configuration and data is returned as it is (nothing retrains); another run,
+    or a folder this harness did not write, is refused before anything trains. ``overwrite`` replaces the whole
+    folder and discards any partial run.
     """
     out, data_dir = Path(out_dir), Path(data_dir)
     layout = read_layout(data_dir)
@@ -766,6 +810,7 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
     finished = finished_text_run(out, record, overwrite)
     if finished is not None:
         return finished
+    staging = partial_text_run(out, record | {"source": harness_source()}, overwrite)
     names = person_names(layout)
     held = held_out_split(layout, names, hc.held_out_fraction)
     trained, validation, _ = split_layout(layout, names, held)
@@ -774,9 +819,45 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
     record |= {"open_after": continuation_length(trained, names, tok), "vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
                "held_out_lines": held, "n_held_out": len(validation), "converged_accuracy": CONVERGED_ACCURACY,
                "train_test_overlap": train_test_overlap(trained, tok), "models": {}}
-    with folder_swap(out) as tmp:
+    with folder_swap(out, staging=staging) as tmp:
         results = _train_and_score(layout | {HELD_OUT: validation}, names, tok, buckets, hc, tmp, record)
+        (tmp / PARTIAL_RECORD).unlink()
     return results
+
+
+PARTIAL_RECORD = "partial.json"
+"""The identity of a partial run (configuration, dataset, scoring rule, library source), in its staging folder."""
+
+
+def harness_source() -> str:
+    """Fingerprint of the whole ``revlens`` source: a killed run is resumed only by the code that began it."""
+    from revlens.provenance import source_fingerprint
+
+    return source_fingerprint(Path(__file__).parents[1])
+
+
+def partial_text_run(out: Path, identity: dict, overwrite: bool) -> Path:
+    """The staging folder of a run into ``out``, ready to build in: a killed run's, to resume, when it was begun
+    with ``identity``; a new one otherwise (a killed run of another identity is refused unless ``overwrite``,
+    which discards any partial run)."""
+    staging = out.parent / f".{out.name}.partial"
+    found = staging / PARTIAL_RECORD
+    if staging.exists() and overwrite:
+        shutil.rmtree(staging)
+    elif found.is_file():
+        begun = load_json(found)
+        differing = [what for key, what in (("config", "configuration"), ("data", "dataset"),
+                                            ("scoring", "scoring rule"), ("source", "revlens source"))
+                     if not isinstance(begun, dict) or begun.get(key) != identity[key]]
+        if differing:
+            raise ValueError(f"{staging} holds an interrupted run of another {' and '.join(differing)}; rerun it "
+                             "with what began it to resume, or pass --overwrite to discard it")
+        print(f"resuming the interrupted run in {staging}", file=sys.stderr)
+    elif staging.exists() and any(staging.iterdir()):
+        raise ValueError(f"{staging} exists and is not a partial text-reversal run; remove it, or pass --overwrite")
+    staging.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(found, identity)
+    return staging
 
 
 def finished_text_run(out: Path, record: dict, overwrite: bool) -> pd.DataFrame | None:

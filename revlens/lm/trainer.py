@@ -5,7 +5,8 @@ objectives' batches, one optimiser step, saving as a model folder.
 clipping); :func:`new_model` builds a freshly initialised LLaDA-architecture MDM (``llada``) or LLaMA-architecture
 ARM (``llama``, see :data:`OBJECTIVE`); :func:`optimizer_step` takes one AdamW step on a batch of one length
 :class:`Bucket` under the model's objective (:mod:`revlens.objectives`); :func:`save_model` writes the folder
-:class:`revlens.lm.HookedLM` loads. The shipped small pair (:mod:`revlens.lm.small_pair`) and the text-reversal
+:class:`revlens.lm.HookedLM` loads; :func:`save_training_state` and :func:`load_training_state` keep what a killed
+training needs to go on exactly as if it had not stopped. The shipped small pair (:mod:`revlens.lm.small_pair`) and the text-reversal
 harness (:mod:`revlens.lm.text_reversal`) train with these.
 """
 
@@ -19,7 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from revlens.atomic import folder_swap, save_safetensors_atomic
+from revlens.atomic import folder_swap, save_safetensors_atomic, temporary_beside
 from revlens.config import check_choice
 from revlens.lm.corpus import WORDINGS
 from revlens.lm.llada import LLaDAConfig, LLaDAModelLM
@@ -133,6 +134,32 @@ def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
         save_safetensors_atomic(state, tmp / "model.safetensors")
         save_config(tmp, model.config.to_dict())
         tok.save_pretrained(str(tmp))
+
+
+def save_training_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                        **progress) -> None:
+    """Write, atomically, all that resuming a training needs: the weights, the optimiser's moments, the batch
+    generator's state and ``progress`` (step, history, counters: tensors and plain values only). A training
+    resumed from it with :func:`load_training_state` takes the same batches and reaches the same weights, bit for
+    bit, as one that never stopped."""
+    with temporary_beside(Path(path)) as tmp:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "progress": progress}, tmp)
+
+
+def load_training_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        gen: torch.Generator) -> dict:
+    """Load a state written by :func:`save_training_state` into ``model``, ``opt`` and ``gen``; returns its
+    ``progress``. Read with ``weights_only=True``: a state file can hold tensors and plain values, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+    except Exception as err:
+        raise ValueError(f"cannot resume from {path}: {type(err).__name__}: {err}; delete it (or pass --overwrite) "
+                         "to train from the start") from err
+    return state["progress"]
 
 
 def new_model(family: str, pc: PairConfig, tok, max_len: int = 64) -> torch.nn.Module:
