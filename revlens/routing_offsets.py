@@ -23,6 +23,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -237,3 +238,73 @@ def read_route(model: "ToyTransformer", delta: int, n_facts: int, offsets: Seque
     pairs = list(itertools.combinations(range(1, 1 + len(offsets)), N_DISTRACTORS))
     share = sum(_b_wins(self_score, f[:, [0, *pair]], gain) for pair in pairs) / len(pairs)
     return RouteRead(query, delta, offsets, f[:, 0], f[:, 1:], self_score, gain, share, single)
+
+
+# ---- one sweep row per model: read from the weights first, then measured -------------------------
+SWEEP_FILE = Path("data/routing_offsets_sweep.json")
+"""The probe sweep: the routing sweep's core cell retrained with ``"probe": "offsets"`` (:func:`probe_sweep`)."""
+TABLE_FILE = Path("data/routing_offsets.jsonl")
+
+
+def probe_rows(model: "ToyTransformer", world: RoutingWorld, objective: str) -> dict[str, Any]:
+    """A trained routing model's per-offset preference, per query (``reverse``, ``inplace``): first from its
+    weights alone (:func:`read_route`), then measured, so nothing measured can inform the reading.
+
+    Keys, each prefixed by the query: ``offsets`` (every single-distractor offset the context allows);
+    ``weights_b_wins`` (per offset, the weight reading's verdict with one distractor there);
+    ``weights_acc`` (the weight reading's predicted accuracy on the default two-distractor prompts);
+    ``single_acc`` / ``single_logit_gap`` (measured per offset: accuracy, and B's A minus the distractor's A in
+    logits, mean over prompts; :func:`single_distractor_metrics`); ``acc`` (measured on the default prompts)."""
+    from revlens.evaluation import evaluate
+
+    delta = world.eval_delta or world.delta
+    offsets = single_distractor_offsets(delta, model.cfg.n_ctx)
+    row: dict[str, Any] = {}
+    for query in ("reverse", "inplace"):
+        everywhere = read_route(model, delta, world.n_facts, offsets, query)
+        default = read_route(model, delta, world.n_facts, None, query)
+        row |= {f"{query}_offsets": offsets, f"{query}_weights_b_wins": [bool(b) for b in everywhere.single_b_wins],
+                f"{query}_weights_acc": round(default.predicted_acc, 6)}
+    for query in ("reverse", "inplace"):
+        measured = single_distractor_metrics([model], [world], objective, offsets, (query,))
+        row |= {f"{query}_single_acc": [round(m["acc"], 6) for m in measured],
+                f"{query}_single_logit_gap": [round(m["logit_gap"], 4) for m in measured]}
+    scores = evaluate(model, world, objective)  # type: ignore[arg-type]
+    return row | {f"{query}_acc": round(scores[f"{query}_acc"], 6) for query in ("reverse", "inplace")}
+
+
+def probe_sweep(routing_sweep: dict[str, Any]) -> dict[str, Any]:
+    """The probe sweep file: the routing sweep file's ``core`` cell, world, training settings, seeds and stack
+    size as they are (so its models are the core models; each row's config hash is the core row's plus the
+    probe), with ``"probe": "offsets"``."""
+    from revlens.routing.sweep import RoutingSweepSpec
+
+    core = next((c for c in routing_sweep.get("cells", []) if c.get("name") == "core"), None)
+    if core is None:
+        raise ValueError("the routing sweep file has no 'core' cell to probe")
+    sweep = {"name": "routing_offsets", "family": "routing", "probe": "offsets",
+             **{k: routing_sweep[k] for k in ("world", "train", "seeds", "stack_size") if k in routing_sweep},
+             "cells": [core]}
+    RoutingSweepSpec.from_dict(sweep)  # the engine accepts it
+    return sweep
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m revlens.routing_offsets``: write the probe sweep file from the routing sweep file; train it
+    with ``revlens sweep data/routing_offsets_sweep.json --out data/routing_offsets.jsonl``."""
+    import argparse
+
+    from revlens.atomic import write_json_atomic
+    from revlens.config import load_json
+
+    parser = argparse.ArgumentParser(prog="python -m revlens.routing_offsets", description=main.__doc__)
+    parser.add_argument("--routing-sweep", default="data/routing_sweep.json", help="routing sweep file to probe")
+    parser.add_argument("--out", default=str(SWEEP_FILE), help="probe sweep file to write")
+    args = parser.parse_args(argv)
+    write_json_atomic(args.out, probe_sweep(load_json(args.routing_sweep)))
+    print(f"written {args.out}; train it with: revlens sweep {args.out} --out {TABLE_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -156,3 +156,52 @@ def test_weight_read_predicts_the_reverse_query_without_reading_evaluation_data(
         accs = [r["acc"] for r in single if r["model"] == i]
         assert np.mean([(acc > 0.5) == bool(win) for acc, win in zip(accs, read.single_b_wins)]) >= 0.9
     assert not math.isnan(reads[0].gain.sum().item()) and (reads[0].gain > 0).all()  # both heads carry B -> A
+
+
+def test_probe_rows_read_the_weights_before_anything_is_measured(trained, monkeypatch):
+    """Each probe row is read from the weights first: every weight reading happens before the first prompt is
+    scored. The row's per-offset lists line up, and its measured numbers are the evaluator's."""
+    import revlens.evaluation
+    import revlens.routing_offsets as offsets_module
+    from revlens.routing_offsets import probe_rows
+
+    models, worlds = trained
+    calls = []
+    real_read, real_metrics = offsets_module.read_route, offsets_module.single_distractor_metrics
+    monkeypatch.setattr(offsets_module, "read_route", lambda *a, **k: calls.append("read") or real_read(*a, **k))
+    monkeypatch.setattr(offsets_module, "single_distractor_metrics",
+                        lambda *a, **k: calls.append("measure") or real_metrics(*a, **k))
+    real_evaluate = revlens.evaluation.evaluate
+    monkeypatch.setattr(revlens.evaluation, "evaluate", lambda *a, **k: calls.append("measure") or real_evaluate(*a, **k))
+    row = probe_rows(models[0], worlds[0], "inplace")
+    assert calls == ["read"] * 4 + ["measure"] * 3
+    offsets = single_distractor_offsets(2, N_CTX)
+    for query in ("reverse", "inplace"):
+        assert row[f"{query}_offsets"] == offsets
+        assert len(row[f"{query}_weights_b_wins"]) == len(row[f"{query}_single_acc"]) == len(offsets)
+    assert row["reverse_acc"] == round(evaluate(models[0], worlds[0], "inplace")["reverse_acc"], 6)
+    single = single_distractor_metrics(models[:1], worlds[:1], offsets=[1, 5], queries=("reverse",))
+    assert [row["reverse_single_acc"][offsets.index(o)] for o in (1, 5)] == [round(r["acc"], 6) for r in single]
+    assert not row["reverse_weights_acc"] > 0.5 and row["inplace_weights_acc"] == 1.0  # delta 2: reverse fails
+
+
+def test_the_shipped_probe_sweep_is_the_core_cell_with_the_probe():
+    """The probe sweep file is what the library writes from the routing sweep file: the core cell's models, and
+    a config hash that differs from the core row's only by the probe (a table of one is never read as the other)."""
+    import json
+    from pathlib import Path
+
+    from revlens.routing.sweep import RoutingSweepSpec
+    from revlens.routing_offsets import SWEEP_FILE, probe_sweep
+
+    root = Path(__file__).parents[1]
+    routing = json.loads((root / "data" / "routing_sweep.json").read_text())
+    shipped = json.loads((root / SWEEP_FILE).read_text())
+    assert shipped == probe_sweep(routing)
+    probe, plain = RoutingSweepSpec.from_dict(shipped), RoutingSweepSpec.from_dict({**shipped, "probe": None, "name": "x"})
+    job = probe.jobs()[0]
+    assert probe.config(job) != plain.config(job)
+    core = RoutingSweepSpec.from_dict(routing)
+    assert plain.config(job) == core.config(next(j for j in core.jobs() if j[0].name == "core"))
+    with pytest.raises(ValueError, match="probe"):
+        RoutingSweepSpec.from_dict({**shipped, "probe": "heads"})

@@ -29,6 +29,8 @@ ROW_METRICS: tuple[str, ...] = (
     + tuple(f"{m}_{suffix}" for suffix, _ in HELD_OUT for m in HELD_OUT_METRICS)
 )
 """The metrics each sweep row keeps (see :func:`routing_metrics`; ``forward_*`` only with fillers)."""
+PROBES: tuple[str, ...] = ("offsets",)
+"""What a sweep file's ``"probe"`` may ask each model for instead of :data:`ROW_METRICS`."""
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,16 @@ class RoutingSweepSpec:
     seeds: tuple[int, ...]
     cells: tuple[RoutingCell, ...]
     stack_size: int = 50
+    probe: str | None = None
+    """``None``: each row keeps :data:`ROW_METRICS`; ``"offsets"``: each row keeps instead the model's per-offset
+    preference, read from its weights and then measured (:func:`revlens.routing_offsets.probe_rows`)."""
     key_fields: ClassVar[tuple[str, ...]] = ("cell", "delta", "base", "seed")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoutingSweepSpec":
         if not isinstance(data, dict):
             raise ValueError(f"a routing sweep file holds a JSON object, got {type(data).__name__}")
-        allowed = {"name", "family", "world", "train", "seeds", "cells", "stack_size"}
+        allowed = {"name", "family", "world", "train", "seeds", "cells", "stack_size", "probe"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"routing sweep file has unknown keys {sorted(unknown)}")
@@ -164,8 +169,11 @@ class RoutingSweepSpec:
             raise ValueError(f"routing sweep file: bad 'train': {err}") from None
         stack_size = data.get("stack_size", 50)
         check_int("stack_size", stack_size, 1)
+        probe = data.get("probe")
+        if probe is not None:
+            check_choice("probe", probe, PROBES)
         spec = cls(check_file_name("routing sweep name", data.get("name")), dict(data.get("world", {})), train,
-                   check_seeds(data.get("seeds")), tuple(cells), stack_size)
+                   check_seeds(data.get("seeds")), tuple(cells), stack_size, probe)
         for cell in cells:  # a bad override fails now, not after the other cells have trained
             if "objective" in cell.train:
                 raise ValueError(f"cell {cell.name!r}: set the objective with the cell's 'objective', not in its 'train'")
@@ -208,7 +216,8 @@ class RoutingSweepSpec:
         layout = {} if cell.distractor_offsets is None else {"distractor_offsets": list(cell.distractor_offsets)}
         return config_hash({"model": cell.model_cfg(world, base).to_dict(), "train": self.train_for(cell).to_dict(),
                             "world": {**self.world, "delta": delta, "seed": seed, "layout": cell.layout, **layout},
-                            "shift_positions": cell.shift_positions, "init_noise": init_noise()})
+                            "shift_positions": cell.shift_positions, "init_noise": init_noise(),
+                            **({} if self.probe is None else {"probe": self.probe})})
 
     def planned(self) -> list[Planned]:
         return [Planned((job[0].name, job[1], job[2], job[3]), self.config(job), {"group": job[0].group})
@@ -243,7 +252,8 @@ class RoutingSweepSpec:
 
 
 def train_rows(spec: RoutingSweepSpec, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Train ``jobs`` (all of one cell) as one stack and return their table rows (without provenance)."""
+    """Train ``jobs`` (all of one cell) as one stack and return their table rows (without provenance): the
+    metrics of :data:`ROW_METRICS`, or with ``spec.probe`` the probe's rows."""
     from revlens.stack import Member, train_stack
     from revlens.theory import rope_score_correlation
 
@@ -253,6 +263,12 @@ def train_rows(spec: RoutingSweepSpec, jobs: Sequence[Job]) -> list[dict[str, An
         world = spec.world_for(delta, seed, cell.layout, cell.distractor_offsets)
         members.append(Member(cell.model_cfg(world, base), world, seed))
     models = train_stack(members, spec.train_for(cell), progress=False, shift_positions=cell.shift_positions)
+    if spec.probe == "offsets":
+        from revlens.routing_offsets import probe_rows
+
+        return [{"cell": cell.name, "group": cell.group, "objective": cell.objective, "d_head": member.model_cfg.d_head,
+                 "delta": delta, "base": base, "seed": seed, **probe_rows(model, member.world, cell.objective)}
+                for (_, delta, base, seed), member, model in zip(jobs, members, models)]
     rows = []
     for (_, delta, base, seed), member, model in zip(jobs, members, models):
         cfg = member.model_cfg
