@@ -25,6 +25,17 @@ SCORE_HOOK = "blocks.{layer}.attn.hook_attn_scores"
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
 
 
+def route_at(values: Float[Tensor, "batch head query_pos key_pos"], query_pos: Int[Tensor, "batch *route"],
+             key_pos: Int[Tensor, "batch *route"]) -> Float[Tensor, "batch *route head"]:
+    """Read routes off one layer's attention scores or pattern: ``values[b, :, query_pos[b, ...], key_pos[b, ...]]``,
+    every head, the two position tensors broadcast against each other per prompt (e.g. one query and several
+    keys, or several queries and one key). The one place routes are read from a hook's tensor: the toy's routes,
+    the routing world's readout row and a generation's routes by step all go through it."""
+    query_pos, key_pos = torch.broadcast_tensors(torch.as_tensor(query_pos), torch.as_tensor(key_pos))
+    rows = torch.arange(values.shape[0]).view(-1, *[1] * (query_pos.dim() - 1))
+    return values[rows, :, query_pos, key_pos]
+
+
 @dataclass(frozen=True)
 class RoutePrompts:
     """Prompts with, per prompt, the query position and the key position of the route."""
@@ -61,10 +72,9 @@ def read_routes(model, routes: RoutePrompts) -> RouteReadings:
     n_layers = model.cfg.n_layers
     names = [h.format(layer=l) for l in range(n_layers) for h in (SCORE_HOOK, PATTERN_HOOK)]
     _, cache = model.run_with_cache(routes.prompts, names_filter=names)
-    rows = torch.arange(routes.prompts.shape[0])
 
     def gather(hook: str) -> Tensor:
-        per_layer = [cache[hook.format(layer=l)][rows, :, routes.query_pos, routes.key_pos] for l in range(n_layers)]
+        per_layer = [route_at(cache[hook.format(layer=l)], routes.query_pos, routes.key_pos) for l in range(n_layers)]
         return torch.stack(per_layer, dim=1)  # [n, layer, head]
 
     return RouteReadings(gather(SCORE_HOOK), gather(PATTERN_HOOK))

@@ -44,3 +44,19 @@ def test_route_logger_and_mismatched_prompts(trained_arm, small_world):
 def test_pearson_matches_numpy():
     x, y = torch.randn(2, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(pearson(x, y), torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+
+def test_route_at_reads_each_prompts_own_query_and_key_for_every_head():
+    from revlens.routes import route_at
+
+    values = torch.randn(3, 2, 5, 5)  # [batch, head, query_pos, key_pos]
+    q, k = torch.tensor([0, 4, 2]), torch.tensor([1, 1, 3])
+    one = route_at(values, q, k)
+    assert one.shape == (3, 2) and all(torch.equal(one[b], values[b, :, q[b], k[b]]) for b in range(3))
+    keys = torch.tensor([[1, 2], [0, 3], [4, 4]])  # one query, several keys per prompt
+    several = route_at(values, q[:, None], keys)
+    assert several.shape == (3, 2, 2)
+    assert all(torch.equal(several[b, j], values[b, :, q[b], keys[b, j]]) for b in range(3) for j in range(2))
+    slots = torch.tensor([[0, 1, 2], [2, 3, 4], [1, 1, 0]])  # several queries, one key per prompt
+    by_slot = route_at(values, slots, k[:, None])
+    assert by_slot.shape == (3, 3, 2) and torch.equal(by_slot[1, 2], values[1, :, 4, 1])

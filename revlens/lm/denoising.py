@@ -23,7 +23,7 @@ from revlens.facts import EncodedQuery, FactSet, encode_query
 from revlens.lm.analysis import PatchingPairs, _last_token_of
 from revlens.lm.generation import GenerationTrace, generate, patch_generation
 from revlens.patching import HEAD_Z, RESID_PRE, head_out_sites, resid_pre_sites
-from revlens.routes import PATTERN_HOOK
+from revlens.routes import PATTERN_HOOK, route_at
 from revlens.stats import wilson_interval
 
 
@@ -97,9 +97,8 @@ def route_weights_by_step(lm, facts: FactSet, indices: list[int], direction: str
     for group in generate_queries(lm, facts, indices, direction, cache_names=names):
         trace = group.trace
         keys = torch.tensor([_last_token_of(lm, e.prompt, facts.facts[i].b) for i, e in zip(group.facts, group.encoded)])
-        rows = torch.arange(len(group.facts))[:, None]
         queries = lm.read_position(trace.slots).cpu()  # [fact, slot]
-        per_step = [torch.stack([trace.cache[s][name][rows, :, queries, keys[:, None]].cpu() for name in names], 2)
+        per_step = [torch.stack([route_at(trace.cache[s][name], queries, keys[:, None]).cpu() for name in names], 2)
                     for s in range(trace.n_steps)]  # each [fact, slot, layer, head]
         stacked = torch.stack(per_step, 1)
         for k, i in enumerate(group.facts):

@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from revlens.routing.world import N_DISTRACTORS, ROUTING_EVAL_SETS, Arranged, RoutingWorld
+from revlens.routes import route_at
 from revlens.world import EvalSet
 
 
@@ -52,11 +53,11 @@ def mask_row(model, es: EvalSet, arranged: Arranged, objective: str) -> MaskRow 
     logits, cache = model.run_with_cache(
         es.prompts, positions=es.positions, names_filter=lambda n: n in ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")
     )
-    batch = torch.arange(len(es.prompts))
-    pattern = cache["blocks.0.attn.hook_pattern"][:, :, row]  # [batch, head, key]
-    on_d = pattern.gather(2, arranged.d_index[:, None, :].expand(-1, pattern.shape[1], -1))
-    return MaskRow(logits[:, row], pattern[batch, :, arranged.b_index], on_d,
-                   cache["blocks.0.attn.hook_attn_scores"][batch, :, row, arranged.b_index])
+    pattern, scores = cache["blocks.0.attn.hook_pattern"], cache["blocks.0.attn.hook_attn_scores"]
+    queries = torch.full((len(es.prompts),), row)
+    on_d = route_at(pattern, queries[:, None], arranged.d_index).transpose(1, 2)  # [batch, head, distractor]
+    return MaskRow(logits[:, row], route_at(pattern, queries, arranged.b_index), on_d,
+                   route_at(scores, queries, arranged.b_index))
 
 
 @torch.no_grad()
