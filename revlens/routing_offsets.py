@@ -110,14 +110,19 @@ def single_distractor_metrics(
 
 
 def offset_agreement(rows: Sequence[dict[str, Any]], near_zero: float = NEAR_ZERO_MARGIN) -> dict[str, Any]:
-    """How often the measured winner agrees with the kernel's, over (d_head, base, delta, query, offset) cells.
+    """How often the measured winner agrees with the kernel's, over (d_head, base, delta, query, offset) cells,
+    beside two base-blind rules that could do as well.
 
-    ``rows``: :func:`single_distractor_metrics` rows; a cell's accuracy is the mean over its models, and B is
-    the measured winner where it is above 0.5 (with one distractor, a coin between B and it scores 0.5).
-    Returns ``cells`` (one dict per cell: ``acc``, ``n_models``, ``kernel_margin`` and ``kernel_margin_norm``
-    = margin / (d_head / 2), ``predicted_b_wins``, ``measured_b_wins``, ``agree``, ``near_zero``: the
-    normalised margin's size is below ``near_zero``), ``agreement`` (share of cells that agree),
-    ``agreement_clear`` (the same without near-zero cells; NaN if none is left), ``n_cells``, ``n_near_zero``.
+    ``rows``: :func:`single_distractor_metrics` rows (or :func:`probe_offset_rows`); a cell's accuracy is the
+    mean over its models, and B is the measured winner where it is above 0.5 (with one distractor, a coin between
+    B and it scores 0.5). Returns ``cells`` (one dict per cell: ``acc``, ``n_models``, ``kernel_margin`` and
+    ``kernel_margin_norm`` = margin / (d_head / 2), ``predicted_b_wins``, ``measured_b_wins``, ``agree``,
+    ``near_zero``: the normalised margin's size is below ``near_zero``; ``inside``: the offset lies in the
+    training layout's range ``1 .. 2 delta + 1``; the baselines' verdicts ``theta1_b_wins``, the kernel with
+    RoPE's highest frequency only, the same at every base, and ``nearest_b_wins``, B nearer than the
+    distractor), ``agreement`` (share of cells that agree), ``agreement_clear`` (the same without near-zero cells;
+    NaN if none is left), ``agreement_theta1`` and ``agreement_nearest`` (the baselines' shares), ``n_cells``,
+    ``n_near_zero``.
     """
     if not rows:
         raise ValueError("no rows to compare: pass single_distractor_metrics rows")
@@ -132,11 +137,32 @@ def offset_agreement(rows: Sequence[dict[str, Any]], near_zero: float = NEAR_ZER
         cells.append({"d_head": d_head, "base": base, "delta": delta, "query": query, "offset": offset, "acc": acc,
                       "n_models": len(accs), "kernel_margin": margin, "kernel_margin_norm": margin / (d_head / 2),
                       "predicted_b_wins": predicted, "measured_b_wins": measured, "agree": predicted == measured,
-                      "near_zero": abs(margin) / (d_head / 2) < near_zero})
+                      "near_zero": abs(margin) / (d_head / 2) < near_zero, "inside": offset <= 2 * delta + 1,
+                      "theta1_b_wins": mirrored_filter_b_wins(2, delta, base, offset, query),
+                      "nearest_b_wins": offset > delta})
     clear = [c for c in cells if not c["near_zero"]]
-    return {"cells": cells, "agreement": sum(c["agree"] for c in cells) / len(cells),
-            "agreement_clear": sum(c["agree"] for c in clear) / len(clear) if clear else math.nan,
+
+    def share(cells_: list[dict[str, Any]], verdict: str = "predicted_b_wins") -> float:
+        return sum(c[verdict] == c["measured_b_wins"] for c in cells_) / len(cells_) if cells_ else math.nan
+
+    return {"cells": cells, "agreement": share(cells), "agreement_clear": share(clear),
+            "agreement_theta1": share(cells, "theta1_b_wins"), "agreement_nearest": share(cells, "nearest_b_wins"),
             "n_cells": len(cells), "n_near_zero": len(cells) - len(clear)}
+
+
+def probe_offset_rows(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A probe table's rows (:func:`probe_rows`, one per model) as one row per model, query and offset, in the
+    form of :func:`single_distractor_metrics` (``model`` = row index), with the weight reading's verdict
+    (``weights_b_wins``) beside the measured accuracy: the input of :func:`offset_agreement`."""
+    out = []
+    for i, row in enumerate(table):
+        for query in ROUTING_EVAL_SETS:
+            for offset, acc, gap, wins in zip(row[f"{query}_offsets"], row[f"{query}_single_acc"],
+                                              row[f"{query}_single_logit_gap"], row[f"{query}_weights_b_wins"]):
+                out.append({"model": i, "delta": row["delta"], "base": row["base"], "d_head": row["d_head"],
+                            "seed": row["seed"], "query": query, "offset": offset, "acc": acc, "logit_gap": gap,
+                            "weights_b_wins": wins})
+    return out
 
 
 # ---- from the weights ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from revlens.evaluation import answer_metrics, evaluate
 from revlens.model import ToyTransformer
 from revlens.routing import N_CTX, RoutingWorld, distractor_offsets, matched_filter_reverse_accuracy
 from revlens.routing_offsets import (NEAR_ZERO_MARGIN, mirrored_filter_b_wins, mirrored_filter_margin, offset_agreement,
-                                     read_route, single_distractor_metrics, single_distractor_offsets)
+                                     probe_offset_rows, read_route, single_distractor_metrics, single_distractor_offsets)
 from revlens.stack import Member, train_stack
 from revlens.training import TrainConfig
 
@@ -95,8 +95,24 @@ def test_agreement_share_counts_cells_and_flags_near_zero_margins(trained):
     assert small["cells"][0]["agree"]  # K(6) > K(4): the distractor wins, as measured
     assert small["cells"][1]["near_zero"] and small["n_near_zero"] == 1  # K(4) - K(3) is 0.004 of d / 2
     assert small["agreement_clear"] == 1.0
+    # the base-blind baselines: cos(2 delta) vs cos(delta + o) (theta = 1 only), and "the nearer key wins"
+    assert [c["theta1_b_wins"] for c in small["cells"]] == [math.cos(4) > math.cos(6), math.cos(4) > math.cos(3)]
+    assert [c["nearest_b_wins"] for c in small["cells"]] == [True, False]
+    assert small["agreement_nearest"] == 0.0 and all(c["inside"] for c in small["cells"])
     with pytest.raises(ValueError, match="no rows"):
         offset_agreement([])
+
+
+def test_probe_rows_unfold_to_one_row_per_model_query_and_offset():
+    row = {"delta": 2, "base": 100.0, "d_head": 16, "seed": 3}
+    for query in ("inplace", "reverse"):
+        row |= {f"{query}_offsets": [1, 3], f"{query}_single_acc": [0.9, 0.1], f"{query}_single_logit_gap": [2.0, -1.0],
+                f"{query}_weights_b_wins": [True, False]}
+    rows = probe_offset_rows([row, {**row, "seed": 4}])
+    assert len(rows) == 8 and {r["model"] for r in rows} == {0, 1}
+    assert rows[0] == {"model": 0, "delta": 2, "base": 100.0, "d_head": 16, "seed": 3, "query": "inplace", "offset": 1,
+                       "acc": 0.9, "logit_gap": 2.0, "weights_b_wins": True}
+    assert offset_agreement(rows)["n_cells"] == 4
 
 
 def test_weight_read_scores_are_the_models_own():
