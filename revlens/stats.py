@@ -9,7 +9,8 @@ Each interval has one convention:
   Fisher-z interval;
 * **proportions**: :func:`wilson_interval`, the Wilson score interval;
 * **no distributional assumption**: :func:`bootstrap_correlation`, a percentile bootstrap interval over cells
-  or seeds, and :func:`permutation_pvalue`, an exact two-sided permutation test of a difference in means.
+  or seeds, :func:`permutation_pvalue`, an exact two-sided permutation test of a difference in means, and
+  :func:`within_group_correlation`, a correlation within groups with a one-sided permutation test.
 
 Only torch, numpy and the standard library are imported here (no other revlens module), so the real-model
 code in :mod:`revlens.lm` can use these without loading the toy library.
@@ -155,6 +156,45 @@ def permutation_pvalue(x: Sequence[float], y: Sequence[float]) -> float:
     observed = gap(pooled[:n])
     splits = [gap([pooled[i] for i in idx]) for idx in combinations(range(len(pooled)), n)]
     return sum(g >= observed - 1e-12 for g in splits) / len(splits)
+
+
+def within_group_correlation(x: Sequence[float], y: Sequence[float], groups: Sequence, n_permutations: int = 10000,
+                             seed: int = 0) -> tuple[float, float]:
+    """Pearson correlation of ``x`` and ``y`` after subtracting each group's mean from both (what varies inside
+    the groups, e.g. seed to seed within a cell), and its one-sided permutation p-value: the share of
+    ``n_permutations`` shuffles of ``x`` among the members of each group (group means kept) whose correlation
+    is at least the observed one, counting the observed arrangement (``(k + 1) / (n + 1)``). ``(r, p)``; r is NaN
+    when nothing varies within the groups."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keys = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    if not (x.shape == y.shape == keys.shape) or x.ndim != 1:
+        raise ValueError(f"x, y and groups need one value per unit, got {x.shape}, {y.shape}, {keys.shape}")
+    members = [np.flatnonzero(keys == k) for k in range(keys.max() + 1)]
+
+    def centred(v: np.ndarray) -> np.ndarray:
+        out = v.copy()
+        for idx in members:
+            out[idx] -= v[idx].mean()
+        return out
+
+    dy = centred(y)
+
+    def r(dx: np.ndarray) -> float:
+        norm = np.sqrt((dx ** 2).sum() * (dy ** 2).sum())
+        return float((dx * dy).sum() / norm) if norm > 0 else float("nan")
+
+    dx = centred(x)
+    observed = r(dx)
+    if observed != observed:
+        return observed, float("nan")
+    rng = np.random.default_rng(seed)
+    shuffled = dx.copy()
+    hits = 0
+    for _ in range(n_permutations):
+        for idx in members:
+            shuffled[idx] = dx[rng.permutation(idx)]
+        hits += r(shuffled) >= observed - 1e-12
+    return observed, (hits + 1) / (n_permutations + 1)
 
 
 # ---- proportions ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import importlib
 import inspect
+import math
 
 import pandas as pd
 import pytest
@@ -34,3 +35,18 @@ def test_moved_names_live_in_stats_only(old, name):
     # the old module may use the function, imported from revlens.stats, but defines no copy of its own
     assert getattr(module, name, value) is value
     assert f"def {name}(" not in inspect.getsource(module)
+
+
+def test_within_group_correlation_removes_group_means_and_tests_by_shuffling_within_groups():
+    from revlens.stats import within_group_correlation
+
+    groups = ["a"] * 5 + ["b"] * 5
+    y = [0, 1, 2, 3, 4, 10, 11, 12, 13, 14]
+    r, p = within_group_correlation([5, 6, 7, 8, 9, 0, 1, 2, 3, 4], y, groups, n_permutations=2000)
+    assert r == pytest.approx(1.0) and p < 0.01  # across groups the two anti-correlate; within, they agree
+    r, p = within_group_correlation([4, 3, 2, 1, 0, 4, 3, 2, 1, 0], y, groups, n_permutations=2000)
+    assert r == pytest.approx(-1.0) and p > 0.99  # one-sided: a negative correlation is no evidence
+    r, p = within_group_correlation([1] * 10, y, groups)
+    assert math.isnan(r) and math.isnan(p)
+    with pytest.raises(ValueError, match="one value per unit"):
+        within_group_correlation([1, 2], [1, 2, 3], ["a", "a", "b"])
