@@ -157,8 +157,9 @@ def probe_offset_rows(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, row in enumerate(table):
         for query in ROUTING_EVAL_SETS:
+            wins_by_offset = row[f"{query}_weights_b_wins"] or [None] * len(row[f"{query}_offsets"])
             for offset, acc, gap, wins in zip(row[f"{query}_offsets"], row[f"{query}_single_acc"],
-                                              row[f"{query}_single_logit_gap"], row[f"{query}_weights_b_wins"]):
+                                              row[f"{query}_single_logit_gap"], wins_by_offset):
                 out.append({"model": i, "delta": row["delta"], "base": row["base"], "d_head": row["d_head"],
                             "seed": row["seed"], "query": query, "offset": offset, "acc": acc, "logit_gap": gap,
                             "weights_b_wins": wins})
@@ -210,11 +211,18 @@ def _b_wins(self_score: Float[Tensor, " head"], scores: Float[Tensor, "head key_
     return bool(evidence[0] > evidence[1:].max())
 
 
+def readable(cfg) -> bool:
+    """Whether :func:`read_route` can read a model of this config: one layer, RoPE with shared ``W_Q, W_K``
+    (with an MLP the scores are still exact, the heads' gains leave the MLP out). A deeper model's later
+    queries read earlier layers' outputs, which depend on the prompt, so no content-free route exists."""
+    return cfg.positional == "rotary" and cfg.n_layers == 1 and not cfg.untied_positions
+
+
 @torch.no_grad()
 def read_route(model: "ToyTransformer", delta: int, n_facts: int, offsets: Sequence[int] | None = None, query: str = "reverse") -> RouteRead:
     """Predict a trained model's selection in a routing prompt from its weights alone (no prompt is run).
 
-    In a one-layer, attention-only RoPE model the residual stream at the mask is the mask's token
+    In a one-layer RoPE model the residual stream at the mask, where attention reads it, is the mask's token
     embedding (RoPE adds no positional embedding; positions enter only through the rotation of queries
     and keys), so the mask's query is ``q_h = W_E[mask] W_Q[h]`` wherever it sits, and a key ``r``
     positions away scores ``q_h . R(r) k / sqrt(d_head)``. With ``kbar_h`` the mean key of the B alphabet
@@ -222,16 +230,17 @@ def read_route(model: "ToyTransformer", delta: int, n_facts: int, offsets: Seque
     rotated at position ``p``, key at ``p + r``). Heads are combined as the model combines them: a softmax
     per head over the mask's own key and the prompt's entity keys, then the heads' outputs summed, each
     weighted by its value-path gain (mean over B tokens of the logit its ``W_V W_O W_U`` gives the A that
-    the whole model's value path maps that B to, minus that row's mean over the A alphabet).
+    the whole model's value path maps that B to, minus that row's mean over the A alphabet; with an MLP, the
+    direct path only: an approximation of how the heads are combined, not of the scores).
 
     ``offsets``: the distractor offsets of the layout (default ``1 .. 2 delta + 1`` without ``delta``);
     ``query="reverse"``: keys before the mask, ``"inplace"``: after it. Takes only the model and the
     world's geometry (B's offset, the alphabet size); reads no prompt, no answer and no measured score.
     """
     cfg = model.cfg
-    if cfg.positional != "rotary" or cfg.n_layers != 1 or not cfg.attn_only or cfg.untied_positions:
-        raise ValueError("read_route reads one-layer, attention-only models with shared RoPE W_Q, W_K; got "
-                         f"positional={cfg.positional!r}, n_layers={cfg.n_layers}, attn_only={cfg.attn_only}, "
+    if not readable(cfg):
+        raise ValueError("read_route reads one-layer models with shared RoPE W_Q, W_K; got "
+                         f"positional={cfg.positional!r}, n_layers={cfg.n_layers}, "
                          f"untied_positions={cfg.untied_positions!r}")
     if cfg.attention_dir != "bidirectional":
         raise ValueError("read_route reads the mask's own query; a causal model answers from the position before it")
@@ -280,16 +289,21 @@ def probe_rows(model: "ToyTransformer", world: RoutingWorld, objective: str) -> 
     ``weights_b_wins`` (per offset, the weight reading's verdict with one distractor there);
     ``weights_acc`` (the weight reading's predicted accuracy on the default two-distractor prompts);
     ``single_acc`` / ``single_logit_gap`` (measured per offset: accuracy, and B's A minus the distractor's A in
-    logits, mean over prompts; :func:`single_distractor_metrics`); ``acc`` (measured on the default prompts)."""
+    logits, mean over prompts; :func:`single_distractor_metrics`); ``acc`` (measured on the default prompts).
+    The weight reading is ``None`` for a model :func:`readable` rejects (deeper than one layer)."""
     from revlens.evaluation import evaluate
 
     delta = world.eval_delta or world.delta
     offsets = single_distractor_offsets(delta, model.cfg.n_ctx)
     row: dict[str, Any] = {}
     for query in ("reverse", "inplace"):
+        row[f"{query}_offsets"] = offsets
+        if not readable(model.cfg):  # no content-free route to read (see readable): None, never a guess
+            row |= {f"{query}_weights_b_wins": None, f"{query}_weights_acc": None}
+            continue
         everywhere = read_route(model, delta, world.n_facts, offsets, query)
         default = read_route(model, delta, world.n_facts, None, query)
-        row |= {f"{query}_offsets": offsets, f"{query}_weights_b_wins": [bool(b) for b in everywhere.single_b_wins],
+        row |= {f"{query}_weights_b_wins": [bool(b) for b in everywhere.single_b_wins],
                 f"{query}_weights_acc": round(default.predicted_acc, 6)}
     for query in ("reverse", "inplace"):
         measured = single_distractor_metrics([model], [world], objective, offsets, (query,))
@@ -315,9 +329,33 @@ def probe_sweep(routing_sweep: dict[str, Any]) -> dict[str, Any]:
     return sweep
 
 
+DEEP_SWEEP_FILE = Path("data/routing_deep_sweep.json")
+"""The core recipe with two layers, with an MLP, and with both (:func:`deep_sweep`)."""
+DEEP_TABLE_FILE = Path("data/routing_deep.jsonl")
+DEEP_CELLS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("mlp", {"attn_only": False}), ("two-layer", {"n_layers": 2}), ("two-layer-mlp", {"n_layers": 2, "attn_only": False}))
+"""Beyond one attention-only layer: each cell's name and its change to the core model."""
+DEEP_DELTAS = (2, 3, 4, 6, 8, 12, 16)
+
+
+def deep_sweep(routing_sweep: dict[str, Any]) -> dict[str, Any]:
+    """The probe sweep of :data:`DEEP_CELLS`: the routing sweep file's core recipe (objective, world, training,
+    seeds, bases) with each cell's model change, at :data:`DEEP_DELTAS`, probed like the core models
+    (:func:`probe_rows`; deeper models get no weight reading)."""
+    core = probe_sweep(routing_sweep)
+    recipe = core["cells"][0]
+    cells = [{**recipe, "name": name, "group": "beyond one attention-only layer", "model": {**recipe.get("model", {}), **change},
+              "deltas": [d for d in DEEP_DELTAS if d in recipe["deltas"]]} for name, change in DEEP_CELLS]
+    sweep = {**core, "name": "routing_deep", "cells": cells}
+    from revlens.routing.sweep import RoutingSweepSpec
+
+    RoutingSweepSpec.from_dict(sweep)
+    return sweep
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m revlens.routing_offsets``: write the probe sweep file from the routing sweep file; train it
-    with ``revlens sweep data/routing_offsets_sweep.json --out data/routing_offsets.jsonl``."""
+    """``python -m revlens.routing_offsets``: write the probe sweep files (the core cell; the deeper cells) from
+    the routing sweep file; each is trained with ``revlens sweep FILE --out TABLE`` (the command printed)."""
     import argparse
 
     from revlens.atomic import write_json_atomic
@@ -326,9 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m revlens.routing_offsets", description=main.__doc__)
     parser.add_argument("--routing-sweep", default="data/routing_sweep.json", help="routing sweep file to probe")
     parser.add_argument("--out", default=str(SWEEP_FILE), help="probe sweep file to write")
+    parser.add_argument("--deep-out", default=str(DEEP_SWEEP_FILE), help="probe sweep file of the deeper cells")
     args = parser.parse_args(argv)
-    write_json_atomic(args.out, probe_sweep(load_json(args.routing_sweep)))
-    print(f"written {args.out}; train it with: revlens sweep {args.out} --out {TABLE_FILE}")
+    routing = load_json(args.routing_sweep)
+    for path, sweep, table in ((args.out, probe_sweep(routing), TABLE_FILE), (args.deep_out, deep_sweep(routing), DEEP_TABLE_FILE)):
+        write_json_atomic(path, sweep)
+        print(f"written {path}; train it with: revlens sweep {path} --out {table}")
     return 0
 
 

@@ -221,3 +221,28 @@ def test_the_shipped_probe_sweep_is_the_core_cell_with_the_probe():
     assert plain.config(job) == core.config(next(j for j in core.jobs() if j[0].name == "core"))
     with pytest.raises(ValueError, match="probe"):
         RoutingSweepSpec.from_dict({**shipped, "probe": "heads"})
+
+
+def test_deeper_models_get_no_weight_reading_and_the_deep_sweep_is_the_core_recipe():
+    """A two-layer model's later queries read the prompt, so no content-free route exists: its probe row holds
+    None for the reading (never a guess) and measured values for the rest; a one-layer model with an MLP is read
+    (its scores exactly). The shipped deep sweep is what the library writes: the core recipe, each cell's change."""
+    import json
+    from pathlib import Path
+
+    from revlens.routing_offsets import DEEP_CELLS, DEEP_SWEEP_FILE, deep_sweep, probe_rows, readable
+
+    world = RoutingWorld.generate(n_facts=8, delta=2, seed=0, sentences_per_fact=4)
+    deep = ToyTransformer(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=16, n_heads=2, d_head=8, n_layers=2))
+    row = probe_rows(deep, world, "inplace")
+    assert row["reverse_weights_b_wins"] is None and row["reverse_weights_acc"] is None
+    assert len(row["reverse_single_acc"]) == len(row["reverse_offsets"]) == N_CTX - 2
+    with pytest.raises(ValueError, match="one-layer"):
+        read_route(deep, 2, 8)
+    assert readable(EncoderConfig(d_vocab=9, n_ctx=N_CTX, attn_only=False)) and not readable(deep.cfg)
+    root = Path(__file__).parents[1]
+    routing = json.loads((root / "data" / "routing_sweep.json").read_text())
+    shipped = json.loads((root / DEEP_SWEEP_FILE).read_text())
+    assert shipped == deep_sweep(routing) and [c["name"] for c in shipped["cells"]] == [n for n, _ in DEEP_CELLS]
+    core = next(c for c in routing["cells"] if c["name"] == "core")
+    assert all(c["objective"] == core["objective"] and c["bases"] == core["bases"] for c in shipped["cells"])
