@@ -608,3 +608,28 @@ def test_misrouted_cells_and_compare_by_delta():
     assert both.index.tolist() == [3, 4] and both.apart.to_dict() == {3: True, 4: False}  # 8 and 16: one side only
     assert both.loc[3, "mean_first"] == pytest.approx(0.95) and both.loc[3, "mean_second"] == pytest.approx(0.15)
     assert both.loc[3, "half_first"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5, rel=1e-3)  # t(2) = 4.303
+
+
+def test_storage_split_patches_routes_and_values_at_every_layer():
+    """Any depth: everything the mask reads patched gives the in-place answer; in one layer the values at B do not
+    change with the positions (so storage cannot fail there), in two they do; values from another fact give that
+    fact's A; the filler layout, whose prompts differ in tokens, is refused."""
+    from revlens.routing.measures import storage_split
+
+    world = RoutingWorld.generate(n_facts=16, delta=2, seed=0, sentences_per_fact=8)
+    one, two = (train_stack([Member(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, d_head=16,
+                                              n_layers=n, attn_only=n == 1), world, 0)],
+                            TrainConfig("inplace", steps=150, batch_size=64), progress=False)[0] for n in (1, 2))
+    for model in (one, two):
+        out = storage_split(model, world)
+        assert out["reverse_acc"] == routing_metrics(model, world, "inplace")["reverse_acc"]
+        assert out["both_patched_acc"] == out["inplace_acc"] == routing_metrics(model, world, "inplace")["inplace_acc"]
+        assert out["value_change_l0"] == 0.0
+        assert out["donor_storage_donor_acc"] > 0.5 > out["donor_storage_acc"]
+    single = storage_split(one, world)
+    assert single["route_patched_acc"] == single["inplace_acc"]  # one layer: the score row decides
+    assert "value_change_l1" not in single and "mlp_ablated_inplace_acc" not in single
+    double = storage_split(two, world)
+    assert double["value_change_l1"] > 0 and double["mlp_ablated_inplace_acc"] <= 1.0
+    with pytest.raises(ValueError, match="same tokens"):
+        storage_split(one, RoutingWorld.generate(n_facts=16, delta=2, seed=0, sentences_per_fact=8, layout="fillers"))

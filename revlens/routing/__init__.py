@@ -47,8 +47,9 @@ Submodules (imports run one way: ``world`` <- ``predictors``, ``measures`` <- ``
 * :mod:`revlens.routing.measures`: the metrics of a trained model (:func:`routing_metrics`: accuracies, the
   same under a uniform pattern at the readout position, where it attends (:func:`route_statistics`,
   :func:`mask_row`), the same at held-out offsets (:func:`held_out_offsets`)), the route-vs-storage
-  interventions and their controls (:func:`causal_split`), and :data:`N_CTX`, the position ids the sweep's
-  models accept (the held-out offsets must fit it).
+  interventions and their controls (:func:`causal_split`; at any depth, where storage can fail,
+  :func:`storage_split`), and :data:`N_CTX`, the position ids the sweep's models accept (the held-out offsets
+  must fit it).
 * :mod:`revlens.routing.sweep`: the sweep (:class:`RoutingSweepSpec`, :func:`run_routing_sweep`,
   :func:`train_rows`, :data:`ROW_METRICS`; ``revlens sweep`` dispatches on ``"family": "routing"``).
 * :mod:`revlens.routing.cells`: statistics over the table's cells (:func:`within_delta_agreement`,
@@ -59,7 +60,8 @@ The names below are re-exported here, so ``from revlens.routing import RoutingWo
 """
 
 from revlens.routing.cells import compare_by_delta, misrouted_cells, within_delta_agreement
-from revlens.routing.measures import N_CTX, causal_split, held_out_offsets, mask_row, routing_metrics
+from revlens.routing.measures import (N_CTX, causal_split, held_out_offsets, mask_row, routing_metrics,
+                                      storage_split)
 from revlens.routing.predictors import (highest_frequency_reverse_accuracy, matched_filter_reverse_accuracy,
                                         matched_filter_score, nearest_key_share, rope_kernel, trained_offset_share)
 from revlens.routing.sweep import ROW_METRICS, RoutingSweepSpec, run_routing_sweep, train_rows
@@ -78,6 +80,7 @@ __all__ = [
     "RoutingWorld",
     "alphabet_ids",
     "causal_split",
+    "storage_split",
     "compare_by_delta",
     "distractor_offsets",
     "held_out_offsets",

@@ -205,3 +205,79 @@ def causal_split(model, world: RoutingWorld) -> dict[str, float]:
             out[f"{prefix}head{head}_ablated_acc"] = accuracies([*base, ablate([head])])[0]
         out[f"{prefix}all_heads_ablated_acc"] = accuracies([*base, ablate(list(every))])[0]
     return out
+
+
+@torch.no_grad()
+def storage_split(model, world: RoutingWorld) -> dict[str, float]:
+    """Route vs storage in the reverse query of a model of any depth, where the storage half can fail.
+
+    On the gap layout the in-place and the reverse prompt hold the same tokens in the same order (only the
+    position ids differ; checked), so any activation of the in-place prompt can be written into the reverse one
+    at the same sequence index. In one layer, keys and values carry no position (RoPE rotates queries and keys
+    only), so the mask's whole score row decides the answer. From two layers on, the values a later layer reads
+    at B are made from an earlier layer's output at B, which depends on B's own attention and so on the
+    positions: the reverse prompt can then fail for what is stored at B, not only for where the mask looks.
+
+    Accuracies on the reverse prompt (B's A): ``reverse_acc`` (its own), ``inplace_acc`` (the in-place prompt's).
+    ``route_patched_acc``: the in-place prompt's mask score row (every key, every head) written in at every
+    layer, the values left as they are; ``route_patched_first_acc`` / ``route_patched_last_acc``: at the first /
+    the last layer only. ``storage_patched_acc``: the in-place prompt's values (``hook_v``, every position, every
+    layer) written in, the mask's scores left as they are. ``both_patched_acc``: both; everything the mask reads
+    is then the in-place prompt's, so it must equal ``inplace_acc`` (a check of the patching). Control:
+    ``donor_storage_acc`` / ``donor_storage_donor_acc``: the route patched and the values taken from *another*
+    fact's in-place prompt (the next prompt's): values that carry the fact give the donor's A, not B's.
+    ``value_change_l{l}``: how far the reverse prompt's values at B differ from the in-place prompt's at layer
+    l (norm of the difference over the in-place norm; 0 in the first layer, by construction). With MLPs:
+    ``mlp_ablated_inplace_acc`` and ``mlp_ablated_route_patched_acc``, every MLP's output zeroed.
+    """
+    from revlens.evaluation import answer_metrics
+
+    inplace, in_keys, _ = world.eval_prompts("inplace")
+    reverse, rev_keys, _ = world.eval_prompts("reverse")
+    if not torch.equal(inplace.prompts, reverse.prompts) or inplace.mask_pos != reverse.mask_pos:
+        raise ValueError("storage_split needs prompts that hold the same tokens in the same order (the gap layout)")
+    layers = range(model.cfg.n_layers)
+    score, value, mlp = "blocks.{}.attn.hook_attn_scores", "blocks.{}.attn.hook_v", "blocks.{}.hook_mlp_out"
+    names = [h.format(l) for l in layers for h in (score, value)]
+    _, in_cache = model.run_with_cache(inplace.prompts, positions=inplace.positions, names_filter=lambda n: n in names)
+    _, rev_cache = model.run_with_cache(reverse.prompts, positions=reverse.positions, names_filter=lambda n: n in names)
+    mask_pos, batch = reverse.mask_pos, torch.arange(len(reverse.prompts))
+    donor = dataclasses.replace(reverse, answers=reverse.answers.roll(-1))
+
+    def write(name: str, fill):
+        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            act = act.clone()
+            fill(act, in_cache[name])
+            return act
+
+        return (name, hook)
+
+    def route(l: int):
+        return write(score.format(l), lambda act, src: act.__setitem__((slice(None), slice(None), mask_pos), src[:, :, mask_pos]))
+
+    def storage(l: int, shift: int = 0):
+        return write(value.format(l), lambda act, src: act.copy_(src.roll(-shift, 0)))
+
+    def zero_mlp(l: int):
+        return (mlp.format(l), lambda act, hook=None: torch.zeros_like(act))
+
+    def acc(hooks, es=reverse, prompts=reverse) -> float:
+        logits = model.run_with_hooks(prompts.prompts, positions=prompts.positions, fwd_hooks=hooks)[:, prompts.mask_pos]
+        return answer_metrics(logits, es)["acc"]
+
+    routes, values = [route(l) for l in layers], [storage(l) for l in layers]
+    out = {"reverse_acc": acc([]), "inplace_acc": acc([], inplace, inplace), "route_patched_acc": acc(routes),
+           "route_patched_first_acc": acc(routes[:1]), "route_patched_last_acc": acc(routes[-1:]),
+           "storage_patched_acc": acc(values), "both_patched_acc": acc(routes + values)}
+    donors = [storage(l, shift=1) for l in layers]
+    out["donor_storage_acc"], out["donor_storage_donor_acc"] = acc(routes + donors), acc(routes + donors, donor)
+    for l in layers:
+        name = value.format(l)
+        at_b = lambda cache, keys: cache[name][batch, keys.b_index]  # noqa: E731  [batch, head, d_head]
+        change = (at_b(rev_cache, rev_keys) - at_b(in_cache, in_keys)).norm() / at_b(in_cache, in_keys).norm()
+        out[f"value_change_l{l}"] = float(change)
+    if not model.cfg.attn_only:
+        ablate = [zero_mlp(l) for l in layers]
+        out["mlp_ablated_inplace_acc"] = acc(ablate, inplace, inplace)
+        out["mlp_ablated_route_patched_acc"] = acc(routes + ablate)
+    return out
