@@ -175,3 +175,20 @@ def test_a_cell_with_chosen_distractor_offsets_has_its_own_config_and_rows_that_
     assert [r.get("distractor_offsets") for r in rows] == [[3, 6, 7], [3, 6, 7], None]
     assert rows[1]["reverse_acc_dm1"] is not None and rows[1]["reverse_acc_dp1"] is not None  # delta 2: B at 1, at 3
     assert rows[0]["reverse_acc_dm1"] is None  # delta 1 has no held-out offset below it
+
+
+def test_the_matched_full_mdm_sweep_is_the_full_mdm_cell_trained_three_times_longer():
+    """The control for the full objective's weaker transfer: the same cell, world, seeds and settings, but 900
+    steps instead of 300, so its in-place accuracy can reach the in-place-only model's."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parents[1] / "data"
+    routing = json.loads((data / "routing_sweep.json").read_text())
+    matched = json.loads((data / "routing_mdm_matched_sweep.json").read_text())
+    (cell,) = matched["cells"]
+    original = next(c for c in routing["cells"] if c["name"] == "mdm-full")
+    assert {k: v for k, v in cell.items() if k not in ("name", "group", "train")} == {
+        k: v for k, v in original.items() if k not in ("name", "group", "train")}
+    assert cell["train"] == {**original.get("train", {}), "steps": 900} and routing["train"]["steps"] == 300
+    assert all(matched[k] == routing[k] for k in ("world", "train", "seeds", "stack_size"))
