@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -148,6 +149,16 @@ def offset_agreement(rows: Sequence[dict[str, Any]], near_zero: float = NEAR_ZER
     return {"cells": cells, "agreement": share(cells), "agreement_clear": share(clear),
             "agreement_theta1": share(cells, "theta1_b_wins"), "agreement_nearest": share(cells, "nearest_b_wins"),
             "n_cells": len(cells), "n_near_zero": len(cells) - len(clear)}
+
+
+def dominant_period(values: Sequence[float]) -> float:
+    """The period (in steps of the sequence) of the strongest non-constant Fourier component of ``values``, e.g.
+    of whether B wins at consecutive offsets; NaN for a constant sequence or one shorter than four."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 4 or np.ptp(x) == 0:
+        return math.nan
+    power = np.abs(np.fft.rfft(x - x.mean()))[1:] ** 2
+    return len(x) / (1 + int(power.argmax()))
 
 
 def probe_offset_rows(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ Each interval has one convention:
   Fisher-z interval;
 * **proportions**: :func:`wilson_interval`, the Wilson score interval;
 * **no distributional assumption**: :func:`bootstrap_correlation`, a percentile bootstrap interval over cells
-  or seeds, :func:`permutation_pvalue`, an exact two-sided permutation test of a difference in means, and
+  or seeds, :func:`bootstrap_groups`, the same for any statistic, resampling groups of rows, :func:`permutation_pvalue`, an exact two-sided permutation test of a difference in means, and
   :func:`within_group_correlation`, a correlation within groups with a one-sided permutation test.
 
 Only torch, numpy and the standard library are imported here (no other revlens module), so the real-model
@@ -18,7 +18,7 @@ code in :mod:`revlens.lm` can use these without loading the toy library.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import combinations
 from statistics import NormalDist
 from typing import TYPE_CHECKING
@@ -114,6 +114,24 @@ def bootstrap_correlation(
             draws.append(r(xs, ys))
     low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
     return r(x, y.mean(1)), float(low), float(high)
+
+
+def bootstrap_groups(statistic: Callable[[np.ndarray], float], groups: Sequence, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """Any statistic of a table's rows with a percentile bootstrap interval that resamples whole groups (cells
+    whose rows share models or a prediction are not independent): ``(value, low, high)``. ``statistic`` takes an
+    array of row positions (with repeats, a group drawn twice counts twice) and returns a number; ``groups``
+    labels each row. Draws whose statistic is NaN are skipped."""
+    labels = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    members = [np.flatnonzero(labels == k) for k in range(labels.max() + 1)]
+    gen = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        value = statistic(np.concatenate([members[k] for k in gen.integers(len(members), size=len(members))]))
+        if value == value:
+            draws.append(value)
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(statistic(np.arange(len(labels)))), float(low), float(high)
 
 
 # ---- means over units ----------------------------------------------------------------------------

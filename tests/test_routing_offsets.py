@@ -246,3 +246,12 @@ def test_deeper_models_get_no_weight_reading_and_the_deep_sweep_is_the_core_reci
     assert shipped == deep_sweep(routing) and [c["name"] for c in shipped["cells"]] == [n for n, _ in DEEP_CELLS]
     core = next(c for c in routing["cells"] if c["name"] == "core")
     assert all(c["objective"] == core["objective"] and c["bases"] == core["bases"] for c in shipped["cells"])
+
+
+def test_dominant_period_finds_the_strongest_oscillation():
+    from revlens.routing_offsets import dominant_period
+
+    offsets = np.arange(60)
+    assert dominant_period((np.cos(offsets * 1.0) > 0).astype(float)) == pytest.approx(2 * math.pi, rel=0.05)
+    assert dominant_period(np.sin(offsets * 2 * math.pi / 12)) == pytest.approx(12.0)
+    assert math.isnan(dominant_period([1.0] * 10)) and math.isnan(dominant_period([0, 1, 0]))

@@ -4,6 +4,7 @@ import importlib
 import inspect
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -50,3 +51,14 @@ def test_within_group_correlation_removes_group_means_and_tests_by_shuffling_wit
     assert math.isnan(r) and math.isnan(p)
     with pytest.raises(ValueError, match="one value per unit"):
         within_group_correlation([1, 2], [1, 2, 3], ["a", "a", "b"])
+
+
+def test_bootstrap_groups_resamples_whole_groups():
+    from revlens.stats import bootstrap_groups
+
+    values = np.array([1.0, 1.0, 1.0, 3.0, 3.0, 3.0])
+    groups = ["a", "a", "a", "b", "b", "b"]
+    value, low, high = bootstrap_groups(lambda idx: values[idx].mean(), groups, n_boot=500)
+    assert value == 2.0 and low == 1.0 and high == 3.0  # a draw is all-a, all-b or half and half
+    same = bootstrap_groups(lambda idx: values[idx].mean(), ["x"] * 6, n_boot=50)
+    assert same == (2.0, 2.0, 2.0)
