@@ -117,14 +117,18 @@ def test_uniform_control_comes_from_the_library_and_erases_the_offset():
     assert out["inplace_acc_uniform"] <= 0.5  # the route is needed: without it, a guess among B and distractors
 
 
-def test_stack_matches_each_member_alone_bit_for_bit():
+@pytest.mark.parametrize("depth", [{}, {"n_layers": 2}, {"attn_only": False}, {"n_layers": 2, "attn_only": False}],
+                         ids=["one-layer", "two-layer", "mlp", "two-layer-mlp"])
+def test_stack_matches_each_member_alone_bit_for_bit(depth):
     """Members differing in offset (data), world seed (data) and RoPE base (buffers), trained as one
-    vmapped stack, end with exactly the weights each gets trained alone as a plain module."""
+    vmapped stack, end with exactly the weights each gets trained alone as a plain module: in one layer, and in
+    the deeper cells (two layers, MLPs) too."""
     members = []
     for delta, seed, base in [(1, 0, 100.0), (4, 1, 1e4), (16, 2, 1e6)]:
         world = RoutingWorld.generate(n_facts=16, delta=delta, seed=seed, sentences_per_fact=4)
-        members.append(Member(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, rotary_base=base), world, seed))
-    for objective in ("inplace", "mdm"):
+        members.append(Member(EncoderConfig(d_vocab=world.d_vocab, n_ctx=N_CTX, d_model=32, n_heads=2, rotary_base=base,
+                                            d_mlp=64, **depth), world, seed))
+    for objective in ("inplace", "mdm") if not depth else ("inplace",):
         cfg = TrainConfig(objective, steps=30, batch_size=32)
         stacked = train_stack(members, cfg, progress=False)
         for member, model in zip(members, stacked):
