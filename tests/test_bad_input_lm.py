@@ -265,7 +265,11 @@ def test_a_run_killed_midway_leaves_the_old_folder_untouched(text_run, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run_text_reversal(data, out, dataclasses.replace(HARNESS, max_steps=3), overwrite=True)
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left beside it
+    # beside it only the staging folder a rerun resumes from (its trained seed kept, its states dropped)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial", "run"]
+    partial = tmp_path / ".run.partial"
+    assert (partial / "partial.json").is_file() and (partial / "seed0" / "training.json").is_file()
+    assert not list(partial.rglob("*.pt"))
 
 
 # ---- the small pair's folder and training ---------------------------------------------------------------------------
