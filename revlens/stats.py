@@ -116,14 +116,19 @@ def bootstrap_correlation(
     return r(x, y.mean(1)), float(low), float(high)
 
 
+def _group_members(groups: Sequence) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each row's group index and, per group, its rows' positions (groups compared as text)."""
+    labels = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    return labels, [np.flatnonzero(labels == k) for k in range(labels.max() + 1)]
+
+
 def bootstrap_groups(statistic: Callable[[np.ndarray], float], groups: Sequence, n_boot: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float, float]:
     """Any statistic of a table's rows with a percentile bootstrap interval that resamples whole groups (cells
     whose rows share models or a prediction are not independent): ``(value, low, high)``. ``statistic`` takes an
     array of row positions (with repeats, a group drawn twice counts twice) and returns a number; ``groups``
     labels each row. Draws whose statistic is NaN are skipped."""
-    labels = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
-    members = [np.flatnonzero(labels == k) for k in range(labels.max() + 1)]
+    labels, members = _group_members(groups)
     gen = np.random.default_rng(seed)
     draws = []
     for _ in range(n_boot):
@@ -184,10 +189,9 @@ def within_group_correlation(x: Sequence[float], y: Sequence[float], groups: Seq
     is at least the observed one, counting the observed arrangement (``(k + 1) / (n + 1)``). ``(r, p)``; r is NaN
     when nothing varies within the groups."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keys = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    keys, members = _group_members(groups)
     if not (x.shape == y.shape == keys.shape) or x.ndim != 1:
         raise ValueError(f"x, y and groups need one value per unit, got {x.shape}, {y.shape}, {keys.shape}")
-    members = [np.flatnonzero(keys == k) for k in range(keys.max() + 1)]
 
     def centred(v: np.ndarray) -> np.ndarray:
         out = v.copy()

@@ -846,9 +846,7 @@ def partial_text_run(out: Path, identity: dict, overwrite: bool) -> Path:
         shutil.rmtree(staging)
     elif found.is_file():
         begun = load_json(found)
-        differing = [what for key, what in (("config", "configuration"), ("data", "dataset"),
-                                            ("scoring", "scoring rule"), ("source", "revlens source"))
-                     if not isinstance(begun, dict) or begun.get(key) != identity[key]]
+        differing = _differing(begun if isinstance(begun, dict) else {}, identity)
         if differing:
             raise ValueError(f"{staging} holds an interrupted run of another {' and '.join(differing)}; rerun it "
                              "with what began it to resume, or pass --overwrite to discard it")
@@ -858,6 +856,16 @@ def partial_text_run(out: Path, identity: dict, overwrite: bool) -> Path:
     staging.mkdir(parents=True, exist_ok=True)
     write_json_atomic(found, identity)
     return staging
+
+
+RUN_IDENTITY: tuple[tuple[str, str], ...] = (("config", "configuration"), ("data", "dataset"),
+                                             ("scoring", "scoring rule"), ("source", "revlens source"))
+"""What makes a run the same run (record key, its name in messages); a finished run is matched on the first three."""
+
+
+def _differing(found: dict, expected: dict, keys: tuple[tuple[str, str], ...] = RUN_IDENTITY) -> list[str]:
+    """The names of the identity ``keys`` whose value in ``found`` is not the one ``expected`` holds."""
+    return [what for key, what in keys if found.get(key) != expected[key]]
 
 
 def finished_text_run(out: Path, record: dict, overwrite: bool) -> pd.DataFrame | None:
@@ -871,8 +879,7 @@ def finished_text_run(out: Path, record: dict, overwrite: bool) -> pd.DataFrame 
     if not (isinstance(found, dict) and isinstance(found.get("models"), dict) and (out / "results.csv").is_file()):
         raise ValueError(f"{out} is a non-empty folder that is not a text-reversal run; refusing to overwrite it: "
                          "choose a new --out, or pass --overwrite to replace the whole folder")
-    differing = [what for key, what in (("config", "configuration"), ("data", "dataset"), ("scoring", "scoring rule"))
-                 if found.get(key) != record[key]]
+    differing = _differing(found, record, RUN_IDENTITY[:3])
     if differing:
         raise ValueError(f"{out} holds a text-reversal run of another {' and '.join(differing)}; choose a new --out, "
                          "or pass --overwrite to replace it")
