@@ -633,7 +633,11 @@ def test_storage_split_patches_routes_and_values_at_every_layer():
     single = storage_split(one, world)
     assert single["route_patched_acc"] == single["inplace_acc"]  # one layer: the score row decides
     assert "value_change_l1" not in single and "mlp_ablated_inplace_acc" not in single
+    assert single["value_ablated_l0_acc"] < 0.5 < single["inplace_acc"]  # the answer is read from B's values
+    assert "value_noise_l0_acc" not in single  # nothing to move: the first layer's values do not change
     double = storage_split(two, world)
     assert double["value_change_l1"] > 0 and double["mlp_ablated_inplace_acc"] <= 1.0
+    assert {"value_ablated_l0_acc", "value_ablated_l1_acc", "value_noise_l1_acc"} <= set(double)
+    assert min(double["value_ablated_l0_acc"], double["value_ablated_l1_acc"]) < 0.5  # some layer stores it at B
     with pytest.raises(ValueError, match="same tokens"):
         storage_split(one, RoutingWorld.generate(n_facts=16, delta=2, seed=0, sentences_per_fact=8, layout="fillers"))

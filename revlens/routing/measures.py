@@ -229,6 +229,13 @@ def storage_split(model, world: RoutingWorld) -> dict[str, float]:
     ``value_change_l{l}``: how far the reverse prompt's values at B differ from the in-place prompt's at layer
     l (norm of the difference over the in-place norm; 0 in the first layer, by construction). With MLPs:
     ``mlp_ablated_inplace_acc`` and ``mlp_ablated_route_patched_acc``, every MLP's output zeroed.
+
+    Two controls on the in-place prompt say whether the storage half had the power to fail. ``value_ablated_l{l}_acc``:
+    B's values at layer l (every head) replaced by their mean over the prompts, which keeps their typical size and
+    removes which fact they belong to; where this falls to a guess, the answer is read from what is stored at B in
+    that layer. ``value_noise_l{l}_acc`` (from the second layer on): B's values at layer l moved, prompt by prompt, by a
+    random direction (seeded) as long as that prompt's own reverse-vs-in-place difference there; where a change of
+    that size in an arbitrary direction leaves the answer, the storage test at that layer was a weak one.
     """
     from revlens.evaluation import answer_metrics
 
@@ -258,6 +265,14 @@ def storage_split(model, world: RoutingWorld) -> dict[str, float]:
     def storage(l: int, shift: int = 0):
         return write(value.format(l), lambda act, src: act.copy_(src.roll(-shift, 0)))
 
+    def at_b_of_inplace(name: str, change):
+        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
+            act = act.clone()
+            act[batch, in_keys.b_index] = change(act[batch, in_keys.b_index])
+            return act
+
+        return (name, hook)
+
     def zero_mlp(l: int):
         return (mlp.format(l), lambda act, hook=None: torch.zeros_like(act))
 
@@ -271,11 +286,19 @@ def storage_split(model, world: RoutingWorld) -> dict[str, float]:
            "storage_patched_acc": acc(values), "both_patched_acc": acc(routes + values)}
     donors = [storage(l, shift=1) for l in layers]
     out["donor_storage_acc"], out["donor_storage_donor_acc"] = acc(routes + donors), acc(routes + donors, donor)
+    noise = torch.Generator().manual_seed(0)
     for l in layers:
         name = value.format(l)
-        at_b = lambda cache, keys: cache[name][batch, keys.b_index]  # noqa: E731  [batch, head, d_head]
-        change = (at_b(rev_cache, rev_keys) - at_b(in_cache, in_keys)).norm() / at_b(in_cache, in_keys).norm()
-        out[f"value_change_l{l}"] = float(change)
+        in_b = in_cache[name][batch, in_keys.b_index]  # [batch, head, d_head]
+        rev_b = rev_cache[name][batch, rev_keys.b_index]
+        out[f"value_change_l{l}"] = float((rev_b - in_b).norm() / in_b.norm())
+        mean_b = in_b.mean(0)
+        out[f"value_ablated_l{l}_acc"] = acc([at_b_of_inplace(name, lambda v, m=mean_b: m.expand_as(v))],
+                                             inplace, inplace)
+        if l > 0:
+            direction = torch.randn(in_b.shape, generator=noise)
+            shift = direction * ((rev_b - in_b).flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1)).view(-1, 1, 1)
+            out[f"value_noise_l{l}_acc"] = acc([at_b_of_inplace(name, lambda v, d=shift: v + d)], inplace, inplace)
     if not model.cfg.attn_only:
         ablate = [zero_mlp(l) for l in layers]
         out["mlp_ablated_inplace_acc"] = acc(ablate, inplace, inplace)
