@@ -15,7 +15,7 @@ an interrupted sweep resumes where it stopped (a setting whose rows are all pres
 
 Resuming is safe against a changed sweep file or library. ``provenance`` holds ``config``, a hash of
 everything that determines a row's numbers (the setting's full model config, the training config,
-the world), and ``revlens``, the library fingerprint (:func:`revlens.experiments.code_fingerprint`).
+the world), and ``revlens``, the library fingerprint (:func:`revlens.run_cache.code_fingerprint`).
 A resume keeps only rows whose provenance equals what the current sweep file and library would
 produce; any other row (a different config or library, a setting or seed no longer in the sweep
 file, a duplicate, or a row from a table written before rows carried provenance) is refused with an
@@ -44,8 +44,9 @@ from tqdm import tqdm
 from revlens.atomic import write_text_atomic
 from revlens.config import check_choice, check_file_name, check_seeds, load_json
 from revlens.evaluation import evaluate_under_control
-from revlens.experiments import Setting, code_fingerprint, train_setting
+from revlens.experiments import Setting, train_setting
 from revlens.objectives import OBJECTIVES
+from revlens.run_cache import code_fingerprint
 from revlens.training import TrainConfig, TrainRun, init_noise, train
 from revlens.workers import check_jobs, in_order
 from revlens.world import EVAL_SETS, ReversalWorld

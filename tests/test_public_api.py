@@ -56,7 +56,7 @@ def test_import_revlens_lm_loads_no_toy_module():
 # code builds only on the core modules (atomic, config, hooks, positions, readout, stats, weights).
 TOY_MODULES = frozenset(f"revlens.{name}" for name in (
     "checkpoint", "controls", "evaluation", "model", "objectives", "optim", "training", "world", "stack", "routing",
-    "routes", "dynamics", "theory", "experiments", "sweep", "attribution", "patching",
+    "routes", "dynamics", "theory", "experiments", "run_cache", "tables", "sweep", "attribution", "patching",
 ))
 
 

@@ -9,7 +9,8 @@ import torch
 
 from revlens import checkpoint, cli, training
 from revlens.checkpoint import CorruptCheckpoint, load_run, save_run
-from revlens.experiments import CacheWarning, Setting, train_setting
+from revlens.experiments import SETTINGS, Setting, train_setting
+from revlens.run_cache import CacheWarning
 from revlens.training import TrainConfig
 from revlens.world import ReversalWorld
 
@@ -42,6 +43,23 @@ def same_weights(a: list[training.TrainRun], b: list[training.TrainRun]) -> bool
 def cache(tmp_path) -> tuple[Path, list[training.TrainRun]]:
     runs = cached(tmp_path / "cache")
     return tmp_path / "cache", runs
+
+
+def test_cache_serves_identical_runs_and_keys_on_the_config(small_world, tmp_path):
+    setting = SETTINGS["ARM"]
+    cfg = TrainConfig(steps=20, batch_size=16, log_every=10)
+    first = train_setting(setting, small_world, [0, 1], cfg, cache_dir=tmp_path, progress=False)
+    again = train_setting(setting, small_world, [0, 1], cfg, cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    for a, b in zip(first, again):
+        assert "cos_all" in a.history[-1] and len(a.history) == len(b.history)
+        for row_a, row_b in zip(a.history, b.history):
+            assert row_a == pytest.approx(row_b, nan_ok=True)
+        for p, q in zip(a.model.parameters(), b.model.parameters()):
+            assert (p == q).all()
+    train_setting(setting, small_world, [0, 1], TrainConfig(steps=21, batch_size=16, log_every=10),
+                  cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
 @pytest.mark.parametrize("damage", ["flip weights", "truncate weights", "flip history", "delete checksums", "flip checksums"])
@@ -186,30 +204,30 @@ def test_training_stops_with_a_clear_message_when_the_loss_is_not_finite():
 def test_code_fingerprint_hashes_subpackages_but_not_lm(tmp_path):
     """Cached runs retrain after an edit anywhere in the library (``revlens.routing`` is a subpackage), but
     not after one to the real-model code under ``lm/``; tested on a copy of the package, never the tree."""
-    from revlens import experiments
+    from revlens import run_cache
 
-    package = Path(experiments.__file__).parent
+    package = Path(run_cache.__file__).parent
     root = tmp_path / "revlens"
     shutil.copytree(package, root, ignore=shutil.ignore_patterns("__pycache__"))
-    assert experiments.code_fingerprint(root) == experiments.code_fingerprint()
-    before = experiments.code_fingerprint(root)
+    assert run_cache.code_fingerprint(root) == run_cache.code_fingerprint()
+    before = run_cache.code_fingerprint(root)
 
     lm_file = root / "lm" / "__init__.py"
     lm_file.write_text(lm_file.read_text() + "\n# an edit to the real-model code\n")
     (root / "lm" / "new_module.py").write_text("X = 1\n")
-    assert experiments.code_fingerprint(root) == before
+    assert run_cache.code_fingerprint(root) == before
 
     routing_file = root / "routing" / "world.py"
     original = routing_file.read_text()
     routing_file.write_text(original + "\n# an edit to a toy subpackage\n")
-    assert experiments.code_fingerprint(root) != before
+    assert run_cache.code_fingerprint(root) != before
     routing_file.write_text(original)
-    assert experiments.code_fingerprint(root) == before
+    assert run_cache.code_fingerprint(root) == before
 
     (root / "routing" / "world.py").rename(root / "routing" / "moved.py")  # same bytes, another path
-    assert experiments.code_fingerprint(root) != before
+    assert run_cache.code_fingerprint(root) != before
     (root / "routing" / "moved.py").rename(root / "routing" / "world.py")
 
     top = root / "plotting.py"
     top.write_text(top.read_text() + "\n# an edit to a top-level module\n")
-    assert experiments.code_fingerprint(root) != before
+    assert run_cache.code_fingerprint(root) != before

@@ -14,6 +14,7 @@ from revlens.stats import ci_text, mean_ci
 MOVED = {
     "revlens.theory": ("pearson", "spearman", "average_ranks"),
     "revlens.experiments": ("mean_ci", "permutation_pvalue"),
+    "revlens.tables": ("mean_ci",),
     **{f"revlens.routing.{m}": ("correlation_ci", "bootstrap_correlation")
        for m in ("world", "predictors", "measures", "sweep", "cells")},
     "revlens.lm.denoising": ("wilson_interval",),
@@ -36,6 +37,23 @@ def test_moved_names_live_in_stats_only(old, name):
     # the old module may use the function, imported from revlens.stats, but defines no copy of its own
     assert getattr(module, name, value) is value
     assert f"def {name}(" not in inspect.getsource(module)
+
+
+def test_mean_ci_uses_student_t():
+    mean, half = mean_ci(pd.Series([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert mean == 3.0
+    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5), rel=1e-3)
+    assert math.isnan(mean_ci(pd.Series([1.0]))[1])
+
+
+def test_permutation_pvalue_is_exact_on_small_samples():
+    from revlens.stats import permutation_pvalue
+
+    # fully separated 5 + 5 samples: only the observed split and its mirror are as extreme -> 2 / 252
+    assert permutation_pvalue([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert permutation_pvalue([1, 1, 1], [1, 1, 1]) == 1.0
+    with pytest.raises(ValueError, match="at least one value"):
+        permutation_pvalue([], [1.0])
 
 
 def test_within_group_correlation_removes_group_means_and_tests_by_shuffling_within_groups():

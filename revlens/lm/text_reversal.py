@@ -225,6 +225,18 @@ def line_persons(examples: list[Example], names: list[str], file: str, training:
     return out
 
 
+def training_persons(layout: dict[str, list[Example]], names: list[str]) -> dict[str, list[Person | None]]:
+    """Per training file, the person of every line (:func:`line_persons`): computed once per run and passed to
+    the split, the held-out queries and :func:`continuation_length`."""
+    return {file: line_persons(layout[file], names, file, training=True) for file in TRAIN_FILES}
+
+
+def _without(items: list, indices: list[int]) -> list:
+    """``items`` but those at ``indices``."""
+    drop = set(indices)
+    return [item for i, item in enumerate(items) if i not in drop]
+
+
 def line_answer(ex: Example, person: Person) -> str:
     """What a held-out line asks: the name on a name-last line whose completion opens with it, else the completion."""
     if not person.name_first and ex.completion.strip().startswith(person.name):
@@ -233,18 +245,20 @@ def line_answer(ex: Example, person: Person) -> str:
 
 
 def held_out_split(layout: dict[str, list[Example]], names: list[str], fraction: float = HELD_OUT_FRACTION,
-                   seed: int = SPLIT_SEED) -> dict[str, list[int]]:
+                   seed: int = SPLIT_SEED, *, persons: dict[str, list[Person | None]] | None = None
+                   ) -> dict[str, list[int]]:
     """Per training file, the sorted line indices held out for stopping (see the module doc).
 
     For each person and direction with n >= 2 lines, ``max(1, round(fraction * n))`` lines drawn in a seeded
     order, skipping any whose answer would leave training with it. Deterministic: the draw is seeded by ``seed``,
-    the file, the person and the direction, not by the order of the persons."""
+    the file, the person and the direction, not by the order of the persons. ``persons``: the lines' persons
+    (:func:`training_persons`), computed when not given."""
+    persons = training_persons(layout, names) if persons is None else persons
     out: dict[str, list[int]] = {}
     for file in TRAIN_FILES:
         examples = layout[file]
-        persons = line_persons(examples, names, file, training=True)
         units: dict[Person, list[int]] = defaultdict(list)
-        for i, person in enumerate(persons):
+        for i, person in enumerate(persons[file]):
             units[person].append(i)
         held: list[int] = []
         for person, lines in units.items():
@@ -266,20 +280,22 @@ def held_out_split(layout: dict[str, list[Example]], names: list[str], fraction:
     return out
 
 
-def split_layout(layout: dict[str, list[Example]], names: list[str], held: dict[str, list[int]]
+def split_layout(layout: dict[str, list[Example]], names: list[str], held: dict[str, list[int]], *,
+                 persons: dict[str, list[Person | None]] | None = None
                  ) -> tuple[dict[str, list[Example]], list[Example], list[Person]]:
     """The layout with the held-out lines taken out of its training files, the held-out lines as queries (their
-    answers, see :func:`line_answer`) and their persons."""
+    answers, see :func:`line_answer`) and their persons. ``persons``: the persons of the training files' lines
+    (:func:`training_persons`), computed when not given."""
+    persons = training_persons(layout, names) if persons is None else persons
     trained = dict(layout)
-    validation, persons = [], []
+    validation, held_persons = [], []
     for file in TRAIN_FILES:
-        out = set(held[file])
-        trained[file] = [ex for i, ex in enumerate(layout[file]) if i not in out]
-        line_person = line_persons(layout[file], names, file, training=True)
+        trained[file] = _without(layout[file], held[file])
+        line_person = persons[file]
         for i in held[file]:
             validation.append(Example(layout[file][i].prompt, line_answer(layout[file][i], line_person[i])))
-            persons.append(line_person[i])
-    return trained, validation, persons
+            held_persons.append(line_person[i])
+    return trained, validation, held_persons
 
 
 def train_test_overlap(layout: dict[str, list[Example]], tok) -> dict[str, int]:
@@ -521,7 +537,8 @@ def ends_line(completion: str) -> bool:
     return bool(_LINE_END.search(completion))
 
 
-def continuation_length(trained: dict[str, list[Example]], names: list[str], tok) -> int:
+def continuation_length(trained: dict[str, list[Example]], names: list[str], tok, *,
+                        persons: dict[str, list[Person | None]] | None = None) -> int:
     """The most common number of tokens after the name (the smaller on a tie) in the training lines whose
     completion opens with it (name-last lines): the open masks an MDM gets after an answer that does not end its
     line (0 when there is no such line). In the release it is 1: the closing full stop.
@@ -529,10 +546,12 @@ def continuation_length(trained: dict[str, list[Example]], names: list[str], tok
     Without them an MDM is told that the text ends right after the name, where every training line it saw ends
     with punctuation; it then writes the punctuation into the name's last slot. (Read on the held-out split of an
     exploratory token-masked MDM at step 3700: name answers 0.03 with no open mask, 0.82 with one, 0.67 with the
-    median count, 4; the most common count was adopted.) An ARM is free to go on anyway."""
+    median count, 4; the most common count was adopted.) An ARM is free to go on anyway. ``persons``: the persons
+    of ``trained``'s training lines (:func:`training_persons`), computed when not given."""
+    persons = training_persons(trained, names) if persons is None else persons
     after: Counter[int] = Counter()
     for file in TRAIN_FILES:
-        for ex, person in zip(trained[file], line_persons(trained[file], names, file, training=True)):
+        for ex, person in zip(trained[file], persons[file]):
             if not person.name_first and ex.completion.strip().startswith(person.name):
                 n_completion = len(tok(ex.completion, add_special_tokens=False)["input_ids"])
                 after[n_completion - len(tok(" " + person.name, add_special_tokens=False)["input_ids"])] += 1
@@ -540,11 +559,13 @@ def continuation_length(trained: dict[str, list[Example]], names: list[str], tok
 
 
 def score_file(lm, examples: list[Example], file: str, names: list[str] | None = None,
-               with_rank: bool = True, open_after: int = 0, with_logp: bool = True) -> pd.DataFrame:
+               with_rank: bool = True, open_after: int = 0, with_logp: bool = True,
+               persons: list[Person | None] | None = None) -> pd.DataFrame:
     """One row per example: correct (rule above), gold logp, OOV flag, and with ``with_rank`` the person, the gold
     rank among the file's distinct completions and a foil's log-probability (:func:`foil_indices`). An MDM is
     scored as :class:`WritesWords`, with ``open_after`` open masks after every answer that does not end its line
-    (column ``open_after``). ``with_logp=False``: the gold logp is NaN, its passes skipped."""
+    (column ``open_after``). ``with_logp=False``: the gold logp is NaN, its passes skipped. ``persons``: the
+    persons of ``examples`` (``line_persons(examples, names, file, training=False)``), computed when not given."""
     qs = queries(examples, file)
     after = [0 if not lm.family.masked or ends_line(q.answer) else open_after for q in qs]
     candidates = sorted({q.answer for q in qs})
@@ -562,7 +583,8 @@ def score_file(lm, examples: list[Example], file: str, names: list[str] | None =
     table["correct"] = [is_correct_text(tok, p, q.answer) for p, q in zip(table.predicted, qs)]
     table["gold_has_unk"] = [tok.unk_token_id in tok(q.answer, add_special_tokens=False)["input_ids"] for q in qs]
     if with_rank:
-        persons = line_persons(examples, names or [], file, training=False)
+        if persons is None:
+            persons = line_persons(examples, names or [], file, training=False)
         grid = torch.stack(table.pop("grid").tolist())
         gold = torch.tensor([candidates.index(q.answer) for q in qs])
         foil = torch.tensor(foil_indices([q.answer for q in qs], persons, file))
@@ -812,11 +834,14 @@ def run_text_reversal(data_dir: str | Path, out_dir: str | Path, hc: HarnessConf
         return finished
     staging = partial_text_run(out, record | {"source": harness_source()}, overwrite)
     names = person_names(layout)
-    held = held_out_split(layout, names, hc.held_out_fraction)
-    trained, validation, _ = split_layout(layout, names, held)
+    persons = training_persons(layout, names)
+    held = held_out_split(layout, names, hc.held_out_fraction, persons=persons)
+    trained, validation, _ = split_layout(layout, names, held, persons=persons)
     tok = layout_tokenizer(trained)
     buckets = training_buckets(trained, tok)
-    record |= {"open_after": continuation_length(trained, names, tok), "vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
+    open_after = continuation_length(trained, names, tok,
+                                     persons={file: _without(persons[file], held[file]) for file in TRAIN_FILES})
+    record |= {"open_after": open_after, "vocab_size": len(tok), "n_train_sequences": int(sum(len(b.tokens) for b in buckets)),
                "held_out_lines": held, "n_held_out": len(validation), "converged_accuracy": CONVERGED_ACCURACY,
                "train_test_overlap": train_test_overlap(trained, tok), "models": {}}
     with folder_swap(out, staging=staging) as tmp:
@@ -925,13 +950,14 @@ def evaluate_models(models: list[ScoredModel], layout: dict[str, list[Example]],
     (``open_after``: see :func:`score_file`)."""
     from revlens.lm import HookedLM
 
+    persons = {name: line_persons(layout[name], names or [], name, training=False) for name in TEST_FILES}
     tables = []
     for m in models:
         lm = HookedLM.from_pretrained(m.folder, family=m.family)
         labels = {"model": m.label, "seed": m.seed, "steps": m.steps, "converged": m.converged}
         for name in TEST_FILES + ((HELD_OUT,) if HELD_OUT in layout else ()):
             tables.append(score_file(lm, layout[name], name, names, with_rank=name != HELD_OUT,
-                                     open_after=open_after).assign(**labels))
+                                     open_after=open_after, persons=persons.get(name)).assign(**labels))
     return pd.concat(tables, ignore_index=True)
 
 
