@@ -179,16 +179,20 @@ def test_a_cell_with_chosen_distractor_offsets_has_its_own_config_and_rows_that_
 
 def test_the_matched_full_mdm_sweep_is_the_full_mdm_cell_trained_three_times_longer():
     """The control for the full objective's weaker transfer: the same cell, world, seeds and settings, but 900
-    steps instead of 300, so its in-place accuracy can reach the in-place-only model's."""
+    steps instead of 300, so its in-place accuracy can reach the in-place-only model's; beside it, the core
+    in-place-only cell at base 1e4 trained as long (the control for the training length)."""
     import json
     from pathlib import Path
 
     data = Path(__file__).parents[1] / "data"
     routing = json.loads((data / "routing_sweep.json").read_text())
     matched = json.loads((data / "routing_mdm_matched_sweep.json").read_text())
-    (cell,) = matched["cells"]
-    original = next(c for c in routing["cells"] if c["name"] == "mdm-full")
-    assert {k: v for k, v in cell.items() if k not in ("name", "group", "train")} == {
-        k: v for k, v in original.items() if k not in ("name", "group", "train")}
-    assert cell["train"] == {**original.get("train", {}), "steps": 900} and routing["train"]["steps"] == 300
+    cells = {c["name"]: c for c in matched["cells"]}
+    assert list(cells) == ["mdm-full-900", "inplace-900"]
+    original = {c["name"]: c for c in routing["cells"]}
+    for name, source, drop in (("mdm-full-900", "mdm-full", ()), ("inplace-900", "core", ("bases",))):
+        assert {k: v for k, v in cells[name].items() if k not in ("name", "group", "train")} == {
+            k: v for k, v in original[source].items() if k not in ("name", "group", "train", *drop)}
+        assert cells[name]["train"] == {**original[source].get("train", {}), "steps": 900}
+    assert 1e4 in original["core"]["bases"] and routing["train"]["steps"] == 300
     assert all(matched[k] == routing[k] for k in ("world", "train", "seeds", "stack_size"))
