@@ -951,13 +951,18 @@ def evaluate_models(models: list[ScoredModel], layout: dict[str, list[Example]],
     from revlens.lm import HookedLM
 
     persons = {name: line_persons(layout[name], names or [], name, training=False) for name in TEST_FILES}
+    files = TEST_FILES + ((HELD_OUT,) if HELD_OUT in layout else ())
     tables = []
-    for m in models:
-        lm = HookedLM.from_pretrained(m.folder, family=m.family)
-        labels = {"model": m.label, "seed": m.seed, "steps": m.steps, "converged": m.converged}
-        for name in TEST_FILES + ((HELD_OUT,) if HELD_OUT in layout else ()):
-            tables.append(score_file(lm, layout[name], name, names, with_rank=name != HELD_OUT,
-                                     open_after=open_after, persons=persons.get(name)).assign(**labels))
+    with tqdm(total=len(models) * sum(len(layout[name]) for name in files), desc="score", unit="prompt",
+              mininterval=5) as bar:
+        for m in models:
+            lm = HookedLM.from_pretrained(m.folder, family=m.family)
+            labels = {"model": m.label, "seed": m.seed, "steps": m.steps, "converged": m.converged}
+            for name in files:
+                bar.set_postfix_str(f"{m.label} seed {m.seed}, {name}")
+                tables.append(score_file(lm, layout[name], name, names, with_rank=name != HELD_OUT,
+                                         open_after=open_after, persons=persons.get(name)).assign(**labels))
+                bar.update(len(layout[name]))
     return pd.concat(tables, ignore_index=True)
 
 
