@@ -231,8 +231,8 @@ def storage_split(model, world: RoutingWorld) -> dict[str, float]:
     ``mlp_ablated_inplace_acc`` and ``mlp_ablated_route_patched_acc``, every MLP's output zeroed.
 
     Two controls on the in-place prompt say whether the storage half had the power to fail. ``value_ablated_l{l}_acc``:
-    B's values at layer l (every head) replaced by their mean over the prompts, which keeps their typical size and
-    removes which fact they belong to; where this falls to a guess, the answer is read from what is stored at B in
+    B's values at layer l (every head) replaced by their mean over the prompts, which keeps that mean (not each one's
+    norm) and removes which fact they belong to; where this falls to a guess, the answer is read from what is stored at B in
     that layer. ``value_noise_l{l}_acc`` (from the second layer on): B's values at layer l moved, prompt by prompt, by a
     random direction (seeded) as long as that prompt's own reverse-vs-in-place difference there; where a change of
     that size in an arbitrary direction leaves the answer, the storage test at that layer was a weak one.
