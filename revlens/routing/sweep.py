@@ -1,7 +1,7 @@
 """The routing sweep: cells of objectives and model changes at several offsets, RoPE bases and seeds.
 
 A sweep file (``"family": "routing"``, :class:`RoutingSweepSpec`) trains one stack per chunk of a cell
-(:func:`train_rows`) into a resumable table (:func:`run_routing_sweep`, :func:`read_table`); each row
+(:func:`train_rows`) into a resumable table (:func:`run_routing_sweep`); each row
 keeps :data:`ROW_METRICS`. ``revlens sweep`` dispatches on the family.
 """
 
@@ -298,10 +298,3 @@ def run_routing_sweep(spec: RoutingSweepSpec, out: str | Path, progress: bool = 
     from revlens.sweep import run_table
 
     return run_table(spec, out, progress=progress, jobs=jobs, redo=redo)
-
-
-def read_table(path: str | Path):
-    """The sweep table as a DataFrame (one row per model)."""
-    import pandas as pd
-
-    return pd.read_json(path, lines=True)
