@@ -230,12 +230,13 @@ def storage_split(model, world: RoutingWorld) -> dict[str, float]:
     l (norm of the difference over the in-place norm; 0 in the first layer, by construction). With MLPs:
     ``mlp_ablated_inplace_acc`` and ``mlp_ablated_route_patched_acc``, every MLP's output zeroed.
 
-    Two controls on the in-place prompt say whether the storage half had the power to fail. ``value_ablated_l{l}_acc``:
-    B's values at layer l (every head) replaced by their mean over the prompts, which keeps that mean (not each one's
-    norm) and removes which fact they belong to; where this falls to a guess, the answer is read from what is stored at B in
-    that layer. ``value_noise_l{l}_acc`` (from the second layer on): B's values at layer l moved, prompt by prompt, by a
-    random direction (seeded) as long as that prompt's own reverse-vs-in-place difference there; where a change of
-    that size in an arbitrary direction leaves the answer, the storage test at that layer was a weak one.
+    Two controls on the in-place prompt say whether the storage half had the power to fail.
+    ``value_ablated_l{l}_acc``: B's values at layer l (every head) replaced by their mean over the prompts, which
+    keeps that mean (not each one's norm) and removes which fact they belong to; where this falls to a guess, the
+    answer is read from what is stored at B in that layer. ``value_noise_l{l}_acc`` (from the second layer on): B's
+    values at layer l moved, prompt by prompt, by a random direction (seeded) as long as that prompt's own
+    reverse-vs-in-place difference there; where a change of that size in a random direction leaves the answer, the
+    storage test at that layer was a weak one.
     """
     from revlens.evaluation import answer_metrics
 
@@ -266,12 +267,8 @@ def storage_split(model, world: RoutingWorld) -> dict[str, float]:
         return write(value.format(l), lambda act, src: act.copy_(src.roll(-shift, 0)))
 
     def at_b_of_inplace(name: str, change):
-        def hook(act: Tensor, hook=None) -> Tensor:  # noqa: ARG001
-            act = act.clone()
-            act[batch, in_keys.b_index] = change(act[batch, in_keys.b_index])
-            return act
-
-        return (name, hook)
+        at_b = (batch, in_keys.b_index)
+        return write(name, lambda act, src: act.__setitem__(at_b, change(act[at_b])))
 
     def zero_mlp(l: int):
         return (mlp.format(l), lambda act, hook=None: torch.zeros_like(act))
