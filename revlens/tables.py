@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from revlens.stats import mean_ci
+from revlens.stats import ci_text, mean_ci
 from revlens.training import TrainRun
 from revlens.world import EVAL_SETS
 
@@ -40,7 +40,7 @@ def ci_table(table: pd.DataFrame, columns: Sequence[str], by: str = "setting") -
         cells = {}
         for c in columns:
             mean, half = mean_ci(rows[c])
-            cells[c] = "n/a" if pd.isna(mean) else f"{mean:.2f} ± {half:.2f}"
+            cells[c] = "n/a" if pd.isna(mean) else ci_text(mean, half)
         out[name] = cells
     return pd.DataFrame(out).T
 
