@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -19,7 +20,9 @@ from torch import Tensor
 
 from revlens.objectives import READOUTS, Objective
 from revlens.stats import pearson
-from revlens.world import ReversalWorld
+
+if TYPE_CHECKING:  # the toy world is only a type here: reading routes needs no toy module
+    from revlens.world import ReversalWorld
 
 SCORE_HOOK = "blocks.{layer}.attn.hook_attn_scores"
 PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"

@@ -6,6 +6,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,18 +53,56 @@ def test_import_revlens_lm_loads_no_toy_module():
     assert loaded == {"revlens", "revlens.lm"}
 
 
-# The toy library: the reversal world, the toy encoder and its training, checkpoints and analyses. The real-model
-# code builds only on the core modules (atomic, config, hooks, positions, readout, stats, weights).
-TOY_MODULES = frozenset(f"revlens.{name}" for name in (
-    "checkpoint", "controls", "evaluation", "model", "objectives", "optim", "training", "world", "stack", "routing",
-    "routes", "dynamics", "theory", "experiments", "run_cache", "tables", "sweep", "attribution", "patching",
+# The layers (docs/library.md): a shared core that knows neither the toy world nor a real architecture; the toy
+# library (the reversal world, the toy encoder, its training, checkpoints, analyses and sweeps) and the
+# real-architecture subpackage ``revlens.lm``, each built on the core only.
+CORE_MODULES = frozenset(f"revlens.{name}" for name in (
+    "atomic", "config", "facts", "hooks", "objectives", "patching", "positions", "provenance", "readout", "routes",
+    "stats", "weights", "workers",
 ))
+TOY_MODULES = frozenset(f"revlens.{name}" for name in (
+    "checkpoint", "controls", "evaluation", "model", "optim", "training", "world", "stack", "routing",
+    "dynamics", "theory", "experiments", "run_cache", "tables", "sweep", "attribution",
+))
+LM_MODULES = sorted(f"revlens.lm.{path.stem}" for path in (Path(revlens.__file__).parent / "lm").glob("*.py")
+                    if path.stem != "__init__")
+
+
+def _revlens_modules(loaded: set[str]) -> set[str]:
+    return {m for m in loaded if m.startswith("revlens.")}
 
 
 @pytest.mark.slow
 def test_stats_loads_no_other_revlens_module():
     loaded = {m for m in modules_after("import revlens.stats") if m.startswith("revlens")}
     assert loaded == {"revlens", "revlens.stats"}
+
+
+@pytest.mark.slow
+def test_core_modules_import_only_the_core():
+    loaded = _revlens_modules(modules_after("; ".join(f"import {m}" for m in sorted(CORE_MODULES))))
+    assert loaded <= CORE_MODULES, f"core modules load {sorted(loaded - CORE_MODULES)}"
+
+
+@pytest.mark.slow
+def test_no_real_architecture_module_loads_a_toy_module():
+    """Every module of ``revlens.lm``, imported in a fresh interpreter, loads only ``revlens.lm`` and the core (its
+    own lazy imports, e.g. of the toy checkpoint reader for a toy model, are not counted)."""
+    loaded = _revlens_modules(modules_after("; ".join(f"import {m}" for m in LM_MODULES)))
+    outside = {m for m in loaded if not m.startswith("revlens.lm")} - CORE_MODULES
+    assert not outside, f"revlens.lm loads modules outside the core: {sorted(outside)}"
+
+
+def test_every_module_is_in_one_layer():
+    """A new module must be placed: core, toy, or one of the entry points (command line, reports, plotting)."""
+    entry_points = {"revlens.cli", "revlens.reports", "revlens.plotting", "revlens.notebook", "revlens.routing_flips",
+                    "revlens.routing_offsets"}
+    package = Path(revlens.__file__).parent
+    modules = {f"revlens.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {f"revlens.{p.parent.name}" for p in package.glob("*/__init__.py") if p.parent.name != "lm"}
+    assert not CORE_MODULES & TOY_MODULES
+    unplaced = modules - CORE_MODULES - TOY_MODULES - entry_points
+    assert not unplaced, f"modules in no layer: {sorted(unplaced)}"
 
 
 @pytest.mark.parametrize("statement", ["from revlens.lm import HookedLM", "import revlens.lm.hooked_lm"])
