@@ -191,7 +191,7 @@ def run_rows(
             "model": json.dumps(dict(setting.model), sort_keys=True),
             "seed": run.seed,
         }
-        row.update({s: last[f"{s}_acc"] for s in EVAL_SETS})
+        row.update({f"{s}_acc": last[f"{s}_acc"] for s in EVAL_SETS})
         row.update({f"{s}_{m}": last[f"{s}_{m}"] for s in DIAGNOSED_SETS for m in DIAGNOSTICS})
         row.update(evaluate_under_control(run.model, world, setting.objective, "uniform", DIAGNOSED_SETS))
         row["chance"] = last["chance"]

@@ -73,7 +73,7 @@ def test_sweep_is_resumable_and_tidy(tmp_path):
     run_sweep(spec, out, progress=False)
     rows = read_rows(out)
     assert [(r["setting"], r["seed"]) for r in rows] == [("MDM", 0), ("MDM", 1), ("ARM", 0), ("ARM", 1)]
-    assert rows[2]["inplace"] is None and 0 <= rows[0]["reverse"] <= 1
+    assert rows[2]["inplace_acc"] is None and 0 <= rows[0]["reverse_acc"] <= 1
     assert {"cos_all_init", "route_score_corr_final", "chance"} <= set(rows[0])
     # drop one setting's rows: only that setting is re-run, and its numbers come back the same
     out.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
