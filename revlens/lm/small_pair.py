@@ -16,19 +16,17 @@ from __future__ import annotations
 import json
 import shutil
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from revlens.atomic import write_json_atomic, write_text_atomic
 from revlens.config import check_choice, load_json
 from revlens.facts import DECODES, FactSet, model_decodes
 from revlens.lm.corpus import build_tokenizer, entity_units, make_world, training_statements
-from revlens.lm.trainer import OBJECTIVE, Bucket, PairConfig, check_loss, new_model, optimizer_step, save_model
+from revlens.lm.trainer import OBJECTIVE, Bucket, PairConfig, new_model, save_model, train_model
 from revlens.workers import in_order
 
 SMALL_PAIR_DIR = Path(__file__).resolve().parents[2] / "data" / "small_pair"
@@ -54,33 +52,6 @@ def length_buckets(world: FactSet, tok) -> list[Bucket]:
         entities = [tok(e, add_special_tokens=False)["input_ids"] for e in (fact.a, fact.b)]
         by_len[len(ids)].append((ids, entity_units(ids, entities)))
     return [Bucket(torch.tensor([ids for ids, _ in v]), torch.tensor([u for _, u in v])) for _, v in sorted(by_len.items())]
-
-
-def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], mask_id: int,
-                pc: PairConfig, desc: str, every: int = 0,
-                checkpoint: Callable[[int, list[float]], None] | None = None) -> list[float]:
-    """AdamW on batches drawn from one length bucket at a time (bucket chosen in proportion to its size).
-
-    With ``pc.masking == "entity"`` the masked objective masks each entity's tokens together. ``checkpoint(step,
-    losses)`` is called every ``every`` steps and after the last, with the model in eval mode (it must not
-    change the weights; the training draws do not depend on it).
-    """
-    steps = pc.steps_for(objective)
-    gen = torch.Generator().manual_seed(pc.seed)
-    sizes = torch.tensor([len(b.tokens) for b in buckets], dtype=torch.float)
-    opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pc.lr, total_steps=steps, pct_start=0.05)
-    losses = []
-    model.train()
-    for step in tqdm(range(1, steps + 1), desc=desc, mininterval=5):
-        losses.append(check_loss(optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt), step, pc, desc))
-        sched.step()
-        if checkpoint is not None and (step == steps or (every and step % every == 0)):
-            model.eval()
-            checkpoint(step, losses)
-            model.train()
-    model.eval()
-    return losses
 
 
 def train_small_pair(out_dir: str | Path = SMALL_PAIR_DIR, pc: PairConfig = SHIPPED_PAIR,

@@ -1,24 +1,27 @@
 """Build, train and save small LLaDA- and LLaMA-architecture models from scratch: the configuration, the
-objectives' batches, one optimiser step, saving as a model folder.
+objectives' batches, one optimiser step, a fixed-budget training loop, saving as a model folder.
 
 :class:`PairConfig` sets a model's shape and its training (learning rate, batch size, masking, t sampling,
 clipping); :func:`new_model` builds a freshly initialised LLaDA-architecture MDM (``llada``) or LLaMA-architecture
 ARM (``llama``, see :data:`OBJECTIVE`); :func:`optimizer_step` takes one AdamW step on a batch of one length
-:class:`Bucket` under the model's objective (:mod:`revlens.objectives`); :func:`save_model` writes the folder
-:class:`revlens.lm.HookedLM` loads; :func:`save_training_state` and :func:`load_training_state` keep what a killed
-training needs to go on exactly as if it had not stopped. The shipped small pair (:mod:`revlens.lm.small_pair`) and the text-reversal
-harness (:mod:`revlens.lm.text_reversal`) train with these.
+:class:`Bucket` under the model's objective (:mod:`revlens.objectives`), and :func:`train_model` a fixed number
+of them; :func:`save_model` writes the folder :class:`revlens.lm.HookedLM` loads; :func:`save_training_state` and
+:func:`load_training_state` keep what a killed training needs to go on exactly as if it had not stopped. The
+shipped small pair (:mod:`revlens.lm.small_pair`) and the text-reversal harness (:mod:`revlens.lm.text_reversal`)
+train with these.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from revlens.atomic import folder_swap, save_safetensors_atomic, temporary_beside
 from revlens.config import check_choice
@@ -117,6 +120,36 @@ def optimizer_step(model: torch.nn.Module, objective: str, buckets: list[Bucket]
         torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
     opt.step()
     return loss.item()
+
+
+def train_model(model: torch.nn.Module, objective: str, buckets: list[Bucket], mask_id: int,
+                pc: PairConfig, desc: str, every: int = 0,
+                checkpoint: Callable[[int, list[float]], None] | None = None) -> list[float]:
+    """Train ``model`` for ``pc.steps_for(objective)`` AdamW steps under a one-cycle learning rate (5% warm-up), on
+    batches drawn from one length bucket at a time (bucket chosen in proportion to its size): the fixed-budget loop
+    of the shipped small pair. (The text-reversal harness trains with the same steps until a plateau instead,
+    :func:`revlens.lm.text_reversal.train_until_flat`.)
+
+    With ``pc.masking == "entity"`` the masked objective masks each entity's tokens together. ``checkpoint(step,
+    losses)`` is called every ``every`` steps and after the last, with the model in eval mode (it must not
+    change the weights; the training draws do not depend on it).
+    """
+    steps = pc.steps_for(objective)
+    gen = torch.Generator().manual_seed(pc.seed)
+    sizes = torch.tensor([len(b.tokens) for b in buckets], dtype=torch.float)
+    opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pc.lr, total_steps=steps, pct_start=0.05)
+    losses = []
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc=desc, mininterval=5):
+        losses.append(check_loss(optimizer_step(model, objective, buckets, sizes, mask_id, pc, gen, opt), step, pc, desc))
+        sched.step()
+        if checkpoint is not None and (step == steps or (every and step % every == 0)):
+            model.eval()
+            checkpoint(step, losses)
+            model.train()
+    model.eval()
+    return losses
 
 
 def save_model(model: torch.nn.Module, folder: Path, tok) -> None:
