@@ -88,7 +88,7 @@ def test_ship_merges_seeds_and_maskings_into_numbers_only_tables(runs, tmp_path)
     assert run["shipped"] == {"token": [0, 1], "entity": [0]} == table.shipped
     assert run["data"] == {"repository": RELEASE.repository, "commit": RELEASE.commit, "folder": RELEASE.folder,
                            "sha256": data_fingerprint(FIXTURE)}
-    assert run["revlens_commit"] == COMMIT and "seeds" not in run["config"] and "masking" not in run["config"]["pair"]
+    assert [r["revlens_commit"] for r in run["runs"]] == [COMMIT] * 2 and "seeds" not in run["config"] and "masking" not in run["config"]["pair"]
     # the numbers are the runs' own, bit for bit, with the masking added and the seed-mean rows left out
     own = pd.read_csv(runs / "token" / "results.csv", dtype={"seed": str})
     own = own[own.seed != "mean"].assign(seed=lambda t: t.seed.astype(int))
@@ -203,6 +203,35 @@ def test_runs_that_differ_in_more_than_seeds_and_masking_are_refused(runs, tmp_p
     with pytest.raises(ValueError, match="is not empty; pass overwrite=True"):
         _ship([runs / "entity"], tmp_path / "table")
     assert _ship([runs / "entity"], tmp_path / "table", overwrite=True).shipped == {"entity": [0]}
+
+
+@pytest.mark.slow
+def test_runs_added_to_a_shipped_table_equal_shipping_them_together(runs, tmp_path):
+    """Seeds trained at another time (another revlens commit) are added to a table already shipped; the result is
+    the table shipping all runs at once would give, with each run's own commit."""
+    together = _ship([runs / "token", runs / "entity", runs / "entity_mdm"], tmp_path / "together")
+    _ship([runs / "token"], tmp_path / "added")
+    later = "1" * 40
+    added = _ship([runs / "entity", runs / "entity_mdm"], tmp_path / "added", add=True, revlens_commit=later,
+                  data_dir=FIXTURE)
+    for name in ("results", "training", "history"):
+        pd.testing.assert_frame_equal(getattr(added, name), getattr(together, name), check_exact=True)
+    assert added.shipped == together.shipped == {"token": [0, 1], "entity": [0, 1]}
+    assert [r["revlens_commit"] for r in added.run["runs"]] == [COMMIT, later, later]
+    assert {k: v for k, v in added.run.items() if k != "runs"} == {k: v for k, v in together.run.items() if k != "runs"}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "added").iterdir()}
+    with pytest.raises(ValueError, match="masking 'token', seed 0 is also in an earlier run folder or the table"):
+        _ship([runs / "token"], tmp_path / "added", add=True)
+    lr = _edited_copy(runs / "entity", tmp_path / "lr", lambda r: r["config"]["pair"].update(lr=1e-3))
+    with pytest.raises(ValueError, match=r"the runs and .* differ in config\.pair\.lr \(0\.001 vs 0\.002\)"):
+        _ship([lr], tmp_path / "added", add=True)
+    with pytest.raises(ValueError, match="names another source"):
+        _ship([runs / "entity"], tmp_path / "added", add=True, source=replace(RELEASE, commit="2" * 40))
+    with pytest.raises(ValueError, match="pass one of them"):
+        _ship([runs / "entity"], tmp_path / "added", add=True, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "added").iterdir()} == before  # refusals write nothing
+    with pytest.raises(FileNotFoundError, match="no shipped table here"):
+        _ship([runs / "entity"], tmp_path / "none", add=True)
 
 
 @pytest.mark.slow

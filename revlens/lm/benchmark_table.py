@@ -12,9 +12,12 @@ destination folder (``data/text_reversal/``) holding
 - ``training.csv``: model x masking x seed: ``steps``, wall ``seconds``, final ``held-out accuracy``, ``converged``;
 - ``history.csv``: every evaluation while training: model, masking, seed, step, loss, held-out accuracy, learning
   rate, seconds;
-- ``run.json``: per run folder its exact command, masking, seeds and models; the (masking, seeds) shipped; the data's
-  source (repository, commit, folder) and SHA-256 per file; the revlens commit; the shared configuration; the
-  held-out split's line indices.
+- ``run.json``: per run folder its exact command, masking, seeds, models and the revlens commit it was trained with;
+  the (masking, seeds) shipped; the data's source (repository, commit, folder) and SHA-256 per file; the shared
+  configuration; the held-out split's line indices.
+
+Runs trained at another time (further seeds, another masking) are added to a shipped table with
+``ship_runs(..., add=True)``, refused unless they share its data, source and configuration.
 
 Before the folder is swapped in, every string written is checked (:func:`check_numbers_only`): a table cell must be a
 known file, model, masking or metric name, and in ``run.json`` every string is a known name or configuration choice
@@ -237,14 +240,18 @@ def _shared_fields(folders: list[Path], records: list[dict]) -> None:
 # ---- shipping ----------------------------------------------------------------------------------------------------
 
 def ship_runs(runs: Sequence[str | Path], dest: str | Path, *, commands: Sequence[str], source: DataSource,
-              revlens_commit: str, data_dir: str | Path | None = None, overwrite: bool = False) -> ShippedTable:
+              revlens_commit: str, data_dir: str | Path | None = None, overwrite: bool = False,
+              add: bool = False) -> ShippedTable:
     """Merge finished run folders (same data and configuration; any seeds and maskings, each (masking, seed) once)
     into the numbers-only table ``dest`` (see the module doc) and return it as read back by :func:`check_shipped`.
 
     ``commands``: the command line that wrote each run, in the order of ``runs``; ``source``: where the data
     folder comes from (:data:`RELEASE` for the released one); ``revlens_commit``: the revlens commit the runs were
-    trained with; ``data_dir``: the data folder itself, to check it is the runs' data and that none of its sentences
-    is written. An existing non-empty ``dest`` is replaced only with ``overwrite``; nothing is written on any error.
+    trained with (recorded per run); ``data_dir``: the data folder itself, to check it is the runs' data and that
+    none of its sentences is written. An existing non-empty ``dest`` is replaced only with ``overwrite``; with
+    ``add`` the runs are added to the table ``dest`` already holds instead (runs trained at another time, e.g.
+    further seeds): they must share its data, source and configuration and add only (masking, seed) pairs it does
+    not hold. Nothing is written on any error.
     """
     folders = [Path(r) for r in runs]
     if not folders:
@@ -253,27 +260,36 @@ def ship_runs(runs: Sequence[str | Path], dest: str | Path, *, commands: Sequenc
         raise ValueError(f"one command per run folder: {len(folders)} folders, {len(commands)} commands")
     if not isinstance(source, DataSource):
         raise TypeError(f"source must be a DataSource (repository, commit, folder), got {type(source).__name__}")
+    if add and overwrite:
+        raise ValueError("add keeps what dest holds and overwrite replaces it: pass one of them")
     _check_commit("revlens_commit", revlens_commit)
     read = [_read_run(f) for f in folders]
     records = [record for record, _ in read]
     for command, record in zip(commands, records):
         _check_command(command, record["config"])
     _shared_fields(folders, records)
-    shipped = _shipped_pairs(folders, records)
     layout = None if data_dir is None else _runs_data(Path(data_dir), records[0])
     dest = Path(dest)
-    _check_dest(dest, folders, overwrite)
+    earlier = _table_to_extend(dest, records[0], source) if add else None
+    if not add:
+        _check_dest(dest, folders, overwrite)
+    shipped = _shipped_pairs(folders, records, {} if earlier is None else earlier.shipped)
     results = pd.concat([r.assign(masking=rec["config"]["pair"]["masking"]) for rec, r in read], ignore_index=True)
     results["seed"] = results.seed.astype(int)
     training, history = _training_tables(records)
-    run = {"revlens_commit": revlens_commit,
-           "data": {"repository": source.repository, "commit": source.commit, "folder": source.folder,
+    run = {"data": {"repository": source.repository, "commit": source.commit, "folder": source.folder,
                     "sha256": records[0]["data"]},
            "shipped": shipped,
            "runs": [{"command": c, "masking": r["config"]["pair"]["masking"], "seeds": r["config"]["seeds"],
-                     "models": r["config"]["models"]} for c, r in zip(commands, records)],
+                     "models": r["config"]["models"], "revlens_commit": revlens_commit}
+                    for c, r in zip(commands, records)],
            "config": _without_varying(records[0]["config"])}
     run |= {k: records[0].get(k) for k in _SHARED if k not in ("config", "data")}
+    if earlier is not None:
+        run["runs"] = earlier.run["runs"] + run["runs"]
+        results = pd.concat([earlier.results, results], ignore_index=True)
+        training = pd.concat([earlier.training, training], ignore_index=True)
+        history = pd.concat([earlier.history, history], ignore_index=True)
     with folder_swap(dest) as tmp:
         write_text_atomic(tmp / "results.csv", _ordered(results, RESULT_COLUMNS).to_csv(index=False))
         write_text_atomic(tmp / "training.csv", _ordered(training, TRAINING_COLUMNS).to_csv(index=False))
@@ -285,15 +301,38 @@ def ship_runs(runs: Sequence[str | Path], dest: str | Path, *, commands: Sequenc
     return check_shipped(dest)
 
 
-def _shipped_pairs(folders: list[Path], records: list[dict]) -> dict[str, list[int]]:
-    """Masking -> seeds over all runs, refusing a (masking, seed) that two run folders hold."""
-    shipped: dict[str, list[int]] = {}
+def _table_to_extend(dest: Path, record: dict, source: DataSource) -> ShippedTable:
+    """The table in ``dest`` that runs with ``record``'s data and configuration may be added to, refused (naming the
+    first field that differs) when it was shipped from other data, another source or another configuration."""
+    earlier = check_shipped(dest)
+    run = earlier.run
+    if run["data"]["sha256"] != record["data"]:
+        raise ValueError(f"{dest} was shipped from other data (SHA-256 differs); add runs of that data only")
+    if {k: run["data"][k] for k in ("repository", "commit", "folder")} != {
+            "repository": source.repository, "commit": source.commit, "folder": source.folder}:
+        raise ValueError(f"{dest} names another source ({run['data']['repository']} at {run['data']['commit'][:12]}, "
+                         f"{run['data']['folder']}); add runs of the same source only")
+    first = _flatten({"config": run["config"]} | {k: run.get(k) for k in _SHARED if k not in ("config", "data")})
+    other = _flatten({"config": _without_varying(record["config"])}
+                     | {k: record.get(k) for k in _SHARED if k not in ("config", "data")})
+    for field in sorted(set(first) | set(other)):
+        if first.get(field, "(missing)") != other.get(field, "(missing)"):
+            a, b = (repr(v.get(field, "(missing)"))[:60] for v in (first, other))
+            raise ValueError(f"the runs and {dest} differ in {field} ({b} vs {a}); runs added to a table must share "
+                             "its data and configuration, and differ only in seeds and masking")
+    return earlier
+
+
+def _shipped_pairs(folders: list[Path], records: list[dict],
+                  earlier: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Masking -> seeds over ``earlier`` (a table's) and all runs, refusing a (masking, seed) held twice."""
+    shipped: dict[str, list[int]] = {m: list(seeds) for m, seeds in (earlier or {}).items()}
     for folder, record in zip(folders, records):
         masking = record["config"]["pair"]["masking"]
         for seed in record["config"]["seeds"]:
             if seed in shipped.get(masking, []):
-                raise ValueError(f"{folder}: masking {masking!r}, seed {seed} is also in an earlier run folder; ship "
-                                 "each (masking, seed) once")
+                raise ValueError(f"{folder}: masking {masking!r}, seed {seed} is also in an earlier run folder or the "
+                                 "table; ship each (masking, seed) once")
             shipped.setdefault(masking, []).append(seed)
     return {m: sorted(shipped[m]) for m in MASKINGS if m in shipped}
 
@@ -377,7 +416,7 @@ def check_numbers_only(folder: str | Path) -> None:
         raise ValueError(f"{folder / 'run.json'}: not an object")
     for path, value in _strings(run):
         where = ".".join(map(str, path))
-        if path == ("revlens_commit",):
+        if len(path) == 3 and path[0] == "runs" and path[2] == "revlens_commit":
             _check_commit(where, value)
         elif len(path) == 2 and path[0] == "data" and path[1] in _SOURCE_CHECKS:
             _SOURCE_CHECKS[path[1]](f"run.json: {where}", value)
